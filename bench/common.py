@@ -1,0 +1,88 @@
+"""Shared by every benchmark: result files with the envelope, tables, sizes, timing."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from interlace.engine.telemetry import envelope
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def write_result(name: str, config: dict[str, Any], rows: list[dict[str, Any]], out: Path | None = None, **extra: Any) -> Path:
+    """Write ``{"benchmark", "envelope", "config", "rows", ...}`` as JSON and return the path."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(out) if out is not None else OUT_DIR / f"{name}-{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "envelope": envelope(), "config": config, "rows": rows, **extra}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """Rows as an aligned text table; ``columns`` are (key, header, format spec)."""
+    cells = [[header for _, header, _ in columns]]
+    for row in rows:
+        cells.append([_cell(row.get(key), spec) for key, _, spec in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cell(value: Any, spec: str) -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if spec else str(value)
+
+
+def parse_bytes(text: str) -> int:
+    """``4K`` -> 4096, ``16M`` -> 16 MiB, ``1G``, or a plain integer."""
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = text[-1] if text and text[-1] in UNITS else ""
+    try:
+        return int(float(text[: len(text) - len(unit)]) * UNITS[unit])
+    except ValueError:
+        raise ValueError(f"not a byte size: {text!r} (use e.g. 4096, 4K, 16M, 1G)") from None
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("G", "M", "K"):
+        if n >= UNITS[unit] and n % UNITS[unit] == 0:
+            return f"{n // UNITS[unit]} {unit}iB"
+    return f"{n} B"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], Any], device: torch.device, iters: int, repeats: int = 5) -> float:
+    """Median over ``repeats`` of the mean seconds per call over ``iters`` calls, after a warm-up."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync(device)
+        samples.append((time.perf_counter() - start) / iters)
+    return statistics.median(samples)
+
+
+def copy_rate(device: torch.device, nbytes: int) -> float:
+    """Bytes per second of one device-local memory copy: the ceiling for moving data on one device."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    return nbytes / median_time(lambda: dst.copy_(src), device, iters=5)

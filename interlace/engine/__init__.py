@@ -1,0 +1,1 @@
+"""Engine: communication transports, overlap algorithms, pipelines, planner, telemetry."""

@@ -1,0 +1,110 @@
+"""The one communication interface every transport implements.
+
+A ``Group`` is one rank's view of a set of ranks. Every method is collective over the group
+(every rank must call it, in the same order) except ``send``/``recv``, which pair two ranks.
+Each call has an ``*_async`` form returning a :class:`Work` that is in flight while the caller
+works; the plain form is the async form followed by ``wait()``.
+
+Deadlines: every call must complete within ``group.timeout`` seconds of being started, or its
+``wait()`` raises :class:`CommTimeoutError` naming the call, the rank and the peers not heard from.
+Arguments are validated before anything is sent (``ValueError``/``TypeError`` naming the rank and
+the tensor); ranks that disagree raise :class:`CollectiveMismatchError` naming every rank's call.
+See ``calls.py`` for the shape table.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from .calls import Call, make_call
+
+
+class Work(ABC):
+    """An operation in flight. ``wait()`` returns the output tensor (``None`` for send/barrier)."""
+
+    @abstractmethod
+    def wait(self) -> torch.Tensor | None:
+        """Block until done (on a GPU: until the caller's current stream is ordered after it)."""
+
+    @abstractmethod
+    def is_completed(self) -> bool:
+        """True once the operation has finished; never blocks."""
+
+
+class Group(ABC):
+    """One rank's handle on a group of ``world_size`` ranks; see the module docstring."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    timeout: float
+
+    def all_gather(self, x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Concatenate every rank's ``x`` [n, ...] along dim 0 in rank order: [W*n, ...]."""
+        return self.all_gather_async(x, out=out).wait()
+
+    def reduce_scatter(self, x: torch.Tensor, op: str = "sum", *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Reduce ``x`` [W*n, ...] over ranks; this rank keeps rows rank*n:(rank+1)*n: [n, ...]."""
+        return self.reduce_scatter_async(x, op, out=out).wait()
+
+    def all_reduce(self, x: torch.Tensor, op: str = "sum", *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Reduce ``x`` over ranks (``op`` in sum, avg, max). ``out=x`` reduces in place."""
+        return self.all_reduce_async(x, op, out=out).wait()
+
+    def all_to_all(self, x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Slice q of ``x`` [W*n, ...] goes to rank q; slice q of the result came from rank q."""
+        return self.all_to_all_async(x, out=out).wait()
+
+    def send(self, x: torch.Tensor, dst: int) -> None:
+        """Send ``x`` to rank ``dst``; returns once the receiver has it."""
+        self.send_async(x, dst).wait()
+
+    def recv(self, out: torch.Tensor, src: int) -> torch.Tensor:
+        """Receive into ``out`` from rank ``src``; shape and dtype must match the send."""
+        return self.recv_async(out, src).wait()
+
+    def barrier(self) -> None:
+        """Return once every rank has entered the barrier."""
+        self.barrier_async().wait()
+
+    def all_gather_async(self, x: torch.Tensor, *, out: torch.Tensor | None = None) -> Work:
+        return self._start(self._call("all_gather", x=x, out=out))
+
+    def reduce_scatter_async(self, x: torch.Tensor, op: str = "sum", *, out: torch.Tensor | None = None) -> Work:
+        return self._start(self._call("reduce_scatter", x=x, out=out, op=op))
+
+    def all_reduce_async(self, x: torch.Tensor, op: str = "sum", *, out: torch.Tensor | None = None) -> Work:
+        return self._start(self._call("all_reduce", x=x, out=out, op=op))
+
+    def all_to_all_async(self, x: torch.Tensor, *, out: torch.Tensor | None = None) -> Work:
+        return self._start(self._call("all_to_all", x=x, out=out))
+
+    def send_async(self, x: torch.Tensor, dst: int) -> Work:
+        return self._start(self._call("send", x=x, peer=dst))
+
+    def recv_async(self, out: torch.Tensor, src: int) -> Work:
+        return self._start(self._call("recv", out=out, peer=src))
+
+    def barrier_async(self) -> Work:
+        return self._start(self._call("barrier"))
+
+    def close(self) -> None:
+        """Release transport resources (collective where the transport says so)."""
+
+    def __enter__(self) -> Group:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rank={self.rank}, world_size={self.world_size}, device={self.device})"
+
+    def _call(self, kind: str, **kwargs) -> Call:
+        return make_call(kind, self.rank, self.world_size, self.device, **kwargs)
+
+    @abstractmethod
+    def _start(self, call: Call) -> Work:
+        """Begin a validated call and return its handle."""

@@ -1,0 +1,1 @@
+"""Planner: capacity math and the GPU topology (NVML) that layout choices depend on."""

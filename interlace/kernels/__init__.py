@@ -1,0 +1,1 @@
+"""@triton.jit kernels and their autotune config factories only (no torch.nn, no torch.distributed)."""

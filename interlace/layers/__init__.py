@@ -1,0 +1,1 @@
+"""Drop-in tensor-parallel nn.Modules and parallelize()."""

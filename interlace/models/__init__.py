@@ -1,0 +1,1 @@
+"""Small self-contained reference models used by tests and the default benchmark."""

@@ -1,0 +1,1 @@
+"""Launch wrappers: check constraints, allocate outputs, launch kernels with META-derived grids."""

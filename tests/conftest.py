@@ -1,0 +1,30 @@
+"""Test configuration shared by every test module.
+
+TRITON_INTERPRET must be set before any @triton.jit decorator runs, so it is set here, before
+any test module imports a kernel. GPU tests carry the `gpu` marker and skip cleanly without one.
+"""
+
+import os
+import random
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_GPU:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def seed(request):
+    """A fresh random seed per test, recorded in the report so a failure can be replayed."""
+    value = random.randrange(1 << 30)
+    request.node.user_properties.append(("seed", value))
+    return value

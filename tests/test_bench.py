@@ -1,0 +1,64 @@
+"""The benchmark suite: bandwidth arithmetic, size parsing, and a tiny real run through the CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.collectives import busbw_factor, iterations
+from bench.common import human_bytes, parse_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "collective,world_size,factor",
+    # nccl-tests' PERFORMANCE.md: allreduce 2(n-1)/n; allgather, reducescatter, alltoall (n-1)/n; sendrecv 1
+    [("all_reduce", 4, 1.5), ("all_reduce", 2, 1.0), ("all_gather", 4, 0.75), ("reduce_scatter", 8, 0.875),
+     ("all_to_all", 2, 0.5), ("sendrecv", 4, 1.0), ("all_reduce", 1, 0.0)],
+)  # fmt: skip
+def test_bus_bandwidth_factors_match_nccl_tests(collective, world_size, factor):
+    assert busbw_factor(collective, world_size) == pytest.approx(factor)
+
+
+def test_iterations_are_bounded_and_shrink_with_size():
+    counts = [iterations(1 << k, 256 << 20) for k in range(10, 32, 3)]
+    assert counts == sorted(counts, reverse=True) and counts[0] == 100 and counts[-1] == 3
+
+
+@pytest.mark.parametrize("text,value", [("4096", 4096), ("4K", 4096), ("16M", 16 << 20), ("1G", 1 << 30), ("2KiB", 2048), ("1.5K", 1536)])
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+def test_parse_bytes_rejects_garbage():
+    with pytest.raises(ValueError, match="not a byte size: '12Q'"):
+        parse_bytes("12Q")
+
+
+def test_human_bytes():
+    assert [human_bytes(n) for n in (512, 4096, 16 << 20, 1 << 30, 1536)] == ["512 B", "4 KiB", "16 MiB", "1 GiB", "1536 B"]
+
+
+def test_collectives_cli_writes_a_consistent_result(tmp_path):
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "bench", "collectives", "--backends", "local,gloo,nccl", "--world-sizes", "2,3",
+           "--min-bytes", "4K", "--max-bytes", "16K", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "busbw GB/s" in done.stdout and f"wrote {out}" in done.stdout
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "collectives" and "packages" in result["envelope"]
+    rows = result["rows"]
+    # 2 backends x 2 world sizes x 5 collectives x 2 sizes
+    assert len(rows) == 2 * 2 * 5 * 2
+    for row in rows:
+        assert row["time_us"] > 0
+        assert row["algbw_GBps"] == pytest.approx(row["bytes"] / (row["time_us"] * 1e-6) / 1e9)
+        assert row["busbw_GBps"] == pytest.approx(row["algbw_GBps"] * busbw_factor(row["collective"], row["world_size"]))
+        assert row["bytes"] % (row["world_size"] * 4) == 0  # whole float32 rows per rank
+    if torch.cuda.device_count() < 2:
+        assert [s["backend"] for s in result["skipped"]] == ["nccl"]

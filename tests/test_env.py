@@ -1,0 +1,99 @@
+"""`python -m interlace env`: the envelope of every result, with and without a GPU driver."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from interlace.engine.planner.topology import probe
+
+
+def run_env(*args):
+    return subprocess.run([sys.executable, "-m", "interlace", "env", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_env_json_is_valid_and_complete():
+    done = run_env("--json")
+    assert done.returncode == 0, done.stderr
+    env = json.loads(done.stdout)
+    assert env["packages"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert env["host"]["cpu_count"] == os.cpu_count()
+    assert env["host"]["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert env["cuda"]["available"] == torch.cuda.is_available()
+    assert len(env["gpus"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    if head.returncode == 0:  # a checkout with commits: the envelope names the exact commit
+        assert env["interlace"]["commit"] == head.stdout.strip()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU driver")
+def test_env_without_driver_says_so_and_succeeds():
+    done = run_env()
+    assert done.returncode == 0, done.stderr
+    assert "no NVIDIA driver found" in done.stdout
+
+
+class StandInNVML:
+    """The NVML calls probe() makes, answering for a machine we do not have: two H100s joined
+    by 18 NVLinks and a third GPU reachable only across the CPU interconnect."""
+
+    NVML_NVLINK_MAX_LINKS, NVML_FEATURE_ENABLED = 18, 1
+
+    class NVMLError(Exception):
+        pass
+
+    class _Info:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    BUS = ["00000000:18:00.0", "00000000:2A:00.0", "00000000:9B:00.0"]
+
+    def nvmlInit(self): pass
+    def nvmlShutdown(self): pass
+    def nvmlDeviceGetCount(self): return 3
+    def nvmlDeviceGetHandleByIndex(self, i): return i
+    def nvmlDeviceGetName(self, h): return b"NVIDIA H100 80GB HBM3" if h < 2 else "NVIDIA L4"
+    def nvmlDeviceGetMemoryInfo(self, h): return self._Info(total=80 * 2**30 if h < 2 else 24 * 2**30)
+    def nvmlDeviceGetPciInfo(self, h): return self._Info(busId=self.BUS[h])
+    def nvmlDeviceGetCudaComputeCapability(self, h): return (9, 0) if h < 2 else (8, 9)
+    def nvmlSystemGetDriverVersion(self): return "580.65.06"
+    def nvmlSystemGetCudaDriverVersion_v2(self): return 13000
+
+    def nvmlDeviceGetNvLinkState(self, h, link):
+        if h == 2:
+            raise self.NVMLError("NVLink not supported")
+        return self.NVML_FEATURE_ENABLED
+
+    def nvmlDeviceGetNvLinkRemotePciInfo(self, h, link):
+        return self._Info(busId=self.BUS[1 - h].lower().replace("00000000:", "0000:"))
+
+    def nvmlDeviceGetTopologyCommonAncestor(self, a, b):
+        return 50 if 2 in (a, b) else 30
+
+    def nvmlDeviceGetP2PStatus(self, a, b, index):
+        return 0 if 2 not in (a, b) else 2
+
+
+def test_topology_counts_nvlinks_per_peer_and_labels_paths():
+    topo = probe(StandInNVML())
+    assert topo.status == "3 GPU(s) found"
+    assert (topo.driver, topo.cuda_driver) == ("580.65.06", "13.0")
+    assert [g.nvlinks_active for g in topo.gpus] == [18, 18, 0]
+    assert [g.compute_capability for g in topo.gpus] == ["9.0", "9.0", "8.9"]
+    assert topo.gpus[0].name == "NVIDIA H100 80GB HBM3" and topo.gpus[2].memory_bytes == 24 * 2**30
+    assert topo.matrix() == [["X", "NV18", "SYS"], ["NV18", "X", "SYS"], ["SYS", "SYS", "X"]]
+    link = next(l for l in topo.links if (l.a, l.b) == (0, 2))
+    assert not link.p2p_read and not link.p2p_nvlink
+
+
+def test_topology_without_driver_reports_instead_of_raising():
+    class NoDriver(StandInNVML):
+        def nvmlInit(self):
+            raise self.NVMLError("NVML Shared Library Not Found")
+
+    topo = probe(NoDriver())
+    assert topo.status == "no NVIDIA driver found (NVML: NVML Shared Library Not Found)"
+    assert topo.gpus == [] and topo.matrix() == []
