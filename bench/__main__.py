@@ -9,17 +9,29 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import collectives
+import torch
+
+from . import collectives, layers
 from .common import parse_bytes, write_result
 
+GPU = torch.cuda.is_available()
 
-def _collectives_parser(commands) -> None:
+
+def _list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(item) for item in _list(text)]
+
+
+def _add_collectives(commands) -> None:
     p = commands.add_parser("collectives", help="nccl-tests style bandwidth of every collective and transport")
     p.add_argument("--backends", default="local,gloo,nccl", help="comma list of local, gloo, nccl (unavailable ones are skipped, with the reason)")
     p.add_argument("--world-sizes", default="2", help="comma list, e.g. 2,4")
     p.add_argument("--collectives", default=",".join(collectives.COLLECTIVES))
     p.add_argument("--min-bytes", default="4K")
-    p.add_argument("--max-bytes", default=None, help="default 16M on CPU, 256M with a GPU")
+    p.add_argument("--max-bytes", default="256M" if GPU else "16M")
     p.add_argument("--step", type=int, default=4, help="size multiplier between points")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--check", action="store_true", help="keep DistGroup's cross-rank signature checks on (measures their cost)")
@@ -27,44 +39,61 @@ def _collectives_parser(commands) -> None:
 
 
 def _collectives_config(args) -> collectives.Config:
-    import torch
-
-    max_bytes = args.max_bytes or ("256M" if torch.cuda.is_available() else "16M")
     return collectives.Config(
-        backends=_list(args.backends),
-        world_sizes=[int(w) for w in _list(args.world_sizes)],
-        collectives=_list(args.collectives),
-        min_bytes=parse_bytes(args.min_bytes),
-        max_bytes=parse_bytes(max_bytes),
-        step=args.step,
-        dtype=args.dtype,
-        check=args.check,
-    )
+        backends=_list(args.backends), world_sizes=_ints(args.world_sizes), collectives=_list(args.collectives),
+        min_bytes=parse_bytes(args.min_bytes), max_bytes=parse_bytes(args.max_bytes), step=args.step,
+        dtype=args.dtype, check=args.check,
+    )  # fmt: skip
 
 
-def _list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
+def _add_layers(commands) -> None:
+    p = commands.add_parser("layers", help="tensor-parallel GEMM + collective: bulk vs chunked overlap")
+    p.add_argument("--backends", default="local,gloo,nccl")
+    p.add_argument("--world-sizes", default="2")
+    p.add_argument("--models", default="llama3-8b", help=f"comma list of {', '.join(layers.MODELS)}")
+    p.add_argument("--tokens", default="2048,8192" if GPU else "256", help="M values (tokens per step)")
+    p.add_argument("--patterns", default=",".join(layers.PATTERNS))
+    p.add_argument("--chunks", type=int, default=4)
+    p.add_argument("--dtype", default="bfloat16" if GPU else "float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--iters", type=int, default=20 if GPU else 3)
+    p.add_argument("--scale", type=int, default=1 if GPU else 4, help="divide layer widths by this (CPU default 4)")
+    p.add_argument("--out", type=Path, default=None)
 
 
-def run_collectives(config: collectives.Config, out: Path | None) -> Path:
-    print("collectives: measuring (rank processes start in about a second)...", file=sys.stderr, flush=True)
-    result = collectives.run(config)
-    print(collectives.table(result))
-    path = write_result("collectives", result["config"], result["rows"], out, skipped=result["skipped"], copy_GBps=result["copy_GBps"])
-    print(f"wrote {path}")
+def _layers_config(args) -> layers.Config:
+    return layers.Config(
+        backends=_list(args.backends), world_sizes=_ints(args.world_sizes), models=_list(args.models),
+        tokens=_ints(args.tokens), patterns=_list(args.patterns), chunks=args.chunks, dtype=args.dtype,
+        iters=args.iters, scale=args.scale,
+    )  # fmt: skip
+
+
+BENCHMARKS = {"collectives": (collectives, _add_collectives, _collectives_config),
+              "layers": (layers, _add_layers, _layers_config)}  # fmt: skip
+
+
+def run_benchmark(name: str, config, out: Path | None) -> Path:
+    module = BENCHMARKS[name][0]
+    print(f"{name}: measuring (rank processes start in about a second)...", file=sys.stderr, flush=True)
+    result = module.run(config)
+    print(module.table(result))
+    extra = {k: v for k, v in result.items() if k not in ("rows", "config")}
+    path = write_result(name, result["config"], result["rows"], out, **extra)
+    print(f"wrote {path}\n")
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    _collectives_parser(commands)
+    for _, add, _ in BENCHMARKS.values():
+        add(commands)
     commands.add_parser("demo", help="every benchmark this hardware supports, default settings")
     args = parser.parse_args(argv)
-    if args.command == "collectives":
-        run_collectives(_collectives_config(args), args.out)
-    else:
-        run_collectives(_collectives_config(parser.parse_args(["collectives"])), None)
+    names = list(BENCHMARKS) if args.command == "demo" else [args.command]
+    for name in names:
+        bench_args = parser.parse_args([name]) if args.command == "demo" else args
+        run_benchmark(name, BENCHMARKS[name][2](bench_args), bench_args.out)
     return 0
 
 

@@ -13,19 +13,16 @@ cannot beat it.
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from interlace.engine.comm import spawn
 
-from .common import copy_rate, format_table, human_bytes, sync
+from .common import copy_rate, format_table, human_bytes, slowest_median, timed_samples
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "sendrecv")
-REPEATS = 5
 
 
 @dataclass
@@ -115,16 +112,7 @@ def measure_rank(group, config: Config) -> list[dict]:
         for nbytes in config.sizes():
             call, count = _buffers(group, collective, nbytes, dtype)
             iters = iterations(nbytes, config.traffic_per_point)
-            call()
-            samples = []
-            for _ in range(REPEATS):
-                group.barrier()
-                sync(group.device)
-                start = time.perf_counter()
-                for _ in range(iters):
-                    call()
-                sync(group.device)
-                samples.append((time.perf_counter() - start) / iters)
+            samples = timed_samples(group, call, iters)
             out.append({"collective": collective, "count": count, "bytes": count * dtype.itemsize, "iters": iters, "samples": samples})
         if group.rank == 0:
             print(f"    {collective}: {len(config.sizes())} sizes done", file=sys.stderr, flush=True)
@@ -136,7 +124,7 @@ def summarize(per_rank: list[list[dict]], backend: str, world_size: int, copy_bp
     rows = []
     for points in zip(*per_rank):
         p = points[0]
-        seconds = statistics.median(max(s) for s in zip(*(q["samples"] for q in points)))
+        seconds = slowest_median([q["samples"] for q in points])
         algbw = p["bytes"] / seconds
         busbw = algbw * busbw_factor(p["collective"], world_size)
         rows.append({

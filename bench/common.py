@@ -81,6 +81,29 @@ def median_time(fn: Callable[[], Any], device: torch.device, iters: int, repeats
     return statistics.median(samples)
 
 
+def timed_samples(group, fn: Callable[[], Any], iters: int, repeats: int = 5) -> list[float]:
+    """This rank's mean seconds per call of ``fn`` for each repeat; every repeat starts after a barrier.
+
+    Called on every rank with the same ``iters``: the ranks' timed loops line up.
+    """
+    fn()
+    samples = []
+    for _ in range(repeats):
+        group.barrier()
+        sync(group.device)
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync(group.device)
+        samples.append((time.perf_counter() - start) / iters)
+    return samples
+
+
+def slowest_median(per_rank: Sequence[Sequence[float]]) -> float:
+    """Median over repeats of the slowest rank's time: a collective step ends with its last rank."""
+    return statistics.median(max(repeat) for repeat in zip(*per_rank))
+
+
 def copy_rate(device: torch.device, nbytes: int) -> float:
     """Bytes per second of one device-local memory copy: the ceiling for moving data on one device."""
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)

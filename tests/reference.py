@@ -79,3 +79,51 @@ def assert_exact(out: torch.Tensor, expected: torch.Tensor, what: str) -> None:
 def poison(t: torch.Tensor) -> torch.Tensor:
     """Fill an output buffer with values no correct result contains, so stale data shows."""
     return t.fill_(float("nan") if t.dtype.is_floating_point else torch.iinfo(t.dtype).min)
+
+
+def matmul_tolerance(magnitude: torch.Tensor, dtype: torch.dtype, accumulated: int, roundings: int) -> torch.Tensor:
+    """Elementwise bound on |computed - exact| for a (sharded, reduced) product in ``dtype``.
+
+    ``magnitude`` is |a| @ |b| in float64, which bounds every partial sum. Accumulating
+    ``accumulated`` terms in fp32 (what CPU and GPU GEMMs do for every dtype here) errs by at most
+    accumulated*u32*magnitude; each of ``roundings`` roundings to ``dtype`` (per-rank partials,
+    their sum, the output) by at most u*magnitude. We allow eps = 2u per step: a 2x margin.
+    """
+    return magnitude * (accumulated * torch.finfo(torch.float32).eps + roundings * torch.finfo(dtype).eps)
+
+
+def assert_within(got: torch.Tensor, exact: torch.Tensor, tol: torch.Tensor, what: str) -> None:
+    err = (got.detach().to(torch.float64) - exact).abs()
+    if bool((err > tol).any()) or not bool(torch.isfinite(got.detach().to(torch.float64)).all()):
+        i = int(torch.argmax((err - tol).flatten()))
+        raise AssertionError(
+            f"{what}: {int((err > tol).sum())} of {err.numel()} elements outside tolerance; worst at flat index {i}: "
+            f"got {got.flatten()[i].item()}, expected {exact.flatten()[i].item()}, tol {tol.flatten()[i].item():.3g}"
+        )
+
+
+def assert_no_worse(got: torch.Tensor, unsharded: torch.Tensor, exact: torch.Tensor, what: str, factor: float = 4.0) -> None:
+    """For composite modules (MLPs, whole models) whose error bound is impractical to write down:
+    the sharded result may be no further from the float64 truth than ``factor`` times the
+    unsharded module's own error (max norm), plus a floor of 8 eps of the output's scale."""
+    truth = exact.to(torch.float64)
+    own = (unsharded.detach().to(torch.float64) - truth).abs().max().item()
+    err = (got.detach().to(torch.float64) - truth).abs().max().item()
+    floor = 8 * torch.finfo(got.dtype).eps * truth.abs().max().item()
+    if not err <= factor * own + floor:
+        raise AssertionError(f"{what}: max error {err:.3g} vs float64, unsharded {own:.3g}; allowed {factor * own + floor:.3g}")
+
+
+def make_linear(seed: int, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> torch.nn.Linear:
+    """The same nn.Linear on every rank (explicit generator: rank threads share the global RNG)."""
+    g = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(out_features, in_features, generator=g) / in_features**0.5)
+        if bias:
+            layer.bias.copy_(torch.randn(out_features, generator=g))
+    return layer
+
+
+def rand(seed: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)

@@ -62,3 +62,22 @@ def test_collectives_cli_writes_a_consistent_result(tmp_path):
         assert row["bytes"] % (row["world_size"] * 4) == 0  # whole float32 rows per rank
     if torch.cuda.device_count() < 2:
         assert [s["backend"] for s in result["skipped"]] == ["nccl"]
+
+
+def test_layers_cli_reports_overlap_metrics_consistently(tmp_path):
+    out = tmp_path / "layers.json"
+    cmd = [sys.executable, "-m", "bench", "layers", "--backends", "local,gloo", "--world-sizes", "2", "--scale", "64",
+           "--tokens", "32", "--iters", "1", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "eta" in done.stdout and "llama3-8b/64/tp2/mlp-down" in done.stdout
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert len(rows) == 2 * 6  # two backends x six layers
+    for r in rows:
+        assert r["ideal_us"] == pytest.approx(max(r["gemm_us"], r["comm_us"]))
+        assert r["eta"] == pytest.approx((r["gemm_us"] + r["comm_us"] - r["chunked_us"]) / min(r["gemm_us"], r["comm_us"]))
+        assert r["sol"] == pytest.approx(r["ideal_us"] / r["chunked_us"])
+        assert r["speedup"] == pytest.approx(r["bulk_us"] / r["chunked_us"])
+        assert r["max_rel_err"] < 1e-5, "chunked must match bulk before it is timed"
+    assert {r["pattern"] for r in rows} == {"ag_gemm", "gemm_rs", "gemm_ar"}

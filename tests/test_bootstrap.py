@@ -21,7 +21,7 @@ def test_fresh_machine_installs_pinned_torch_first_then_triton_then_the_rest():
 
 def test_existing_torch_and_triton_are_kept():
     have = {"torch": "2.11.0+cu130", "triton": "3.6.0", "numpy": "2.5", "nvidia-ml-py": "13", "pytest": "9",
-            "pytest-timeout": "2.4", "setuptools": "80.9"}  # fmt: skip
+            "pytest-timeout": "2.4", "setuptools": "80.9", "transformers": "5.17.0"}  # fmt: skip
     assert bootstrap.plan_installs(have, linux=True) == []
     have.pop("pytest-timeout")
     assert bootstrap.plan_installs(have, linux=True) == [["pytest-timeout>=2.1"]]
@@ -29,7 +29,7 @@ def test_existing_torch_and_triton_are_kept():
 
 def test_too_old_versions_are_upgraded_within_ranges():
     have = {"torch": "2.13.0+cpu", "triton": "3.7.1", "numpy": "2.4.6", "nvidia-ml-py": "13.615.71",
-            "pytest": "9.2.0", "pytest-timeout": "2.4.0", "setuptools": "65.5.0"}  # fmt: skip
+            "pytest": "9.2.0", "pytest-timeout": "2.4.0", "setuptools": "65.5.0", "transformers": "5.23.0"}  # fmt: skip
     assert bootstrap.plan_installs(have, linux=True) == [["setuptools>=70.1"]]
 
 

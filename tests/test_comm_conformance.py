@@ -111,6 +111,19 @@ def check_send_recv(group, seed):
     return checks
 
 
+def check_sendrecv(group, seed):
+    """One ring step per iteration: every rank sends to the next and receives from the previous."""
+    checks, w, r = 0, group.world_size, group.rank
+    for dtype in DTYPES:
+        for it in range(ITERATIONS):
+            shape = step_shape(seed, it, w)
+            x = rank_input(seed, it, r, shape, dtype).to(group.device)
+            got = group.sendrecv(x, (r + 1) % w, poison(torch.empty(shape, dtype=dtype, device=group.device)), (r - 1) % w)
+            assert_exact(got.cpu(), rank_input(seed, it, (r - 1) % w, shape, dtype), f"rank {r} sendrecv {dtype}")
+            checks += 1
+    return checks
+
+
 def check_barrier(group, seed):
     """No rank leaves before the last one arrives (ranks arrive staggered)."""
     import time
@@ -135,7 +148,7 @@ def expected_checks(kind, op):
 COLLECTIVES = [
     ("all_gather", None), ("all_to_all", None), ("all_reduce", "sum"), ("all_reduce", "avg"),
     ("all_reduce", "max"), ("reduce_scatter", "sum"), ("reduce_scatter", "avg"), ("reduce_scatter", "max"),
-    ("send_recv", None), ("barrier", None),
+    ("send_recv", None), ("sendrecv", None), ("barrier", None),
 ]  # fmt: skip
 
 
@@ -148,7 +161,7 @@ def conformance(group, kind, op, seed):
 @pytest.mark.parametrize("transport,world_size", CASES)
 @pytest.mark.parametrize("kind,op", COLLECTIVES, ids=[f"{k}-{o}" if o else k for k, o in COLLECTIVES])
 def test_collective(transport, world_size, kind, op, seed):
-    if kind == "send_recv" and world_size == 1:
+    if kind in ("send_recv", "sendrecv") and world_size == 1:
         pytest.skip("send/recv needs a peer; a send to oneself is rejected (test_comm_errors)")
     counts = run(transport, conformance, world_size, kind, op, seed)
     assert counts == [expected_checks(kind, op)] * world_size

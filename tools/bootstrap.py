@@ -33,6 +33,7 @@ REQUIREMENTS = {
     "pytest": "pytest>=7.4",
     "pytest-timeout": "pytest-timeout>=2.1",
     "setuptools": "setuptools>=70.1",  # builds editable wheels without the `wheel` package
+    "transformers": "transformers>=4.48",  # tests: parallelize() on Hugging Face Llama
 }
 LINK_FILE = "_interlace_base_site.pth"
 PROBE = (

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from .calls import SIGNATURE_LEN, Call, check_agreement, check_pair, label
 from .errors import CommTimeoutError, PeerFailedError
-from .group import Group, Work
+from .group import Group, Work, _Both
 
 REDUCE_OP = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "max": dist.ReduceOp.MAX}
 # torch 2.13 deprecates *_tensor for *_single; torch 2.11 has only the former.
@@ -85,11 +85,27 @@ class DistGroup(Group):
             dist.destroy_process_group(self._ctl)
             self._ctl = None
 
+    def sendrecv_async(self, x: torch.Tensor, dst: int, out: torch.Tensor, src: int) -> Work:
+        """On NCCL, one grouped operation (``batch_isend_irecv``): separately posted sends and
+        receives around a ring may deadlock there. On gloo, the generic pair."""
+        if self._host_waits:
+            return super().sendrecv_async(x, dst, out, src)
+        send, recv = self._call("send", x=x, peer=dst), self._call("recv", out=out, peer=src)
+        deadline = time.monotonic() + self.timeout
+        send_what, recv_what = self._next_label(send), self._next_label(recv)
+        keep = ()
+        if self.check:  # signatures go first: the send's asynchronously, so a ring cannot deadlock on them
+            keep = self._send_signature(send)
+            sig, sig_work = self._receive_signature(recv)
+            self._match(recv, recv_what, deadline, sig, sig_work)
+        ops = [dist.P2POp(dist.isend, send.x, self._global[dst], self.pg), dist.P2POp(dist.irecv, out, self._global[src], self.pg)]
+        send_work, recv_work = dist.batch_isend_irecv(ops)
+        return _Both(_DistWork(self, send, send_what, deadline, send_work, keep=keep), _DistWork(self, recv, recv_what, deadline, recv_work))
+
     def _start(self, call: Call) -> Work:
         deadline = time.monotonic() + self.timeout
         if call.kind in ("send", "recv"):
-            self._pairs[(call.kind, call.peer)] += 1
-            return self._start_p2p(call, label(call, self._pairs[(call.kind, call.peer)]), deadline)
+            return self._start_p2p(call, self._next_label(call), deadline)
         self._seq += 1
         what = label(call, self._seq)
         if self.check:
@@ -97,16 +113,29 @@ class DistGroup(Group):
             self._agree(call, what, deadline)
         return _DistWork(self, call, what, deadline, self._launch(call))
 
+    def _next_label(self, call: Call) -> str:
+        self._pairs[(call.kind, call.peer)] += 1
+        return label(call, self._pairs[(call.kind, call.peer)])
+
     def _start_p2p(self, call: Call, what: str, deadline: float) -> Work:
         if not self.check:
             return _DistWork(self, call, what, deadline, self._launch(call))
-        sig = torch.tensor(call.signature(), dtype=torch.int64)
-        peer = self._global[call.peer]
         if call.kind == "send":
-            sig_work = dist.isend(sig, dst=peer, group=self._ctl)
-            return _DistWork(self, call, what, deadline, self._launch(call), keep=(sig, sig_work))
-        recv_sig = torch.empty(SIGNATURE_LEN, dtype=torch.int64)
-        return _DistWork(self, call, what, deadline, None, pending=(recv_sig, dist.irecv(recv_sig, src=peer, group=self._ctl)))
+            return _DistWork(self, call, what, deadline, self._launch(call), keep=self._send_signature(call))
+        return _DistWork(self, call, what, deadline, None, pending=self._receive_signature(call))
+
+    def _send_signature(self, call: Call) -> tuple:
+        sig = torch.tensor(call.signature(), dtype=torch.int64)
+        return sig, dist.isend(sig, dst=self._global[call.peer], group=self._ctl)
+
+    def _receive_signature(self, call: Call) -> tuple:
+        sig = torch.empty(SIGNATURE_LEN, dtype=torch.int64)
+        return sig, dist.irecv(sig, src=self._global[call.peer], group=self._ctl)
+
+    def _match(self, call: Call, what: str, deadline: float, sig: torch.Tensor, sig_work) -> None:
+        """Wait for the sender's signature and check it against this receive."""
+        self.wait_host(sig_work, what, deadline, lambda: [call.peer])
+        check_pair(what, call.peer, tuple(sig.tolist()), self.rank, call.signature())
 
     def _arrive(self) -> None:
         if self._store is not None:
@@ -179,10 +208,8 @@ class _DistWork(Work):
         sig, sig_work = self._pending
         if not block and not sig_work.is_completed():
             return False
-        g = self.group
-        g.wait_host(sig_work, self.what, self.deadline, self._missing)
-        check_pair(self.what, self.call.peer, tuple(sig.tolist()), g.rank, self.call.signature())
-        self._work, self._pending = g._launch(self.call), None
+        self.group._match(self.call, self.what, self.deadline, sig, sig_work)
+        self._work, self._pending = self.group._launch(self.call), None
         return True
 
     def wait(self) -> torch.Tensor | None:

@@ -65,6 +65,10 @@ class Group(ABC):
         """Receive into ``out`` from rank ``src``; shape and dtype must match the send."""
         return self.recv_async(out, src).wait()
 
+    def sendrecv(self, x: torch.Tensor, dst: int, out: torch.Tensor, src: int) -> torch.Tensor:
+        """Send ``x`` to ``dst`` and receive into ``out`` from ``src`` at once: one step of a ring."""
+        return self.sendrecv_async(x, dst, out, src).wait()
+
     def barrier(self) -> None:
         """Return once every rank has entered the barrier."""
         self.barrier_async().wait()
@@ -87,6 +91,10 @@ class Group(ABC):
     def recv_async(self, out: torch.Tensor, src: int) -> Work:
         return self._start(self._call("recv", out=out, peer=src))
 
+    def sendrecv_async(self, x: torch.Tensor, dst: int, out: torch.Tensor, src: int) -> Work:
+        """Both halves are posted before either is waited on (transports that need it group them)."""
+        return _Both(self.send_async(x, dst), self.recv_async(out, src))
+
     def barrier_async(self) -> Work:
         return self._start(self._call("barrier"))
 
@@ -108,3 +116,18 @@ class Group(ABC):
     @abstractmethod
     def _start(self, call: Call) -> Work:
         """Begin a validated call and return its handle."""
+
+
+class _Both(Work):
+    """A send and a receive posted together; ``wait()`` returns the received tensor."""
+
+    def __init__(self, send: Work, recv: Work):
+        self._send, self._recv = send, recv
+
+    def wait(self) -> torch.Tensor:
+        out = self._recv.wait()
+        self._send.wait()
+        return out
+
+    def is_completed(self) -> bool:
+        return self._send.is_completed() and self._recv.is_completed()

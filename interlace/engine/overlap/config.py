@@ -1,0 +1,46 @@
+"""One overlap configuration per layer: which strategy, and how finely to split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STRATEGIES = ("bulk", "chunked")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class OverlapConfig:
+    """How a tensor-parallel layer overlaps its collective with its GEMM."""
+
+    strategy: str = "bulk"
+    """``"bulk"``: the whole collective, then the whole GEMM (or the reverse): the reference.
+    ``"chunked"``: GEMM and collective split into ``chunks`` pieces; the collective of one piece
+    runs (on the transport's thread or stream) while the next piece computes."""
+
+    chunks: int = 4
+    """Pieces per call for ``"chunked"`` GEMM+RS and GEMM+AR (fewer when there are fewer rows).
+    AG+GEMM always uses one chunk per rank, passed around a ring (see collective_matmul.py)."""
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"OverlapConfig.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if not isinstance(self.chunks, int) or self.chunks < 1:
+            raise ValueError(f"OverlapConfig.chunks must be a positive int, got {self.chunks!r}")
+
+
+def bulk() -> OverlapConfig:
+    return OverlapConfig(strategy="bulk")
+
+
+def chunked(chunks: int = 4) -> OverlapConfig:
+    return OverlapConfig(strategy="chunked", chunks=chunks)
+
+
+def as_config(overlap: OverlapConfig | str | None) -> OverlapConfig:
+    """Accept a config, a strategy name, or None (bulk)."""
+    if overlap is None:
+        return bulk()
+    if isinstance(overlap, str):
+        return OverlapConfig(strategy=overlap)
+    if isinstance(overlap, OverlapConfig):
+        return overlap
+    raise TypeError(f"overlap must be an OverlapConfig, a strategy name or None, got {type(overlap).__name__}")
