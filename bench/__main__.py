@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import collectives, layers
+from . import collectives, gemm, layers
 from .common import parse_bytes, write_result
 
 GPU = torch.cuda.is_available()
@@ -68,8 +68,25 @@ def _layers_config(args) -> layers.Config:
     )  # fmt: skip
 
 
+def _add_gemm(commands) -> None:
+    p = commands.add_parser("gemm", help="interlace Triton GEMM vs cuBLAS, with and without overlap hooks (GPU)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--shapes", default="all", help=f"comma list of names, or all: {', '.join(list(gemm.shapes())[:3])}, ...")
+    p.add_argument("--chunks", type=int, default=8, help="hook chunks per GEMM")
+    p.add_argument("--out", type=Path, default=None)
+
+
+def _gemm_config(args) -> gemm.Config:
+    names = list(gemm.shapes()) if args.shapes == "all" else _list(args.shapes)
+    unknown = sorted(set(names) - set(gemm.shapes()))
+    if unknown:
+        raise SystemExit(f"unknown shapes {unknown}; known: {', '.join(gemm.shapes())}")
+    return gemm.Config(dtype=args.dtype, shapes=names, chunks=args.chunks)
+
+
 BENCHMARKS = {"collectives": (collectives, _add_collectives, _collectives_config),
-              "layers": (layers, _add_layers, _layers_config)}  # fmt: skip
+              "layers": (layers, _add_layers, _layers_config),
+              "gemm": (gemm, _add_gemm, _gemm_config)}  # fmt: skip
 
 
 def run_benchmark(name: str, config, out: Path | None) -> Path:

@@ -1,18 +1,19 @@
 """Test configuration shared by every test module.
 
-TRITON_INTERPRET must be set before any @triton.jit decorator runs, so it is set here, before
-any test module imports a kernel. GPU tests carry the `gpu` marker and skip cleanly without one.
+Without a GPU, Triton kernels run under the interpreter: TRITON_INTERPRET must be set before any
+@triton.jit decorator runs, so it is set here, before any test module imports a kernel. With a
+GPU the same kernel tests run on the GPU. GPU-only tests carry the `gpu` marker and skip cleanly.
 """
 
 import os
 import random
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

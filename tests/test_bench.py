@@ -81,3 +81,25 @@ def test_layers_cli_reports_overlap_metrics_consistently(tmp_path):
         assert r["speedup"] == pytest.approx(r["bulk_us"] / r["chunked_us"])
         assert r["max_rel_err"] < 1e-5, "chunked must match bulk before it is timed"
     assert {r["pattern"] for r in rows} == {"ag_gemm", "gemm_rs", "gemm_ar"}
+
+
+def test_gemm_shape_table_is_llama3_70b_at_tp8():
+    from bench.gemm import geomean, shapes
+
+    table = shapes()
+    # Llama-3-70B: hidden 8192, ffn 28672, 64 query and 8 key/value heads of 128; per rank at TP=8
+    assert table["llama3-70b/tp8/qkv/m2048"] == (2048, (64 + 2 * 8) * 128 // 8, 8192)
+    assert table["llama3-70b/tp8/o/m16"] == (16, 8192, 64 * 128 // 8)
+    assert table["llama3-70b/tp8/gate-up/m8192"] == (8192, 2 * 28672 // 8, 8192)
+    assert table["llama3-70b/tp8/down/m128"] == (128, 8192, 28672 // 8)
+    assert len(table) == 2 + 4 * 4
+    assert geomean([0.5, 2.0, 1.0]) == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip on machines without a GPU")
+def test_gemm_benchmark_says_why_it_skips_without_a_gpu(tmp_path):
+    out = tmp_path / "gemm.json"
+    done = subprocess.run([sys.executable, "-m", "bench", "gemm", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "skipped gemm: needs a GPU" in done.stdout
+    assert json.loads(out.read_text())["rows"] == []

@@ -1,0 +1,135 @@
+"""Persistent Triton GEMM ``y = act(x @ w.T + bias) + residual`` with overlap hooks.
+
+Kernel and autotune configs only; launch wrappers live in ``interlace.ops.gemm``.
+
+Tiles: ``BLOCK_M x BLOCK_N`` output tiles in grouped order (``GROUP_M`` M-blocks share a sweep
+over N, for L2 reuse), M-blocks rotated so the walk starts at the block holding row
+``start_chunk * chunk_rows``: a rank's own chunk first, then around the ring. With hooks the
+wrapper picks a GROUP_M whose groups never straddle a chunk, so chunks complete in walk order. A persistent
+program takes tiles ``pid, pid + num_programs, ...``.
+
+Hooks (int32 flag arrays, one entry per chunk of ``chunk_rows`` rows of x / y):
+- WAIT: before loading its rows, a tile waits (acquire, bounded spin) until ``flags[c] >= epoch``
+  for every chunk c its rows touch. ``epoch`` is read from device memory, so a captured CUDA graph
+  can advance it between replays and flags never need resetting. On a spin past ``max_spins`` it records
+  ``status = [1, chunk, epoch, observed]`` (first failure wins), skips the tile, and every later
+  wait gives up at once: the launch ends quickly and the wrapper raises.
+- SIGNAL: after a tile's store, a CTA barrier, then ``counters[c] += 1`` (release) for every
+  chunk c its rows touch: ``counters[c] == epoch * tiles_in_chunk(c)`` once the epoch-th call
+  has finished chunk c.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+ACTIVATIONS = {None: 0, "silu": 1, "gelu": 2}
+
+
+def configs(interpreting: bool) -> list[triton.Config]:
+    """Autotune candidates. Under the interpreter one small config: every config would be run."""
+    if interpreting:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)]
+    shapes = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
+              (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 32, 128, 4, 4)]  # fmt: skip
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
+        for bm, bn, bk, warps, stages in shapes
+    ]
+
+
+@triton.jit
+def _tile_coords(tile, num_m, num_n, first_m, GROUP_M: tl.constexpr):
+    """Grouped tile order, M-blocks rotated to start at ``first_m``."""
+    per_group = GROUP_M * num_n
+    group = tile // per_group
+    first = group * GROUP_M
+    size = tl.minimum(num_m - first, GROUP_M)
+    pid_m = first + (tile % per_group) % size
+    pid_n = (tile % per_group) // size
+    return (pid_m + first_m) % num_m, pid_n
+
+
+@triton.jit
+def _wait_chunks(flags_ptr, status_ptr, chunk_first, chunk_last, epoch, max_spins):
+    """1 when every chunk in [chunk_first, chunk_last] reached ``epoch``; 0 after recording a timeout."""
+    ready = 1
+    for chunk in range(chunk_first, chunk_last + 1):
+        seen = tl.atomic_add(flags_ptr + chunk, 0, sem="acquire")
+        failed = tl.atomic_add(status_ptr, 0, sem="relaxed")
+        spins = 0
+        while (seen < epoch) & (spins < max_spins) & (failed == 0):
+            seen = tl.atomic_add(flags_ptr + chunk, 0, sem="acquire")
+            failed = tl.atomic_add(status_ptr, 0, sem="relaxed")
+            spins += 1
+        if seen < epoch:
+            if tl.atomic_cas(status_ptr, 0, 1) == 0:
+                tl.store(status_ptr + 1, chunk)
+                tl.store(status_ptr + 2, epoch)
+                tl.store(status_ptr + 3, seen)
+            ready = 0
+    return ready
+
+
+@triton.jit
+def _mainloop(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        k = k0 * BLOCK_K + ks
+        a = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk, mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
+        b = tl.load(w_ptr + cols[None, :] * stride_wn + k[:, None] * stride_wk, mask=(cols[None, :] < N) & (k[:, None] < K), other=0.0)
+        if UPCAST:  # the interpreter's bf16 arithmetic is wrong; its fp32 is right
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision="ieee")  # fp32 inputs: no TF32, as torch.matmul by default
+    return acc
+
+
+@triton.jit
+def _epilogue(acc, rows, cols, M, N, bias_ptr, res_ptr, stride_rm, stride_rn,
+              HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr):  # fmt: skip
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    if ACTIVATION == 1:
+        acc = acc * tl.sigmoid(acc)
+    elif ACTIVATION == 2:
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+    if HAS_RESIDUAL:
+        mask = (rows[:, None] < M) & (cols[None, :] < N)
+        acc += tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn, mask=mask, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def gemm_kernel(
+    x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, flags_ptr, counters_ptr, status_ptr,
+    M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_rm, stride_rn,
+    epoch_ptr, chunk_rows, start_chunk, max_spins,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    WAIT: tl.constexpr, SIGNAL: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    first_m = (start_chunk * chunk_rows) // BLOCK_M
+    epoch = tl.load(epoch_ptr)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, num_m, num_n, first_m, GROUP_M)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        chunk_first = (pid_m * BLOCK_M) // chunk_rows
+        chunk_last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) // chunk_rows
+        ready = 1
+        if WAIT:
+            ready = _wait_chunks(flags_ptr, status_ptr, chunk_first, chunk_last, epoch, max_spins)
+        if ready == 1:
+            acc = _mainloop(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                            BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)  # fmt: skip
+            acc = _epilogue(acc, rows, cols, M, N, bias_ptr, res_ptr, stride_rm, stride_rn, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
+            mask = (rows[:, None] < M) & (cols[None, :] < N)
+            tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)
+            if SIGNAL:
+                tl.debug_barrier()  # every thread's stores precede the release below
+                for chunk in range(chunk_first, chunk_last + 1):
+                    tl.atomic_add(counters_ptr + chunk, 1, sem="release")

@@ -1,0 +1,240 @@
+"""Launch wrapper of the persistent Triton GEMM: ``y = act(x @ w.T + bias) + residual``.
+
+``gemm()`` checks constraints, allocates the output, picks a plan (autotuned once per shape
+and dtype, with the hooks off so tuning never waits on flags or bumps counters) and launches a
+persistent grid derived from the plan's block sizes. Shapes: ``x [M, K]``, ``w [N, K]`` (any
+strides: ``w`` may be a transposed view), ``bias [N]``, ``residual [M, N]``, ``y [M, N]``.
+
+Overlap hooks (``WaitHook``, ``SignalHook``) work on int32 flags, one per chunk of ``chunk_rows``
+rows. A wait that passes its bound makes ``gemm`` raise ``TimeoutError`` naming the chunk, the
+expected and the observed value; the output is never returned. ``check=False`` skips the host
+synchronisation this needs (CUDA graphs, streams): call ``hook.check()`` later instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import triton
+
+from interlace.kernels import gemm as kernel
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Spin bound of a wait. A GPU spin is two L2 atomics (~1-2 us): 2**23 spins is ~10-20 s.
+# An interpreted spin is Python (~0.1 ms): 2**14 is a couple of seconds.
+DEFAULT_MAX_SPINS = 2**14 if INTERPRETING else 2**23
+INTERPRETER_PROGRAMS = 2  # sequential programs under the interpreter: two exercise the persistent loop
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Block sizes and grid of one launch; ``tiles_per_chunk`` tells a consumer what to wait for."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+    programs: int
+
+    def tiles(self, m: int, n: int) -> int:
+        return triton.cdiv(m, self.block_m) * triton.cdiv(n, self.block_n)
+
+    def tiles_per_chunk(self, m: int, n: int, chunk_rows: int) -> list[int]:
+        """Tiles whose rows touch each chunk (a tile straddling two chunks counts for both)."""
+        chunks = triton.cdiv(m, chunk_rows)
+        counts = [0] * chunks
+        for pid_m in range(triton.cdiv(m, self.block_m)):
+            first, last = pid_m * self.block_m, min((pid_m + 1) * self.block_m, m) - 1
+            for c in range(first // chunk_rows, last // chunk_rows + 1):
+                counts[c] += triton.cdiv(n, self.block_n)
+        return counts
+
+
+@dataclass
+class WaitHook:
+    """Tiles wait until ``flags[c] >= epoch`` for every chunk ``c`` their rows touch.
+
+    ``epoch`` may be an int or a 1-element int32 tensor on the GEMM's device (advance it in
+    place between CUDA-graph replays). Tiles are visited from chunk ``start_chunk`` on, around
+    the ring (pass the same ``start_chunk`` to ``gemm``).
+    """
+
+    flags: torch.Tensor
+    epoch: int | torch.Tensor
+    chunk_rows: int
+    label: str = "GEMM"
+    status: torch.Tensor | None = field(default=None, repr=False)
+
+    def check(self) -> None:
+        """Raise ``TimeoutError`` if a wait of the last launch passed its bound (synchronises)."""
+        if self.status is None:
+            return
+        failed, chunk, expected, observed = self.status.tolist()
+        if failed:
+            raise TimeoutError(
+                f"{self.label}: wait on chunk {chunk} timed out: expected flag >= {expected}, observed {observed} "
+                f"(flags {self.flags.tolist()})"
+            )
+
+
+@dataclass
+class SignalHook:
+    """After each tile's store, ``counters[c] += 1`` (release) for every chunk ``c`` its rows
+    touch: ``counters[c] == epoch * plan.tiles_per_chunk(M, N, chunk_rows)[c]`` after the
+    epoch-th call has finished chunk ``c``."""
+
+    counters: torch.Tensor
+    chunk_rows: int
+
+
+def gemm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    activation: str | None = None,
+    out: torch.Tensor | None = None,
+    wait: WaitHook | None = None,
+    signal: SignalHook | None = None,
+    start_chunk: int = 0,
+    max_spins: int = DEFAULT_MAX_SPINS,
+    plan: Plan | None = None,
+    check: bool = True,
+) -> torch.Tensor:
+    """``act(x @ w.T + bias) + residual`` into ``out`` (allocated when None); see the module doc."""
+    m, n = _check_operands(x, w, bias, residual, activation, out)
+    y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    chunk_rows = _check_hooks(wait, signal, m, x.device, start_chunk)
+    plan = plan or plan_for(x, w)
+    status = torch.zeros(4, dtype=torch.int32, device=x.device)
+    epoch = _epoch_tensor(wait, x.device) if wait else status
+    if wait:
+        wait.status = status
+    dummy = status  # pointer for absent optional operands; never read
+    r = residual if residual is not None else y
+    kernel.gemm_kernel[(plan.programs,)](
+        x, w, y, bias if bias is not None else dummy, r, wait.flags if wait else dummy,
+        signal.counters if signal else dummy, status,
+        m, n, x.shape[1], x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1), r.stride(0), r.stride(1),
+        epoch, chunk_rows, start_chunk, max_spins,
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
+        GROUP_M=plan.group_m if wait is None and signal is None else chunk_major_group(plan, m, chunk_rows),
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=kernel.ACTIVATIONS[activation],
+        WAIT=wait is not None, SIGNAL=signal is not None, UPCAST=INTERPRETING and x.dtype != torch.float32,
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )  # fmt: skip
+    if check and wait:
+        wait.check()
+    return y
+
+
+def chunk_major_group(plan: Plan, m: int, chunk_rows: int) -> int:
+    """The largest L2-reuse group that never straddles a chunk, so chunks complete one by one.
+
+    Groups of GROUP_M M-blocks interleave their rows; aligned to chunks they stay inside one.
+    When chunks are not whole M-blocks (or the last chunk is short), plain row-major order.
+    """
+    if chunk_rows % plan.block_m or m % chunk_rows:
+        return 1
+    return math.gcd(plan.group_m, chunk_rows // plan.block_m)
+
+
+def plan_for(x: torch.Tensor, w: torch.Tensor) -> Plan:
+    """The plan for this shape and dtype: the autotuner's pick, measured once without hooks."""
+    return _plan(x.shape[0], w.shape[0], x.shape[1], x.dtype, x.device.type, _sms(x.device))
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(m: int, n: int, k: int, dtype: torch.dtype, device_type: str, sms: int) -> Plan:
+    configs = kernel.configs(INTERPRETING)
+    best = configs[0] if len(configs) == 1 else _autotune(m, n, k, dtype, configs)
+    b = best.kwargs
+    tiles = triton.cdiv(m, b["BLOCK_M"]) * triton.cdiv(n, b["BLOCK_N"])
+    return Plan(b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"], b["GROUP_M"], best.num_warps, best.num_stages, max(1, min(sms, tiles)))
+
+
+def _autotune(m: int, n: int, k: int, dtype: torch.dtype, configs: list) -> triton.Config:
+    """Time every config on scratch operands of this shape (hooks off) and keep the fastest."""
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    w = torch.randn(n, k, device="cuda", dtype=dtype)
+    sms = _sms(x.device)
+    timings = {}
+    for cfg in configs:
+        b = cfg.kwargs
+        plan = Plan(b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"], b["GROUP_M"], cfg.num_warps, cfg.num_stages,
+                    max(1, min(sms, triton.cdiv(m, b["BLOCK_M"]) * triton.cdiv(n, b["BLOCK_N"]))))  # fmt: skip
+        try:
+            timings[cfg] = triton.testing.do_bench(lambda p=plan: gemm(x, w, plan=p), warmup=5, rep=20)
+        except triton.runtime.errors.OutOfResources:  # too much shared memory for this GPU
+            continue
+    return min(timings, key=timings.get)
+
+
+@functools.lru_cache(maxsize=None)
+def _sms_of(device_type: str, index: int) -> int:
+    if INTERPRETING or device_type != "cuda":
+        return INTERPRETER_PROGRAMS
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sms(device: torch.device) -> int:
+    return _sms_of(device.type, device.index if device.index is not None else 0)
+
+
+def _epoch_tensor(wait: WaitHook, device: torch.device) -> torch.Tensor:
+    if isinstance(wait.epoch, torch.Tensor):
+        return wait.epoch
+    return torch.full((1,), wait.epoch, dtype=torch.int32, device=device)
+
+
+def _check_operands(x, w, bias, residual, activation, out) -> tuple[int, int]:
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or x.dim() != 2 or w.dim() != 2:
+        raise ValueError(f"gemm expects 2-D tensors x [M, K] and w [N, K], got {_desc(x)} and {_desc(w)}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"gemm: x {_desc(x)} and w {_desc(w)} disagree on K ({x.shape[1]} vs {w.shape[1]})")
+    if x.dtype not in DTYPES or w.dtype != x.dtype:
+        raise TypeError(f"gemm: x and w must share one of {[str(d) for d in DTYPES]}, got {x.dtype} and {w.dtype}")
+    if w.device != x.device:
+        raise ValueError(f"gemm: x is on {x.device}, w on {w.device}")
+    if activation not in kernel.ACTIVATIONS:
+        raise ValueError(f"gemm: activation must be one of {list(kernel.ACTIVATIONS)}, got {activation!r}")
+    m, n = x.shape[0], w.shape[0]
+    for name, t, shape in (("bias", bias, (n,)), ("residual", residual, (m, n)), ("out", out, (m, n))):
+        if t is not None and (tuple(t.shape) != shape or t.device != x.device or (name != "bias" and t.dtype != x.dtype)):
+            raise ValueError(f"gemm: {name} must be {list(shape)} on {x.device}" + ("" if name == "bias" else f" in {x.dtype}") + f", got {_desc(t)}")
+    return m, n
+
+
+def _check_hooks(wait, signal, m, device, start_chunk) -> int:
+    hooks = [h for h in (wait, signal) if h is not None]
+    if not hooks:
+        return 1
+    chunk_rows = hooks[0].chunk_rows
+    if any(h.chunk_rows != chunk_rows for h in hooks) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"gemm: hooks need one positive int chunk_rows, got {[h.chunk_rows for h in hooks]}")
+    chunks = triton.cdiv(m, chunk_rows)
+    for name, flags in (("wait.flags", wait and wait.flags), ("signal.counters", signal and signal.counters)):
+        if flags is not None and (flags.dtype != torch.int32 or flags.dim() != 1 or flags.numel() < chunks
+                                  or not flags.is_contiguous() or flags.device != device):  # fmt: skip
+            raise ValueError(f"gemm: {name} must be a contiguous int32 vector of >= {chunks} chunks on {device}, got {_desc(flags)}")
+    if not 0 <= start_chunk < chunks:
+        raise ValueError(f"gemm: start_chunk must be in [0, {chunks}), got {start_chunk}")
+    if wait is not None and isinstance(wait.epoch, int) and wait.epoch < 1:
+        raise ValueError(f"gemm: wait.epoch must be >= 1 (flags start at 0), got {wait.epoch}")
+    return chunk_rows
+
+
+def _desc(t) -> str:
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)} on {t.device}"
