@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 
 .PHONY: test demo env
 
-$(STAMP): pyproject.toml setup.py tools/bootstrap.py
+$(STAMP): pyproject.toml setup.py tools/bootstrap.py CMakeLists.txt $(wildcard csrc/*)
 	$(PYTHON) tools/bootstrap.py --venv $(VENV)
 	@touch $@
 

@@ -32,7 +32,7 @@ def issue_then_poll(group, op):
     return {"issued": issued, "seen_pending": seen_pending, "completed": completed, "sum": result.sum().item()}
 
 
-@pytest.mark.parametrize("transport", [("local", True), ("gloo", False)], ids=["local", "gloo-nocheck"])
+@pytest.mark.parametrize("transport", [("local", True), ("gloo", False), ("symmetric", True)], ids=["local", "gloo-nocheck", "symmetric"])
 @pytest.mark.parametrize("op", ["all_reduce", "all_gather", "reduce_scatter", "all_to_all"])
 def test_async_work_progresses_while_the_caller_works(transport, op):
     backend, check = transport
@@ -62,7 +62,7 @@ def recv_posted_early(group):
     return posted, time.time(), work.wait().tolist()
 
 
-@pytest.mark.parametrize("transport", [("local", True), ("gloo", True), ("gloo", False)], ids=["local", "gloo", "gloo-nocheck"])
+@pytest.mark.parametrize("transport", [("local", True), ("gloo", True), ("gloo", False), ("symmetric", True)], ids=["local", "gloo", "gloo-nocheck", "symmetric"])
 def test_receive_can_be_posted_before_the_send(transport):
     backend, check = transport
     _, (posted, _, got) = spawn(recv_posted_early, 2, backend, timeout=DEADLINE, check=check)

@@ -18,8 +18,10 @@ TRANSPORTS = {  # id -> (backend, device, check), world sizes, marks
     "local": (("local", "cpu", True), [1, 2, 3, 4], []),
     "gloo": (("gloo", None, True), [1, 2, 3, 4], []),
     "gloo-nocheck": (("gloo", None, False), [2, 4], []),  # the unchecked DistGroup path
+    "symmetric": (("symmetric", "cpu", True), [1, 2, 3, 4], []),  # POSIX shared memory
     "local-cuda": (("local", "cuda", True), [1, 2, 3, 4], [pytest.mark.gpu]),
     "nccl": (("nccl", None, True), [1, 2, 3, 4], [pytest.mark.gpu]),
+    "symmetric-cuda": (("symmetric", "cuda", True), [1, 2, 3, 4], [pytest.mark.gpu]),  # CUDA IPC, ranks on one GPU
 }
 CASES = [
     pytest.param(transport, world_size, id=f"{name}-{world_size}", marks=marks)

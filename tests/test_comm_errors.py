@@ -11,7 +11,7 @@ from interlace.engine.comm import CollectiveMismatchError, CommTimeoutError, Pee
 from interlace.engine.comm.calls import make_call
 
 CPU = torch.device("cpu")
-TRANSPORTS = ["local", "gloo"]
+TRANSPORTS = ["local", "gloo", "symmetric"]
 
 
 # --- validation of one rank's arguments: pure logic, no group needed -------------------------
@@ -152,10 +152,11 @@ def dies_mid_run(group):
     group.all_reduce(torch.ones(2))
 
 
-def test_dead_process_is_reported_with_exit_code():
+@pytest.mark.parametrize("transport", ["gloo", "symmetric"])
+def test_dead_process_is_reported_with_exit_code(transport):
     start = time.monotonic()
     with pytest.raises(RankFailedError, match=r"rank 1 died \(exit code 3\) without reporting a result"):
-        spawn(dies_mid_run, 3, "gloo", timeout=20, deadline=60)
+        spawn(dies_mid_run, 3, transport, timeout=20, deadline=60)
     assert time.monotonic() - start < 15, "a dead rank must not cost the whole deadline"
 
 

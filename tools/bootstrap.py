@@ -34,6 +34,7 @@ REQUIREMENTS = {
     "pytest-timeout": "pytest-timeout>=2.1",
     "setuptools": "setuptools>=70.1",  # builds editable wheels without the `wheel` package
     "transformers": "transformers>=4.48",  # tests: parallelize() on Hugging Face Llama
+    "pybind11": "pybind11>=2.12",  # builds interlace._C (with cmake from the system)
 }
 LINK_FILE = "_interlace_base_site.pth"
 PROBE = (

@@ -58,7 +58,7 @@ class Group(ABC):
         return self.all_to_all_async(x, out=out).wait()
 
     def send(self, x: torch.Tensor, dst: int) -> None:
-        """Send ``x`` to rank ``dst``; returns once the receiver has it."""
+        """Send ``x`` to rank ``dst``; returns once ``x`` may be reused (not necessarily received)."""
         self.send_async(x, dst).wait()
 
     def recv(self, out: torch.Tensor, src: int) -> torch.Tensor:

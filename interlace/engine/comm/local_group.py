@@ -34,6 +34,7 @@ import torch
 from .calls import Call, check_agreement, check_pair, label
 from .errors import CommTimeoutError, PeerFailedError, root_cause
 from .group import Group, Work
+from .reduce import reduce_in_rank_order, rows
 
 
 class _LocalWork(Work):
@@ -193,29 +194,10 @@ def _complete(rnd: _Round, world: int, stream: Any) -> Any:
             for r, c in enumerate(calls):
                 c.out.view(world, -1).copy_(blocks[:, r])
         elif kind in ("all_reduce", "reduce_scatter"):
-            total = _reduce([c.x for c in calls], calls[0].op)
+            total = reduce_in_rank_order([c.x for c in calls], calls[0].op)
             for r, c in enumerate(calls):
-                c.out.copy_(total if kind == "all_reduce" else _rows(total, r, world))
+                c.out.copy_(total if kind == "all_reduce" else rows(total, r, world))
         return _record_event(stream.device if stream is not None else torch.device("cpu"), stream)
-
-
-def _reduce(parts: list[torch.Tensor], op: str) -> torch.Tensor:
-    """Reduce in rank order, accumulating half precision in fp32 and rounding once."""
-    acc_dtype = torch.float32 if parts[0].dtype in (torch.float16, torch.bfloat16) else parts[0].dtype
-    acc = parts[0].to(acc_dtype, copy=True)
-    for part in parts[1:]:
-        if op == "max":
-            torch.maximum(acc, part.to(acc_dtype), out=acc)
-        else:
-            acc += part
-    if op == "avg":
-        acc /= len(parts)
-    return acc
-
-
-def _rows(t: torch.Tensor, index: int, parts: int) -> torch.Tensor:
-    n = t.shape[0] // parts
-    return t.narrow(0, index * n, n)
 
 
 @contextlib.contextmanager

@@ -23,8 +23,9 @@ import torch.distributed as dist
 from .dist_group import DistGroup
 from .errors import root_cause
 from .local_group import run_threads
+from .symmetric_group import SymmetricGroup
 
-BACKENDS = ("local", "gloo", "nccl")
+BACKENDS = ("local", "gloo", "nccl", "symmetric")
 PRELOAD = ["torch", "torch.distributed", "interlace.engine.comm"]
 # After the first rank fails, how long the others get to report before they are terminated.
 FAILURE_GRACE = 5.0
@@ -56,7 +57,9 @@ def spawn(
 
     - ``backend``: ``"local"`` (threads, :class:`LocalGroup`; ``device`` picks CPU or one GPU),
       ``"gloo"`` (CPU processes) or ``"nccl"`` (GPU processes; ranks beyond the GPU count share
-      GPUs, correct but time-sliced: never time them), both giving a :class:`DistGroup`.
+      GPUs, correct but time-sliced: never time them), both giving a :class:`DistGroup`, or
+      ``"symmetric"`` (processes of this node over shared buffers, :class:`SymmetricGroup`;
+      ``device="cuda"`` for GPU buffers over CUDA IPC, CPU shared memory otherwise).
     - ``timeout``: the deadline of every collective wait; ``deadline``: optional bound on the
       whole run, after which unfinished ranks are named in a ``TimeoutError``.
     - ``check``: DistGroup's cross-rank signature checks (LocalGroup always checks; it is free).
@@ -69,10 +72,11 @@ def spawn(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "local":
         return run_threads(fn, world_size, device=device or "cpu", timeout=timeout, deadline=deadline, args=args)
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise RuntimeError("backend='nccl' needs a CUDA GPU, and torch.cuda.is_available() is False here")
+    transport = "nccl" if backend == "nccl" or (backend == "symmetric" and str(device or "cpu").startswith("cuda")) else "gloo"
+    if transport == "nccl" and not torch.cuda.is_available():
+        raise RuntimeError(f"backend={backend!r} on a GPU needs CUDA, and torch.cuda.is_available() is False here")
     _check_picklable(fn, args, backend)
-    return _run_processes(fn, world_size, backend, timeout, deadline, args, check)
+    return _run_processes(fn, world_size, (backend, transport), timeout, deadline, args, check)
 
 
 def _check_picklable(fn: Callable, args: tuple, backend: str) -> None:
@@ -106,16 +110,20 @@ def _run_processes(fn, world_size, backend, timeout, deadline, args, check) -> l
                 p.join()
 
 
-def _rank_main(fn, args, rank, world_size, backend, port, timeout, check, conn) -> None:
+def _rank_main(fn, args, rank, world_size, backends, port, timeout, check, conn) -> None:
     """Body of a rank process: join the group, run fn, report the result or the failure."""
+    backend, transport = backends
     try:
-        _configure_transport(backend, rank, world_size)
+        _configure_transport(transport, rank, world_size)
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=timeout))
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
+        dist.init_process_group(transport, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
         group = DistGroup(store=store, timeout=timeout, check=check)
+        if backend == "symmetric":
+            group = SymmetricGroup(group, timeout=timeout)
         result = fn(group, *args)
         conn.send_bytes(pickle.dumps(("ok", result)))
-        group.barrier()  # nobody tears down connections a peer still uses
+        group.barrier()  # nobody tears down connections or buffers a peer still uses
+        group.close()
     except BaseException as error:  # reported to the parent, which re-raises it
         conn.send_bytes(pickle.dumps(("error", _pack_error(error))))
     finally:

@@ -1,0 +1,157 @@
+// interlace._C with CUDA: cudaMalloc'd IPC buffers, stream memory operations, copy-engine chunks.
+// Linked against the static CUDA runtime only; driver functions come from
+// cudaGetDriverEntryPointByVersion at first use, so importing never needs libcuda.
+#include <cuda.h>  // driver types only
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <mutex>
+#include <stdexcept>
+#include <unordered_map>
+
+#include "device.h"
+
+namespace interlace {
+namespace {
+
+using StreamValue32 = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
+constexpr unsigned int kDriverApi = 12000;  // the CUDA 12 semantics of cuStream{Write,Wait}Value32
+
+void check(cudaError_t error, const std::string& what) {
+  if (error != cudaSuccess) {
+    throw std::runtime_error(what + ": " + cudaGetErrorName(error) + " (" + cudaGetErrorString(error) + ")");
+  }
+}
+
+StreamValue32 driver_function(const char* name) {
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+  check(cudaGetDriverEntryPointByVersion(name, &fn, kDriverApi, cudaEnableDefault, &found),
+        std::string("looking up driver function ") + name);
+  if (found != cudaDriverEntryPointSuccess || fn == nullptr) {
+    throw std::runtime_error(std::string("the CUDA driver has no ") + name + " (query result " + std::to_string(found) + ")");
+  }
+  return reinterpret_cast<StreamValue32>(fn);
+}
+
+StreamValue32 write_value32() {
+  static StreamValue32 fn = driver_function("cuStreamWriteValue32");
+  return fn;
+}
+
+StreamValue32 wait_value32() {
+  static StreamValue32 fn = driver_function("cuStreamWaitValue32");
+  return fn;
+}
+
+void check_driver(CUresult result, const std::string& what) {
+  if (result != CUDA_SUCCESS) throw std::runtime_error(what + ": CUDA driver error " + std::to_string(result));
+}
+
+cudaStream_t private_stream(int device) {
+  static std::mutex lock;
+  static std::unordered_map<int, cudaStream_t> streams;
+  std::lock_guard<std::mutex> guard(lock);
+  auto it = streams.find(device);
+  if (it != streams.end()) return it->second;
+  cudaStream_t s = nullptr;
+  check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "creating a private stream");
+  streams[device] = s;
+  return s;
+}
+
+}  // namespace
+
+bool cuda_built() { return true; }
+
+std::string cuda_runtime_version() {
+  return std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+}
+
+int cuda_device_count(std::string& why) {
+  int count = 0;
+  cudaError_t error = cudaGetDeviceCount(&count);
+  if (error != cudaSuccess) {
+    why = std::string(cudaGetErrorName(error)) + ": " + cudaGetErrorString(error);
+    return -1;
+  }
+  why = std::to_string(count) + " device(s)";
+  return count;
+}
+
+uintptr_t device_malloc(size_t nbytes, int device) {
+  check(cudaSetDevice(device), "cudaSetDevice");
+  void* p = nullptr;
+  check(cudaMalloc(&p, nbytes), "cudaMalloc of " + std::to_string(nbytes) + " bytes");
+  cudaError_t error = cudaMemset(p, 0, nbytes);
+  if (error != cudaSuccess) {
+    cudaFree(p);
+    check(error, "cudaMemset");
+  }
+  return reinterpret_cast<uintptr_t>(p);
+}
+
+void device_free(uintptr_t address, int device) {
+  check(cudaSetDevice(device), "cudaSetDevice");
+  check(cudaFree(reinterpret_cast<void*>(address)), "cudaFree");
+}
+
+std::string ipc_handle(uintptr_t address, int device) {
+  check(cudaSetDevice(device), "cudaSetDevice");
+  cudaIpcMemHandle_t handle;
+  check(cudaIpcGetMemHandle(&handle, reinterpret_cast<void*>(address)), "cudaIpcGetMemHandle");
+  return std::string(reinterpret_cast<const char*>(&handle), sizeof(handle));
+}
+
+uintptr_t ipc_open(const std::string& bytes, int device) {
+  if (bytes.size() != sizeof(cudaIpcMemHandle_t)) {
+    throw std::runtime_error("an IPC handle has " + std::to_string(sizeof(cudaIpcMemHandle_t)) + " bytes, got " + std::to_string(bytes.size()));
+  }
+  check(cudaSetDevice(device), "cudaSetDevice");
+  cudaIpcMemHandle_t handle;
+  std::memcpy(&handle, bytes.data(), sizeof(handle));
+  void* p = nullptr;
+  check(cudaIpcOpenMemHandle(&p, handle, cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle");
+  return reinterpret_cast<uintptr_t>(p);
+}
+
+void ipc_close(uintptr_t address, int device) {
+  check(cudaSetDevice(device), "cudaSetDevice");
+  check(cudaIpcCloseMemHandle(reinterpret_cast<void*>(address)), "cudaIpcCloseMemHandle");
+}
+
+void stream_write_value(uintptr_t stream, uintptr_t address, int32_t value) {
+  check_driver(write_value32()(reinterpret_cast<CUstream>(stream), static_cast<CUdeviceptr>(address),
+                               static_cast<cuuint32_t>(value), CU_STREAM_WRITE_VALUE_DEFAULT),
+               "cuStreamWriteValue32");
+}
+
+void stream_wait_value(uintptr_t stream, uintptr_t address, int32_t value) {
+  check_driver(wait_value32()(reinterpret_cast<CUstream>(stream), static_cast<CUdeviceptr>(address),
+                              static_cast<cuuint32_t>(value), CU_STREAM_WAIT_VALUE_GEQ),
+               "cuStreamWaitValue32");
+}
+
+void copy_chunks_async(uintptr_t stream, const std::vector<uintptr_t>& dst, const std::vector<uintptr_t>& src,
+                       const std::vector<size_t>& nbytes, const std::vector<uintptr_t>& flags,
+                       const std::vector<int32_t>& values) {
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  for (size_t i = 0; i < dst.size(); ++i) {
+    check(cudaMemcpyAsync(reinterpret_cast<void*>(dst[i]), reinterpret_cast<const void*>(src[i]), nbytes[i],
+                          cudaMemcpyDefault, s),
+          "cudaMemcpyAsync of chunk " + std::to_string(i));
+    if (flags[i] != 0) stream_write_value(stream, flags[i], values[i]);
+  }
+}
+
+int32_t device_load(uintptr_t address, int device) {
+  check(cudaSetDevice(device), "cudaSetDevice");
+  cudaStream_t s = private_stream(device);
+  int32_t value = 0;
+  check(cudaMemcpyAsync(&value, reinterpret_cast<const void*>(address), sizeof(value), cudaMemcpyDeviceToHost, s),
+        "reading a device flag");
+  check(cudaStreamSynchronize(s), "reading a device flag");
+  return value;
+}
+
+}  // namespace interlace

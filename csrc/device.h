@@ -1,0 +1,35 @@
+// Device-side primitives of interlace._C. Implemented by device.cu when built with CUDA and by
+// device_stub.cpp otherwise (each function then throws, naming why). Never links libcuda:
+// driver functions are fetched at run time, so the module imports on machines without a driver.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace interlace {
+
+bool cuda_built();
+std::string cuda_runtime_version();  // of the toolkit built against, e.g. "13.0"
+// Devices visible, or a negative number when the runtime cannot start; `why` says what happened.
+int cuda_device_count(std::string& why);
+
+uintptr_t device_malloc(size_t nbytes, int device);  // zero-filled, from cudaMalloc (IPC-able)
+void device_free(uintptr_t address, int device);
+std::string ipc_handle(uintptr_t address, int device);  // 64 opaque bytes
+uintptr_t ipc_open(const std::string& handle, int device);
+void ipc_close(uintptr_t address, int device);
+
+// Stream memory operations (cuStreamWriteValue32 / cuStreamWaitValue32 with GEQ).
+void stream_write_value(uintptr_t stream, uintptr_t address, int32_t value);
+void stream_wait_value(uintptr_t stream, uintptr_t address, int32_t value);
+// cudaMemcpyAsync each chunk on `stream`, then write its flag (0: none) from the stream.
+void copy_chunks_async(uintptr_t stream, const std::vector<uintptr_t>& dst, const std::vector<uintptr_t>& src,
+                       const std::vector<size_t>& nbytes, const std::vector<uintptr_t>& flags,
+                       const std::vector<int32_t>& values);
+// Read one int32 of device memory through a private non-blocking stream (a copy engine), so a
+// host can watch a flag while kernels hold the device's other streams.
+int32_t device_load(uintptr_t address, int device);
+
+}  // namespace interlace

@@ -1,0 +1,125 @@
+"""32-bit flags in (possibly shared) memory, raised and awaited with release/acquire ordering.
+
+On a GPU the writes and waits are stream memory operations (``cuStreamWriteValue32``,
+``cuStreamWaitValue32`` with >=): they order work on a stream and never block the host. On a CPU
+"the stream" is the calling thread: ``write`` stores at once and ``wait`` blocks until the flag
+is reached or the deadline passes. ``host_wait`` blocks the host with a deadline on either device.
+Flags compare by ``(int32)(flag - value) >= 0``, so monotonic epochs may wrap.
+
+Flags are addressed as (int32 vector, index); an index out of range is an ``IndexError``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .native import native
+
+DEFAULT_TIMEOUT = 300.0
+
+
+class FlagTimeoutError(TimeoutError):
+    """A flag did not reach its value in time. Attributes: rank, index, expected, observed."""
+
+    def __init__(self, what: str, rank: int | None, index: int, expected: int, observed: int, timeout: float):
+        self.what, self.rank, self.index, self.expected, self.observed, self.timeout = what, rank, index, expected, observed, timeout
+        who = f"rank {rank}: " if rank is not None else ""
+        super().__init__(f"{who}{what}flag {index} did not reach {expected} within {timeout:.3g} s (observed {observed})")
+
+    def __reduce__(self):  # crosses process boundaries in spawn()
+        return type(self), (self.what, self.rank, self.index, self.expected, self.observed, self.timeout)
+
+
+def address(flags: torch.Tensor, index: int) -> int:
+    """Byte address of ``flags[index]`` after checking the vector and the index."""
+    if not isinstance(flags, torch.Tensor) or flags.dtype != torch.int32 or flags.dim() != 1 or not flags.is_contiguous():
+        raise TypeError(f"flags must be a contiguous 1-D int32 tensor, got {_desc(flags)}")
+    if not isinstance(index, int) or not 0 <= index < flags.numel():
+        raise IndexError(f"flag index {index} out of range for {flags.numel()} flags")
+    return flags.data_ptr() + 4 * index
+
+
+def write(flags: torch.Tensor, index: int, value: int, stream: torch.cuda.Stream | None = None) -> None:
+    """``flags[index] = value`` (release): from ``stream`` on a GPU, at once on a CPU."""
+    addr = address(flags, index)
+    if flags.device.type == "cuda":
+        native().stream_write_value(_stream(flags, stream).cuda_stream, addr, value)
+    else:
+        native().flag_store(addr, value)
+
+
+def wait(flags: torch.Tensor, index: int, value: int, stream: torch.cuda.Stream | None = None, *,
+         timeout: float = DEFAULT_TIMEOUT, rank: int | None = None) -> None:  # fmt: skip
+    """Order ``stream`` after ``flags[index] >= value`` (GPU), or block this thread until then (CPU,
+    raising ``FlagTimeoutError`` after ``timeout`` seconds)."""
+    addr = address(flags, index)
+    if flags.device.type == "cuda":
+        native().stream_wait_value(_stream(flags, stream).cuda_stream, addr, value)
+    else:
+        host_wait(flags, index, value, timeout, rank=rank)
+
+
+def host_wait(flags: torch.Tensor, index: int, value: int, timeout: float, *, rank: int | None = None, what: str = "") -> int:
+    """Block the host until ``flags[index] >= value``; returns the value seen, or raises
+    ``FlagTimeoutError`` naming the rank, the index, the expected and the observed value."""
+    addr = address(flags, index)
+    if flags.device.type != "cuda":
+        observed = native().flag_wait(addr, value, timeout)
+    else:
+        observed = _poll_device(addr, value, timeout, flags.device.index or 0)
+    if not native().flag_reached(observed, value):
+        raise FlagTimeoutError(what, rank, index, value, observed, timeout)
+    return observed
+
+
+def read(flags: torch.Tensor, index: int) -> int:
+    """The current value (acquire), without synchronising the device's streams."""
+    addr = address(flags, index)
+    return native().device_load(addr, flags.device.index or 0) if flags.device.type == "cuda" else native().flag_load(addr)
+
+
+def copy_chunks(chunks: list[tuple[torch.Tensor, torch.Tensor]], flags: torch.Tensor | None = None,
+                indices: list[int] | None = None, value: int = 1, stream: torch.cuda.Stream | None = None) -> None:  # fmt: skip
+    """Copy each ``(dst, src)`` pair, raising ``flags[indices[i]] = value`` after chunk i.
+
+    GPU: ``cudaMemcpyAsync`` on ``stream`` (the copy engines) and a stream write per chunk; this is
+    the producer for the GEMM's wait hook. CPU: memcpy then a release store, on this thread.
+    """
+    if indices is not None and (flags is None or len(indices) != len(chunks)):
+        raise ValueError(f"copy_chunks: {len(chunks)} chunks need as many flag indices, got {indices}")
+    dst, src, sizes = [], [], []
+    for i, (d, s) in enumerate(chunks):
+        if not (d.is_contiguous() and s.is_contiguous()) or d.nbytes != s.nbytes or d.device.type != s.device.type:
+            raise ValueError(f"copy_chunks: chunk {i} needs contiguous tensors of equal size on one device type, "
+                             f"got {_desc(d)} <- {_desc(s)}")  # fmt: skip
+        dst.append(d.data_ptr())
+        src.append(s.data_ptr())
+        sizes.append(d.nbytes)
+    flag_addrs = [address(flags, i) for i in indices] if indices is not None else [0] * len(chunks)
+    values = [value] * len(chunks)
+    if chunks and chunks[0][0].device.type == "cuda":
+        native().copy_chunks_async(_stream(chunks[0][0], stream).cuda_stream, dst, src, sizes, flag_addrs, values)
+    else:
+        native().copy_chunks(dst, src, sizes, flag_addrs, values)
+
+
+def _poll_device(addr: int, value: int, timeout: float, device: int) -> int:
+    end, pause = time.monotonic() + timeout, 1e-5
+    while True:
+        observed = native().device_load(addr, device)
+        if native().flag_reached(observed, value) or time.monotonic() >= end:
+            return observed
+        time.sleep(pause)
+        pause = min(2 * pause, 1e-3)
+
+
+def _stream(t: torch.Tensor, stream: torch.cuda.Stream | None) -> torch.cuda.Stream:
+    return stream if stream is not None else torch.cuda.current_stream(t.device)
+
+
+def _desc(t) -> str:
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)} on {t.device}"

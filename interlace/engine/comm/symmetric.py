@@ -1,0 +1,208 @@
+"""Symmetric buffers: the same-sized buffer and int32 signal pad on every rank of one node, each
+rank able to read and write every peer's as a tensor.
+
+GPU: ``cudaMalloc`` + CUDA IPC (also between processes sharing one GPU). CPU: POSIX shared
+memory under unique names, unlinked as soon as every rank has mapped it (and by any survivor if
+allocation fails), so nothing is left in /dev/shm even when a rank dies.
+
+Collective calls (every rank of the group, in the same order): ``SymmetricBuffer.allocate`` and
+``close``. Tensors handed out by ``data``/``peer``/``flags`` must not be used after ``close``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import numpy as np
+import torch
+
+from .group import Group
+from .native import native
+
+ALIGN = 256  # the signal pad starts on this boundary (cudaMalloc's alignment)
+HANDLE_BYTES = 128
+
+
+class SymmetricBuffer:
+    """See the module docstring. Layout per rank: ``nbytes`` of data, then ``num_flags`` int32s."""
+
+    def __init__(self, group: Group, nbytes: int, num_flags: int, memory: _Memory, addresses: list[int]):
+        self.group, self.rank, self.world_size = group, group.rank, group.world_size
+        self.nbytes, self.num_flags, self.device = nbytes, num_flags, memory.device
+        self._memory, self._addresses = memory, addresses
+        self._pad = _round_up(nbytes, ALIGN)
+        self._views = [memory.tensor(a, self._pad + 4 * num_flags) for a in addresses]
+        self._closed = False
+
+    @classmethod
+    def allocate(cls, group: Group, nbytes: int, num_flags: int = 0) -> SymmetricBuffer:
+        """Collective: every rank gets ``nbytes`` of data (zeroed) and ``num_flags`` flags (zero),
+        on ``group.device``; ranks must agree on both sizes."""
+        _agree_on_sizes(group, nbytes, num_flags)
+        total = _round_up(nbytes, ALIGN) + 4 * num_flags
+        memory = _DeviceMemory(group) if group.device.type == "cuda" else _HostMemory(group)
+        return cls(group, nbytes, num_flags, memory, memory.allocate(max(total, 4)))
+
+    def data(self, rank: int) -> torch.Tensor:
+        """Rank ``rank``'s data bytes, ``uint8 [nbytes]``."""
+        return self._view(rank)[: self.nbytes]
+
+    def peer(self, rank: int, dtype: torch.dtype = torch.uint8, shape: tuple[int, ...] | None = None, offset: int = 0) -> torch.Tensor:
+        """Rank ``rank``'s data from byte ``offset`` as ``dtype``, optionally reshaped."""
+        size = dtype.itemsize * (int(np.prod(shape)) if shape is not None else (self.nbytes - offset) // dtype.itemsize)
+        if offset % dtype.itemsize or offset < 0 or offset + size > self.nbytes:
+            raise ValueError(f"rank {self.rank}: a {dtype} view of {size} bytes at offset {offset} does not fit "
+                             f"{self.nbytes} bytes (or is misaligned)")  # fmt: skip
+        view = self._view(rank)[offset : offset + size].view(dtype)
+        return view.view(shape) if shape is not None else view
+
+    def flags(self, rank: int) -> torch.Tensor:
+        """Rank ``rank``'s signal pad, ``int32 [num_flags]``."""
+        return self._view(rank)[self._pad :].view(torch.int32)
+
+    def close(self) -> None:
+        """Collective: unmap peers, then free this rank's memory once no peer maps it."""
+        if self._closed:
+            return
+        self._closed = True
+        self._views = []
+        self.group.barrier()  # nobody still uses a peer's memory
+        for r, a in enumerate(self._addresses):
+            if r != self.rank:
+                self._memory.release_peer(a)
+        self.group.barrier()  # nobody still maps this rank's memory
+        self._memory.release_own(self._addresses[self.rank])
+
+    def __enter__(self) -> SymmetricBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _view(self, rank: int) -> torch.Tensor:
+        if self._closed:
+            raise RuntimeError(f"rank {self.rank}: SymmetricBuffer used after close()")
+        if not isinstance(rank, int) or not 0 <= rank < self.world_size:
+            raise IndexError(f"rank {self.rank}: peer rank {rank} out of range for world size {self.world_size}")
+        return self._views[rank]
+
+
+class _Memory:
+    """How one kind of memory is allocated, exported, mapped and released."""
+
+    device: torch.device
+
+    def allocate(self, nbytes: int) -> list[int]:
+        """Collective: this rank's allocation and every peer's mapping, as addresses in rank order."""
+        raise NotImplementedError
+
+    def tensor(self, address: int, nbytes: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def release_peer(self, address: int) -> None:
+        raise NotImplementedError
+
+    def release_own(self, address: int) -> None:
+        raise NotImplementedError
+
+
+class _HostMemory(_Memory):
+    """POSIX shared memory named ``/interlace-<token>-r<rank>``; names are unlinked once mapped."""
+
+    def __init__(self, group: Group):
+        self.group, self.device = group, torch.device("cpu")
+
+    def allocate(self, nbytes: int) -> list[int]:
+        g = self.group
+        token = _exchange(g, f"{os.getpid():x}-{secrets.token_hex(6)}".encode())[0].decode()
+        names = [f"/interlace-{token}-r{r}" for r in range(g.world_size)]
+        self.nbytes, mapped = nbytes, []
+        try:
+            own = native().shm_create(names[g.rank], nbytes)
+            mapped.append(own)
+            g.barrier()  # every segment exists
+            addresses = [own if r == g.rank else native().shm_attach(names[r], nbytes) for r in range(g.world_size)]
+            mapped = addresses
+            g.barrier()  # every rank has mapped every segment: the names are no longer needed
+            native().shm_remove(names[g.rank])
+            return addresses
+        except BaseException:
+            for name in names:  # any survivor cleans up every name: a dead rank leaves nothing behind
+                native().shm_remove(name)
+            for address in mapped:
+                native().unmap(address, nbytes)
+            raise
+
+    def tensor(self, address: int, nbytes: int) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(_HostArray(address, nbytes)))
+
+    def release_peer(self, address: int) -> None:
+        native().unmap(address, self.nbytes)
+
+    release_own = release_peer
+
+
+class _DeviceMemory(_Memory):
+    """``cudaMalloc`` on the group's GPU, shared by CUDA IPC handles (not with oneself)."""
+
+    def __init__(self, group: Group):
+        self.group, self.device = group, group.device
+        self.index = group.device.index if group.device.index is not None else torch.cuda.current_device()
+
+    def allocate(self, nbytes: int) -> list[int]:
+        g = self.group
+        own = native().device_malloc(nbytes, self.index)
+        try:
+            handles = _exchange(g, native().ipc_handle(own, self.index))
+            return [own if r == g.rank else native().ipc_open(h, self.index) for r, h in enumerate(handles)]
+        except BaseException:
+            native().device_free(own, self.index)
+            raise
+
+    def tensor(self, address: int, nbytes: int) -> torch.Tensor:
+        return torch.as_tensor(_DeviceArray(address, nbytes), device=self.device)
+
+    def release_peer(self, address: int) -> None:
+        native().ipc_close(address, self.index)
+
+    def release_own(self, address: int) -> None:
+        native().device_free(address, self.index)
+
+
+class _HostArray:
+    """numpy's view of raw host memory (the array keeps this object alive)."""
+
+    def __init__(self, address: int, nbytes: int):
+        self.__array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (address, False), "version": 3}
+
+
+class _DeviceArray:
+    """torch's view of raw device memory through ``__cuda_array_interface__``."""
+
+    def __init__(self, address: int, nbytes: int):
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (address, False), "version": 2}
+
+
+def _agree_on_sizes(group: Group, nbytes: int, num_flags: int) -> None:
+    if not isinstance(nbytes, int) or nbytes < 0 or not isinstance(num_flags, int) or num_flags < 0:
+        raise ValueError(f"rank {group.rank}: SymmetricBuffer needs non-negative int sizes, got nbytes={nbytes!r}, num_flags={num_flags!r}")
+    sizes = group.all_gather(torch.tensor([[nbytes, num_flags]], dtype=torch.int64, device=group.device)).tolist()
+    if any(s != sizes[0] for s in sizes):
+        each = "; ".join(f"rank {r} asked for {b} bytes and {f} flags" for r, (b, f) in enumerate(sizes))
+        raise ValueError(f"SymmetricBuffer.allocate: ranks disagree on the size: {each}")
+
+
+def _exchange(group: Group, blob: bytes) -> list[bytes]:
+    """Every rank's ``blob`` (at most HANDLE_BYTES), in rank order."""
+    if len(blob) > HANDLE_BYTES:
+        raise ValueError(f"handle of {len(blob)} bytes exceeds {HANDLE_BYTES}")
+    row = torch.zeros(1, HANDLE_BYTES + 1, dtype=torch.uint8)
+    row[0, 0] = len(blob)
+    row[0, 1 : 1 + len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    rows = group.all_gather(row.to(group.device)).cpu()
+    return [bytes(r[1 : 1 + int(r[0])].tolist()) for r in rows]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple

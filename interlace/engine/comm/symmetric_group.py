@@ -1,0 +1,235 @@
+"""SymmetricGroup: the communication interface over symmetric buffers, for the processes of one node.
+
+Each rank's buffer holds a collective area and one outbox per peer (``capacity`` bytes each); its
+signal pad holds:
+
+- ``READY``: the epoch of the latest collective whose input this rank has published;
+- ``DONE``: the epoch of the latest collective this rank has finished reading;
+- ``SENT + d``: messages this rank has put in its outbox for rank d;
+- ``TAKEN + s``: messages this rank has taken from rank s's outbox;
+- on CPU, signature words: the call each rank made, so that disagreements are named.
+
+Collective e on rank r: wait until every peer's DONE >= e-1 (done reading r's area), copy the
+input in, publish READY = e, then for each peer wait for READY >= e, read, and finally publish
+DONE = e. All-reduce is one-shot: every rank reads every peer's input and reduces in rank order
+(identical bits everywhere, one pass; the right choice for small messages). Send n to d: wait
+for d's TAKEN[r] >= n-1, copy into outbox[d], SENT[d] = n. Receive n from s: wait for s's
+SENT[r] >= n, copy out, TAKEN[s] = n.
+
+Calls run on *lanes*, worker threads that keep issue order: one per rank for collectives, one
+per (peer, direction) for point-to-point, so a receive posted early never blocks a collective. On
+a CPU a lane does the work itself, waiting with the group's deadline. On a GPU it enqueues stream
+waits, stream writes and copies on its own stream, and ``wait()`` blocks the host until the work
+is done or the deadline passes (naming the peers whose flags are behind). Signature checks are
+CPU-only (reading device flags would synchronise every call).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import torch
+
+from . import signals
+from .calls import SIGNATURE_LEN, Call, check_agreement, check_pair, label
+from .errors import CommTimeoutError
+from .group import Group, Work
+from .reduce import reduce_in_rank_order, rows
+from .symmetric import SymmetricBuffer
+
+READY, DONE, SENT = 0, 1, 2
+DEFAULT_CAPACITY = 16 << 20
+
+
+class SymmetricGroup(Group):
+    """One rank of a symmetric-buffer group built on ``bootstrap`` (construction is collective).
+
+    ``capacity`` bounds the bytes of one rank's input to a collective and of one message; every
+    rank maps ``(1 + W) * capacity`` bytes per peer.
+    """
+
+    def __init__(self, bootstrap: Group, *, capacity: int = DEFAULT_CAPACITY, timeout: float | None = None):
+        self.rank, self.world_size, self.device = bootstrap.rank, bootstrap.world_size, bootstrap.device
+        self.timeout, self.capacity = timeout if timeout is not None else bootstrap.timeout, capacity
+        w = self.world_size
+        self._taken, self._sig = SENT + w, SENT + 2 * w
+        self._checks = self.device.type != "cuda"
+        flags = self._sig + (1 + w) * SIGNATURE_LEN if self._checks else self._sig
+        self.buffer = SymmetricBuffer.allocate(bootstrap, (1 + w) * capacity, flags)
+        self._seq, self._pairs = 0, Counter()
+        self._lanes: dict[tuple, queue.SimpleQueue] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Collective: drain the lanes, then release the buffers."""
+        with self._lock:
+            for lane in self._lanes.values():
+                lane.put(None)
+            self._lanes.clear()
+        self.buffer.close()
+
+    # --- issuing --------------------------------------------------------------------------------
+
+    def _start(self, call: Call) -> Work:
+        payload = call.payload
+        if payload is not None and payload.nbytes > self.capacity:
+            raise ValueError(f"rank {self.rank}: {call.kind} of {payload.nbytes} bytes exceeds the symmetric capacity "
+                             f"of {self.capacity} bytes; build SymmetricGroup(capacity=...) larger")  # fmt: skip
+        if call.kind in ("send", "recv"):
+            self._pairs[(call.kind, call.peer)] += 1
+            n, lane = self._pairs[(call.kind, call.peer)], (call.kind, call.peer)
+        else:
+            self._seq += 1
+            n, lane = self._seq, ("collective",)
+        work = _SymmetricWork(self, call, label(call, n), time.monotonic() + self.timeout, n)
+        ready = _event_on_current_stream(self.device)
+        self._lane(lane).put(lambda: self._run(call, n, work, ready))
+        return work
+
+    def _lane(self, key: tuple) -> queue.SimpleQueue:
+        with self._lock:
+            if key not in self._lanes:
+                self._lanes[key] = queue.SimpleQueue()
+                stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+                args = (self._lanes[key], stream)
+                threading.Thread(target=_run_lane, args=args, daemon=True, name=f"interlace symmetric r{self.rank} {key}").start()
+            return self._lanes[key]
+
+    def _run(self, call: Call, n: int, work: _SymmetricWork, ready: Any) -> None:
+        try:
+            if ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(ready)
+            {"send": self._send, "recv": self._recv}.get(call.kind, self._collective)(call, n, work)
+            work.finish(_event_on_current_stream(self.device))
+        except BaseException as error:  # reported by the caller's wait()
+            work.fail(error)
+
+    # --- the protocols --------------------------------------------------------------------------
+
+    def _collective(self, call: Call, e: int, work: _SymmetricWork) -> None:
+        buf, r, peers = self.buffer, self.rank, self._ring()
+        self._await_all(peers, DONE, e - 1, work, "finish reading the previous collective")
+        if call.x is not None:
+            buf.peer(r, call.x.dtype, tuple(call.x.shape)).copy_(call.x)
+        self._publish_signature(self._sig, call)
+        signals.write(buf.flags(r), READY, e, self._stream())
+        self._await_all(peers, READY, e, work, "publish their input")
+        if self._checks:
+            check_agreement(work.what, [self._signature(q, self._sig) for q in range(self.world_size)])
+        self._combine(call)
+        signals.write(buf.flags(r), DONE, e, self._stream())
+
+    def _combine(self, call: Call) -> None:
+        """This rank's output from every rank's published input, read in place."""
+        if call.x is None:
+            return
+        w, r = self.world_size, self.rank
+        inputs = [self.buffer.peer(q, call.x.dtype, tuple(call.x.shape)) for q in range(w)]
+        if call.kind == "all_gather":
+            for q, x_q in enumerate(inputs):
+                rows(call.out, q, w).copy_(x_q)
+        elif call.kind == "all_to_all":
+            for q, x_q in enumerate(inputs):
+                rows(call.out, q, w).copy_(rows(x_q, r, w))
+        elif call.kind == "all_reduce":
+            call.out.copy_(reduce_in_rank_order(inputs, call.op))
+        else:
+            call.out.copy_(reduce_in_rank_order([rows(x_q, r, w) for x_q in inputs], call.op))
+
+    def _send(self, call: Call, n: int, work: _SymmetricWork) -> None:
+        d, buf = call.peer, self.buffer
+        self._await_all([d], self._taken + self.rank, n - 1, work, "take the previous message")
+        offset = (1 + d) * self.capacity
+        buf.peer(self.rank, call.x.dtype, tuple(call.x.shape), offset).copy_(call.x)
+        self._publish_signature(self._sig + (1 + d) * SIGNATURE_LEN, call)
+        signals.write(buf.flags(self.rank), SENT + d, n, self._stream())
+
+    def _recv(self, call: Call, n: int, work: _SymmetricWork) -> None:
+        s, buf = call.peer, self.buffer
+        self._await_all([s], SENT + self.rank, n, work, "send")
+        if self._checks:
+            check_pair(work.what, s, self._signature(s, self._sig + (1 + self.rank) * SIGNATURE_LEN), self.rank, call.signature())
+        call.out.copy_(buf.peer(s, call.out.dtype, tuple(call.out.shape), (1 + self.rank) * self.capacity))
+        signals.write(buf.flags(self.rank), self._taken + s, n, self._stream())
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _ring(self) -> list[int]:
+        """Peers in ring order starting after this rank (spreads the reads)."""
+        return [(self.rank + i) % self.world_size for i in range(1, self.world_size)]
+
+    def _await_all(self, peers: list[int], index: int, value: int, work: _SymmetricWork, to: str) -> None:
+        if value <= 0:
+            return
+        for q in peers:
+            if self.device.type == "cuda":
+                signals.wait(self.buffer.flags(q), index, value, self._stream())
+                continue
+            try:
+                signals.host_wait(self.buffer.flags(q), index, value, max(work.deadline - time.monotonic(), 0.0))
+            except signals.FlagTimeoutError:
+                behind = [p for p in peers if signals.read(self.buffer.flags(p), index) < value]
+                raise CommTimeoutError(work.what, self.rank, self.timeout, behind, f"waiting for them to {to}") from None
+
+    def _publish_signature(self, at: int, call: Call) -> None:
+        if self._checks:
+            self.buffer.flags(self.rank)[at : at + SIGNATURE_LEN] = torch.tensor(call.signature(), dtype=torch.int32)
+
+    def _signature(self, rank: int, at: int) -> tuple[int, ...]:
+        return tuple(self.buffer.flags(rank)[at : at + SIGNATURE_LEN].tolist())
+
+    def _stream(self) -> torch.cuda.Stream | None:
+        return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+
+
+class _SymmetricWork(Work):
+    def __init__(self, group: SymmetricGroup, call: Call, what: str, deadline: float, n: int):
+        self.group, self.call, self.what, self.deadline, self.n = group, call, what, deadline, n
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self._event: Any = None
+
+    def finish(self, event: Any) -> None:
+        self._event = event
+        self._done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._done.set()
+
+    def wait(self) -> torch.Tensor | None:
+        g = self.group
+        if not self._done.wait(max(0.0, self.deadline - time.monotonic()) + 1.0):
+            raise CommTimeoutError(self.what, g.rank, g.timeout, None, "its lane never reported")
+        if self._error is not None:
+            raise self._error
+        if self._event is not None:
+            while not self._event.query():  # the host waits too: stream waits have no deadline of their own
+                if time.monotonic() > self.deadline:
+                    raise CommTimeoutError(self.what, g.rank, g.timeout, None, "the GPU work did not finish")
+                time.sleep(1e-4)
+            torch.cuda.current_stream(g.device).wait_event(self._event)
+        return self.call.out
+
+    def is_completed(self) -> bool:
+        return self._done.is_set() and (self._event is None or self._event.query())
+
+
+def _run_lane(tasks: queue.SimpleQueue, stream: torch.cuda.Stream | None) -> None:
+    if stream is not None:
+        torch.cuda.set_device(stream.device)
+        torch.cuda.set_stream(stream)
+    while (task := tasks.get()) is not None:
+        task()
+
+
+def _event_on_current_stream(device: torch.device) -> Any:
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
