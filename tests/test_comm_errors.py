@@ -212,5 +212,5 @@ def test_spawn_rejects_bad_arguments(kwargs, error, message):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
 def test_nccl_without_gpu_says_so():
-    with pytest.raises(RuntimeError, match="backend='nccl' needs a CUDA GPU"):
+    with pytest.raises(RuntimeError, match="backend='nccl' with device=None needs a CUDA GPU"):
         spawn(returns_rank, 2, "nccl", args=(0,))

@@ -74,7 +74,7 @@ def spawn(
         return run_threads(fn, world_size, device=device or "cpu", timeout=timeout, deadline=deadline, args=args)
     transport = "nccl" if backend == "nccl" or (backend == "symmetric" and str(device or "cpu").startswith("cuda")) else "gloo"
     if transport == "nccl" and not torch.cuda.is_available():
-        raise RuntimeError(f"backend={backend!r} on a GPU needs CUDA, and torch.cuda.is_available() is False here")
+        raise RuntimeError(f"backend={backend!r} with device={device!r} needs a CUDA GPU, and torch.cuda.is_available() is False here")
     _check_picklable(fn, args, backend)
     return _run_processes(fn, world_size, (backend, transport), timeout, deadline, args, check)
 

@@ -36,6 +36,7 @@ def envelope() -> dict[str, Any]:
             "cpu_count": os.cpu_count(),
         },
         "packages": {name: _version(name) for name in PACKAGES},
+        "extension": _extension(),
         "cuda": {
             "torch_cuda": torch.version.cuda,
             "nccl": _nccl_version(),
@@ -58,6 +59,7 @@ def format_envelope(env: dict[str, Any]) -> str:
         f"interlace {git['version']} (commit {git['commit'] or 'unknown'}{' +local changes' if git['dirty'] else ''})",
         f"python    {env['host']['python']} on {env['host']['platform']}, {env['host']['cpu_count']} CPUs",
         f"packages  {pkgs}",
+        f"extension {_describe_extension(env['extension'])}",
         f"cuda      torch built with {cuda['torch_cuda'] or 'no CUDA'}; NCCL {cuda['nccl'] or 'not available'}; "
         f"driver {cuda['driver'] or 'none'}",
         f"gpus      {env['gpu_status']}",
@@ -71,6 +73,23 @@ def format_envelope(env: dict[str, Any]) -> str:
         lines.append("topology  " + " ".join(f"{'GPU' + str(j):>6}" for j in range(len(matrix))))
         lines += [f"  GPU{i:<6}" + " ".join(f"{c:>6}" for c in row) for i, row in enumerate(matrix)]
     return "\n".join(lines)
+
+
+def _describe_extension(ext: dict[str, Any]) -> str:
+    if not ext["loaded"]:
+        return f"not loaded: {ext['error']}"
+    cuda = f"CUDA {ext['cuda_runtime']} ({ext['cuda_archs']})" if ext["cuda"] else "CPU only (built without CUDA)"
+    return f"interlace._C, {cuda}"
+
+
+def _extension() -> dict[str, Any]:
+    """What interlace._C was built with, or why it cannot be loaded."""
+    from interlace.engine.comm.native import build_info
+
+    try:
+        return {"loaded": True, **build_info()}
+    except ImportError as error:
+        return {"loaded": False, "error": str(error)}
 
 
 def _git_state() -> dict[str, Any]:
