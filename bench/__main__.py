@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import collectives, gemm, layers
+from . import collectives, gemm, layers, pipeline
 from .common import parse_bytes, write_result
 
 GPU = torch.cuda.is_available()
@@ -84,9 +84,22 @@ def _gemm_config(args) -> gemm.Config:
     return gemm.Config(dtype=args.dtype, shapes=names, chunks=args.chunks)
 
 
+def _add_pipeline(commands) -> None:
+    p = commands.add_parser("pipeline", help="pipeline schedules: measured vs predicted makespan and bubble")
+    p.add_argument("--ranks", type=int, default=4)
+    p.add_argument("--microbatches", type=int, default=8)
+    p.add_argument("--rank-time", type=float, default=0.02, help="seconds per rank per microbatch (sleep)")
+    p.add_argument("--out", type=Path, default=None)
+
+
+def _pipeline_config(args) -> pipeline.Config:
+    return pipeline.Config(ranks=args.ranks, microbatches=args.microbatches, rank_time=args.rank_time)
+
+
 BENCHMARKS = {"collectives": (collectives, _add_collectives, _collectives_config),
               "layers": (layers, _add_layers, _layers_config),
-              "gemm": (gemm, _add_gemm, _gemm_config)}  # fmt: skip
+              "gemm": (gemm, _add_gemm, _gemm_config),
+              "pipeline": (pipeline, _add_pipeline, _pipeline_config)}  # fmt: skip
 
 
 def run_benchmark(name: str, config, out: Path | None) -> Path:

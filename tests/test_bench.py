@@ -103,3 +103,15 @@ def test_gemm_benchmark_says_why_it_skips_without_a_gpu(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "skipped gemm: needs a GPU" in done.stdout
     assert json.loads(out.read_text())["rows"] == []
+
+
+def test_pipeline_benchmark_measures_against_predictions(tmp_path):
+    out = tmp_path / "pipeline.json"
+    cmd = [sys.executable, "-m", "bench", "pipeline", "--ranks", "2", "--microbatches", "4", "--rank-time", "0.02", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["kind"] for r in rows] == ["gpipe", "forward", "forward", "forward", "decode", "decode"]
+    for r in rows:
+        assert r["error"] == pytest.approx(r["measured_ms"] / r["predicted_ms"] - 1)
+        assert r["measured_ms"] >= 0.95 * r["predicted_ms"], "sleeping stages cannot finish early"

@@ -70,7 +70,10 @@ class KVCache:
     def __init__(self):
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def length(self) -> int:
+    def length(self, layer: int | None = None) -> int:
+        """Tokens cached for ``layer`` (before the current step writes it), or for any layer."""
+        if layer is not None:
+            return self.layers[layer][0].shape[2] if layer in self.layers else 0
         return next(iter(self.layers.values()))[0].shape[2] if self.layers else 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +102,7 @@ class Attention(nn.Module):
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         q, k = _rotate(q, *position_embeddings), _rotate(k, *position_embeddings)
-        past = cache.length() if cache is not None else 0
+        past = cache.length(self.layer_idx) if cache is not None else 0
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         k = k.repeat_interleave(self.num_key_value_groups, dim=1)
@@ -146,14 +149,18 @@ class Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)
-        past = cache.length() if cache is not None else 0
-        positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device, dtype=torch.float32)
-        angles = torch.outer(positions, self.inv_freq)
-        angles = torch.cat([angles, angles], dim=-1)
-        rope = (angles.cos().to(hidden_states.dtype), angles.sin().to(hidden_states.dtype))
+        rope = self.rope(input_ids.shape[1], cache, hidden_states)
         for layer in self.layers:
             hidden_states = layer(hidden_states, position_embeddings=rope, cache=cache)
         return self.norm(hidden_states)
+
+    def rope(self, tokens: int, cache: KVCache | None, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary (cos, sin) for ``tokens`` positions after those already in ``cache``."""
+        past = cache.length() if cache is not None else 0
+        positions = torch.arange(past, past + tokens, device=like.device, dtype=torch.float32)
+        angles = torch.outer(positions, self.inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos().to(like.dtype), angles.sin().to(like.dtype)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -192,3 +199,36 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+class LlamaStage(nn.Module):
+    """One pipeline stage: layers ``layers`` of ``model``, with the embedding on the first stage
+    and the final norm and LM head on the last. ``forward(x, cache=None)``: token ids on the
+    first stage, hidden states ``[batch, tokens, hidden]`` elsewhere; logits out of the last.
+    Computes exactly what the whole model computes for the same microbatch."""
+
+    def __init__(self, model: LlamaForCausalLM, layers: range, *, first: bool, last: bool):
+        super().__init__()
+        body = model.model
+        self.first, self.last, self.layer_ids = first, last, layers
+        self.embed_tokens = body.embed_tokens if first else None
+        self.layers = nn.ModuleList(body.layers[i] for i in layers)
+        self.norm, self.lm_head = (body.norm, model.lm_head) if last else (None, None)
+        self._rope = body.rope
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        hidden_states = self.embed_tokens(x) if self.first else x
+        rope = self._rope(hidden_states.shape[1], cache, hidden_states)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_embeddings=rope, cache=cache)
+        return self.lm_head(self.norm(hidden_states)) if self.last else hidden_states
+
+
+def pipeline_stages(model: LlamaForCausalLM, stages: int, costs: list[float] | None = None) -> list[LlamaStage]:
+    """Cut ``model`` into ``stages`` stages of contiguous layers, balanced by layer count or, given
+    one cost per layer (see ``interlace.engine.pipeline.split.measure``), by cost."""
+    from interlace.engine.pipeline.split import balance, by_count
+
+    n = len(model.model.layers)
+    ranges = balance(costs, stages) if costs is not None else by_count(n, stages)
+    return [LlamaStage(model, r, first=i == 0, last=i == stages - 1) for i, r in enumerate(ranges)]
