@@ -14,11 +14,15 @@ See ``calls.py`` for the shape table.
 
 from __future__ import annotations
 
+import threading
+import time
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 
 from .calls import Call, make_call
+from .errors import CommTimeoutError
 
 
 class Work(ABC):
@@ -131,3 +135,48 @@ class _Both(Work):
 
     def is_completed(self) -> bool:
         return self._send.is_completed() and self._recv.is_completed()
+
+
+class ThreadWork(Work):
+    """Work completed by another thread (a transport's engine or lane): it calls ``finish(event)``
+    (a CUDA event, or None on CPU) or ``fail(error)``. ``wait()`` raises the error, or orders the
+    caller's stream after the event; past the call's deadline it raises ``CommTimeoutError``
+    naming the peers ``missing()`` reports."""
+
+    grace = 1.0  # seconds the thread gets beyond the deadline to report its own, more precise, timeout
+    host_waits_for_gpu = False  # also block the host until the event completes (transports with no GPU deadline)
+
+    def __init__(self, group: Group, call: Call, what: str, deadline: float):
+        self.group, self.call, self.what, self.deadline = group, call, what, deadline
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self._event: Any = None
+
+    def finish(self, event: Any) -> None:
+        self._event = event
+        self._done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._done.set()
+
+    def missing(self) -> list[int] | None:
+        """Peers not heard from, when the transport can tell."""
+        return None
+
+    def wait(self) -> torch.Tensor | None:
+        g = self.group
+        if not self._done.wait(max(0.0, self.deadline - time.monotonic()) + self.grace):
+            raise CommTimeoutError(self.what, g.rank, g.timeout, self.missing(), "its communication thread never reported")
+        if self._error is not None:
+            raise self._error
+        if self._event is not None:
+            while self.host_waits_for_gpu and not self._event.query():
+                if time.monotonic() > self.deadline:
+                    raise CommTimeoutError(self.what, g.rank, g.timeout, self.missing(), "the GPU work did not finish")
+                time.sleep(1e-4)
+            torch.cuda.current_stream(g.device).wait_event(self._event)
+        return self.call.out
+
+    def is_completed(self) -> bool:
+        return self._done.is_set() and (self._event is None or self._event.query())

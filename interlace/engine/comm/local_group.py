@@ -33,39 +33,26 @@ import torch
 
 from .calls import Call, check_agreement, check_pair, label
 from .errors import CommTimeoutError, PeerFailedError, root_cause
-from .group import Group, Work
+from .group import Group, ThreadWork, Work
 from .reduce import reduce_in_rank_order, rows
 
 
-class _LocalWork(Work):
+class _LocalWork(ThreadWork):
+    grace = 0.0  # the engine never blocks: a missed deadline means peers never arrived
+
     def __init__(self, what: str, call: Call, deadline: float, group: LocalGroup, rnd: _Round):
-        self.what, self.call, self.deadline, self._group, self._round = what, call, deadline, group, rnd
-        self._done = threading.Event()
-        self._error: BaseException | None = None
-        self._event: Any = None
+        super().__init__(group, call, what, deadline)
+        self._round = rnd
 
-    def finish(self, event: Any) -> None:
-        self._event = event
-        self._done.set()
-
-    def fail(self, error: BaseException) -> None:
-        self._error = error
-        self._done.set()
+    def missing(self) -> list[int]:
+        return self.group._hub.missing(self._round)
 
     def wait(self) -> torch.Tensor | None:
-        g = self._group
         if not self._done.wait(max(0.0, self.deadline - time.monotonic())):
-            missing = g._hub.missing(self._round)
+            missing = self.missing()
             phase = "waiting for them to arrive" if missing else "every rank arrived; the engine did not finish"
-            raise CommTimeoutError(self.what, g.rank, g.timeout, missing, phase)
-        if self._error is not None:
-            raise self._error
-        if self._event is not None:
-            torch.cuda.current_stream(g.device).wait_event(self._event)
-        return self.call.out
-
-    def is_completed(self) -> bool:
-        return self._done.is_set() and (self._event is None or self._event.query())
+            raise CommTimeoutError(self.what, self.group.rank, self.group.timeout, missing, phase)
+        return super().wait()
 
 
 class _Round:

@@ -37,7 +37,7 @@ import torch
 from . import signals
 from .calls import SIGNATURE_LEN, Call, check_agreement, check_pair, label
 from .errors import CommTimeoutError
-from .group import Group, Work
+from .group import Group, ThreadWork, Work
 from .reduce import reduce_in_rank_order, rows
 from .symmetric import SymmetricBuffer
 
@@ -186,37 +186,11 @@ class SymmetricGroup(Group):
         return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
 
-class _SymmetricWork(Work):
+class _SymmetricWork(ThreadWork):
     def __init__(self, group: SymmetricGroup, call: Call, what: str, deadline: float, n: int):
-        self.group, self.call, self.what, self.deadline, self.n = group, call, what, deadline, n
-        self._done = threading.Event()
-        self._error: BaseException | None = None
-        self._event: Any = None
-
-    def finish(self, event: Any) -> None:
-        self._event = event
-        self._done.set()
-
-    def fail(self, error: BaseException) -> None:
-        self._error = error
-        self._done.set()
-
-    def wait(self) -> torch.Tensor | None:
-        g = self.group
-        if not self._done.wait(max(0.0, self.deadline - time.monotonic()) + 1.0):
-            raise CommTimeoutError(self.what, g.rank, g.timeout, None, "its lane never reported")
-        if self._error is not None:
-            raise self._error
-        if self._event is not None:
-            while not self._event.query():  # the host waits too: stream waits have no deadline of their own
-                if time.monotonic() > self.deadline:
-                    raise CommTimeoutError(self.what, g.rank, g.timeout, None, "the GPU work did not finish")
-                time.sleep(1e-4)
-            torch.cuda.current_stream(g.device).wait_event(self._event)
-        return self.call.out
-
-    def is_completed(self) -> bool:
-        return self._done.is_set() and (self._event is None or self._event.query())
+        super().__init__(group, call, what, deadline)
+        self.n = n
+        self.host_waits_for_gpu = group.device.type == "cuda"  # stream waits have no deadline of their own
 
 
 def _run_lane(tasks: queue.SimpleQueue, stream: torch.cuda.Stream | None) -> None:
