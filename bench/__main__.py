@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import collectives, gemm, layers, pipeline
+from . import collectives, gemm, layers, pipeline, rank_slice, report
 from .common import parse_bytes, write_result
 
 GPU = torch.cuda.is_available()
@@ -96,10 +96,30 @@ def _pipeline_config(args) -> pipeline.Config:
     return pipeline.Config(ranks=args.ranks, microbatches=args.microbatches, rank_time=args.rank_time)
 
 
+def _add_rank_slice(commands) -> None:
+    p = commands.add_parser("rank_slice", help="one rank's GEMM + real communication volume on one GPU (d2d and host regimes)")
+    p.add_argument("--world-size", type=int, default=8)
+    p.add_argument("--models", default="llama3-8b,llama3-70b")
+    p.add_argument("--tokens", default="2048,8192")
+    p.add_argument("--patterns", default=",".join(rank_slice.PATTERNS))
+    p.add_argument("--regimes", default=",".join(rank_slice.REGIMES))
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--out", type=Path, default=None)
+
+
+def _rank_slice_config(args) -> rank_slice.Config:
+    return rank_slice.Config(
+        world_size=args.world_size, models=_list(args.models), tokens=_ints(args.tokens), patterns=_list(args.patterns),
+        regimes=_list(args.regimes), dtype=args.dtype, iters=args.iters,
+    )  # fmt: skip
+
+
 BENCHMARKS = {"collectives": (collectives, _add_collectives, _collectives_config),
               "layers": (layers, _add_layers, _layers_config),
               "gemm": (gemm, _add_gemm, _gemm_config),
-              "pipeline": (pipeline, _add_pipeline, _pipeline_config)}  # fmt: skip
+              "pipeline": (pipeline, _add_pipeline, _pipeline_config),
+              "rank_slice": (rank_slice, _add_rank_slice, _rank_slice_config)}  # fmt: skip
 
 
 def run_benchmark(name: str, config, out: Path | None) -> Path:
@@ -119,7 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     for _, add, _ in BENCHMARKS.values():
         add(commands)
     commands.add_parser("demo", help="every benchmark this hardware supports, default settings")
+    rep = commands.add_parser("report", help="markdown + SVG report of a rank_slice result")
+    rep.add_argument("result", type=Path)
+    rep.add_argument("--out-dir", type=Path, default=Path("bench/results/report"))
     args = parser.parse_args(argv)
+    if args.command == "report":
+        print(f"wrote {report.main(args.result, args.out_dir)}")
+        return 0
     names = list(BENCHMARKS) if args.command == "demo" else [args.command]
     for name in names:
         bench_args = parser.parse_args([name]) if args.command == "demo" else args

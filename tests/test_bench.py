@@ -115,3 +115,75 @@ def test_pipeline_benchmark_measures_against_predictions(tmp_path):
     for r in rows:
         assert r["error"] == pytest.approx(r["measured_ms"] / r["predicted_ms"] - 1)
         assert r["measured_ms"] >= 0.95 * r["predicted_ms"], "sleeping stages cannot finish early"
+
+
+def synthetic_rank_slice():
+    """A rank-slice result as the GPU run writes it, with made-up times (bookkeeping only)."""
+    from bench.rank_slice import metrics
+    from interlace.engine.telemetry import envelope
+
+    rows = []
+    for name, pattern, regime, t in [
+        ("a/tp8/attn-o/m2048", "gemm_rs", "d2d", dict(gemm=1.0, gemm_triton=1.05, comm=0.5, bulk=1.5, chunked=1.2, fused=1.08, fused_gemm=1.1)),
+        ("a/tp8/mlp-down/m2048", "gemm_rs", "d2d", dict(gemm=2.0, gemm_triton=2.0, comm=0.6, bulk=2.6, chunked=2.5, fused=2.5, fused_gemm=2.4)),
+        ("a/tp8/attn-o/m2048", "gemm_rs", "host", dict(gemm=1.0, gemm_triton=1.0, comm=3.0, bulk=4.0, chunked=3.5, fused=3.2, fused_gemm=1.2)),
+        ("a/tp8/qkv/m2048", "ag_gemm", "d2d", dict(gemm=1.0, gemm_triton=1.0, comm=0.4, bulk=1.4, chunked=1.5, fused=1.45, fused_gemm=1.3)),
+    ]:  # fmt: skip
+        m = metrics({k: v * 1e-3 for k, v in t.items()})
+        m["ideal_us"] = m.pop("ideal") * 1e6
+        rows.append({"name": name, "pattern": pattern, "regime": regime, "M": 2048, "N": 1, "K": 1, "world_size": 8,
+                     **{f"{k}_us": v * 1e3 for k, v in t.items()}, **m})  # fmt: skip
+    return {"benchmark": "rank_slice", "envelope": envelope(), "config": {"world_size": 8, "dtype": "bfloat16", "iters": 10}, "rows": rows}
+
+
+def test_rank_slice_metrics_follow_the_definitions():
+    from bench.rank_slice import metrics
+
+    m = metrics(dict(gemm=4.0, gemm_triton=4.4, comm=1.0, bulk=5.0, chunked=4.5, fused=4.2, fused_gemm=4.62))
+    assert m["ideal"] == 4.0 and m["compute_bound"] == 1.0
+    assert m["fused_eta"] == pytest.approx((4 + 1 - 4.2) / 1.0) and m["chunked_eta"] == pytest.approx(0.5)
+    assert m["fused_sol"] == pytest.approx(4.0 / 4.2) and m["fused_speedup"] == pytest.approx(5.0 / 4.2)
+    assert m["fused_gemm_slowdown"] == pytest.approx(4.62 / 4.4)  # against the same (Triton) GEMM alone
+
+
+def test_report_checks_the_targets_and_draws_one_plot_per_pattern_and_regime(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    from bench import report
+
+    result = synthetic_rank_slice()
+    (tmp_path / "r.json").write_text(json.dumps(result))
+    path = report.main(tmp_path / "r.json", tmp_path / "out")
+    text = path.read_text()
+    # compute-bound d2d rows: attn-o (fused 1.08 vs ideal 1.0: within 1.1x, eta 0.84), mlp-down (2.5 vs 2.0: no), qkv (1.45: no)
+    assert "fused within 1.1x the ideal on compute-bound d2d shapes: 1 of 3" in text
+    assert "overlap efficiency >= 0.8 on those shapes: 1 of 3" in text
+    assert "`auto` never slower than bulk on any row: yes" in text
+    assert "| a/tp8/qkv/m2048 | d2d | 1000 | 400 | 1400 | 1500 | 1450 | 1000 |" in text and text.count("| bulk |") == 1
+    svgs = sorted(p.name for p in (tmp_path / "out").glob("*.svg"))
+    assert svgs == ["rank_slice_ag_gemm_d2d.svg", "rank_slice_gemm_rs_d2d.svg", "rank_slice_gemm_rs_host.svg"]
+    root = ET.parse(tmp_path / "out" / "rank_slice_gemm_rs_d2d.svg").getroot()
+    assert len(root.findall("{http://www.w3.org/2000/svg}polyline")) == 4  # bulk, chunked, fused, ideal
+    assert f"({svgs[1]})" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip on machines without a GPU")
+def test_rank_slice_says_why_it_skips_without_a_gpu(tmp_path):
+    out = tmp_path / "rs.json"
+    done = subprocess.run([sys.executable, "-m", "bench", "rank_slice", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "skipped rank_slice: needs a GPU" in done.stdout
+    failed = subprocess.run([sys.executable, "-m", "bench", "report", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert failed.returncode != 0 and "holds no rows (needs a GPU" in failed.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", ["ag_gemm", "gemm_rs", "gemm_ar"])
+@pytest.mark.parametrize("regime", ["d2d", "host"])
+def test_rank_slice_measures_every_variant_on_a_gpu(pattern, regime):
+    import math
+
+    from bench import rank_slice_gpu
+
+    times = rank_slice_gpu.measure({"pattern": pattern, "M": 256, "N": 512, "K": 512}, regime, 2, torch.bfloat16, 2)
+    assert set(times) == {"gemm", "gemm_triton", "comm", "bulk", "chunked", "fused", "fused_gemm"}
+    assert all(math.isfinite(t) and t > 0 for t in times.values())

@@ -86,6 +86,14 @@ def row_body(group, seed, sequence_parallel, strategy, dtype_name):
     return True
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "sp"])
+@pytest.mark.parametrize("body", [column_body, row_body], ids=["column", "row"])
+def test_fused_linear_layers_match_unsharded(body, sequence_parallel, world_size, seed):
+    """The fused path (one Triton GEMM + symmetric memory + flags), forward and backward."""
+    assert spawn(body, world_size, "local", timeout=60, args=(seed, sequence_parallel, "fused", "float32")) == [True] * world_size
+
+
 @pytest.mark.parametrize("transport,world_size", TRANSPORTS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "sp"])

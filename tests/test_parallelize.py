@@ -80,6 +80,13 @@ def test_reference_model(world_size, sequence_parallel, strategy, seed):
     assert spawn(tp_body, world_size, "local", args=(ref, sequence_parallel, strategy, seed)) == [True] * world_size
 
 
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "sp"])
+def test_reference_model_fused(sequence_parallel, seed):
+    """overlap='fused': one Triton GEMM per collective, over symmetric memory (interpreted here)."""
+    ref = reference_model(seed)
+    assert spawn(tp_body, 2, "local", timeout=120, args=(ref, sequence_parallel, "fused", seed)) == [True, True]
+
+
 def tied_body(group, ref, seed):
     model = parallelize(copy.deepcopy(ref), group)
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -175,7 +182,7 @@ def test_layer_shape_errors_name_the_numbers():
 def test_overlap_config_is_validated():
     from interlace import OverlapConfig
 
-    with pytest.raises(ValueError, match="strategy must be one of \\('bulk', 'chunked'\\), got 'fused'"):
-        OverlapConfig(strategy="fused")
+    with pytest.raises(ValueError, match="strategy must be one of \\('bulk', 'chunked', 'fused', 'auto'\\), got 'ring'"):
+        OverlapConfig(strategy="ring")
     with pytest.raises(ValueError, match="chunks must be a positive int, got 0"):
         OverlapConfig(strategy="chunked", chunks=0)

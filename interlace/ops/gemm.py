@@ -13,9 +13,11 @@ synchronisation this needs (CUDA graphs, streams): call ``hook.check()`` later i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +31,9 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # An interpreted spin is Python (~0.1 ms): 2**14 is a couple of seconds.
 DEFAULT_MAX_SPINS = 2**14 if INTERPRETING else 2**23
 INTERPRETER_PROGRAMS = 2  # sequential programs under the interpreter: two exercise the persistent loop
+# The interpreter patches triton.language globally while a kernel runs: two threads interpreting at
+# once corrupt each other ("Did you forget to add @triton.jit?"). Rank threads take turns.
+INTERPRETER_LOCK = threading.Lock() if INTERPRETING else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -120,19 +125,20 @@ def gemm(
     epoch = _epoch_tensor(wait, x.device) if wait else status
     if wait:
         wait.status = status
-    dummy = status  # pointer for absent optional operands; never read
     r = residual if residual is not None else y
-    kernel.gemm_kernel[(plan.programs,)](
-        x, w, y, bias if bias is not None else dummy, r, wait.flags if wait else dummy,
-        signal.counters if signal else dummy, status,
-        m, n, x.shape[1], x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1), r.stride(0), r.stride(1),
-        epoch, chunk_rows, start_chunk, max_spins,
-        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
-        GROUP_M=plan.group_m if wait is None and signal is None else chunk_major_group(plan, m, chunk_rows),
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=kernel.ACTIVATIONS[activation],
-        WAIT=wait is not None, SIGNAL=signal is not None, UPCAST=INTERPRETING and x.dtype != torch.float32,
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
-    )  # fmt: skip
+    dummy = status  # pointer for absent optional operands; never read
+    with INTERPRETER_LOCK:
+        kernel.gemm_kernel[(plan.programs,)](
+            x, w, y, bias if bias is not None else dummy, r, wait.flags if wait else dummy,
+            signal.counters if signal else dummy, status,
+            m, n, x.shape[1], x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1), r.stride(0), r.stride(1),
+            epoch, chunk_rows, start_chunk, max_spins,
+            BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
+            GROUP_M=plan.group_m if wait is None and signal is None else chunk_major_group(plan, m, chunk_rows),
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=kernel.ACTIVATIONS[activation],
+            WAIT=wait is not None, SIGNAL=signal is not None, UPCAST=INTERPRETING and x.dtype != torch.float32,
+            num_warps=plan.num_warps, num_stages=plan.num_stages,
+        )  # fmt: skip
     if check and wait:
         wait.check()
     return y

@@ -77,6 +77,8 @@ class _Hub:
         self.gone: dict[int, str] = {}  # rank -> why it will never join another round
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.complete: queue.SimpleQueue[_Round | None] = queue.SimpleQueue()
+        self.shared: dict[tuple, dict[int, Any]] = {}
+        self.shared_cond = threading.Condition(self.lock)
         threading.Thread(target=self._engine, daemon=True, name="interlace local engine").start()
 
     def join(self, key: tuple, rnd_participants: tuple[int, ...], rank: int, call: Call, work_for) -> _LocalWork:
@@ -97,9 +99,28 @@ class _Hub:
         with self.lock:
             return self._missing(rnd)
 
+    def exchange(self, key: tuple, rank: int, obj: Any, deadline: float, what: str) -> list[Any]:
+        """Every rank's ``obj`` for ``key``, in rank order, once all have arrived."""
+        with self.shared_cond:
+            slot = self.shared.setdefault(key, {})
+            slot[rank] = obj
+            self.shared_cond.notify_all()
+            while missing := [r for r in range(self.world_size) if r not in slot]:
+                if gone := [r for r in missing if r in self.gone]:
+                    raise PeerFailedError(f"{what} on rank {rank}: waited for ranks {missing}, but rank {gone[0]} {self.gone[gone[0]]}")
+                if (remaining := deadline - time.monotonic()) <= 0:
+                    raise CommTimeoutError(what, rank, self.timeout, missing, "waiting for them to arrive")
+                self.shared_cond.wait(remaining)
+            objs = [slot[r] for r in range(self.world_size)]
+            slot.setdefault(-1, set()).add(rank)  # who has taken the result: the last one cleans up
+            if len(slot[-1]) == self.world_size:
+                del self.shared[key]
+            return objs
+
     def mark_gone(self, rank: int, why: str) -> None:
         """Record that ``rank`` will never join again; fail every round still waiting for it."""
         with self.lock:
+            self.shared_cond.notify_all()
             self.gone[rank] = why
             for key, rnd in list(self.rounds.items()):
                 if rank in self._missing(rnd):
@@ -143,6 +164,13 @@ class LocalGroup(Group):
         key, what, participants = self._route(call)
         deadline = time.monotonic() + self.timeout
         return self._hub.join(key, participants, self.rank, call, lambda rnd: _LocalWork(what, call, deadline, self, rnd))
+
+    def share(self, obj: Any) -> list[Any]:
+        """Collective, in-process: every rank's ``obj`` (the same Python objects), in rank order.
+        Ranks of one LocalGroup share an address space: this is how they share memory."""
+        self._seq += 1
+        what = f"share #{self._seq}"
+        return self._hub.exchange(("share", self._seq), self.rank, obj, time.monotonic() + self.timeout, what)
 
     def _route(self, call: Call) -> tuple[tuple, str, tuple[int, ...]]:
         """The round key, a label for messages, and the participating ranks."""

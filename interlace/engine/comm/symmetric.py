@@ -1,9 +1,10 @@
 """Symmetric buffers: the same-sized buffer and int32 signal pad on every rank of one node, each
 rank able to read and write every peer's as a tensor.
 
-GPU: ``cudaMalloc`` + CUDA IPC (also between processes sharing one GPU). CPU: POSIX shared
-memory under unique names, unlinked as soon as every rank has mapped it (and by any survivor if
-allocation fails), so nothing is left in /dev/shm even when a rank dies.
+Processes on GPUs: ``cudaMalloc`` + CUDA IPC (also between processes sharing one GPU). Processes
+on CPUs: POSIX shared memory under unique names, unlinked as soon as every rank has mapped it
+(and by any survivor if allocation fails), so nothing is left in /dev/shm even when a rank dies.
+Rank threads of a LocalGroup share one address space: plain tensors on the group's device.
 
 Collective calls (every rank of the group, in the same order): ``SymmetricBuffer.allocate`` and
 ``close``. Tensors handed out by ``data``/``peer``/``flags`` must not be used after ``close``.
@@ -41,7 +42,7 @@ class SymmetricBuffer:
         on ``group.device``; ranks must agree on both sizes."""
         _agree_on_sizes(group, nbytes, num_flags)
         total = _round_up(nbytes, ALIGN) + 4 * num_flags
-        memory = _DeviceMemory(group) if group.device.type == "cuda" else _HostMemory(group)
+        memory = _memory_for(group)
         return cls(group, nbytes, num_flags, memory, memory.allocate(max(total, 4)))
 
     def data(self, rank: int) -> torch.Tensor:
@@ -77,8 +78,22 @@ class SymmetricBuffer:
     def __enter__(self) -> SymmetricBuffer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Not collective, for error paths: stop using peers' memory and keep this rank's (a peer
+        may still map it; the process's exit frees it). Shared-memory names are already gone."""
+        if self._closed:
+            return
+        self._closed = True
+        self._views = []
+        for r, a in enumerate(self._addresses):
+            if r != self.rank:
+                self._memory.release_peer(a)
 
     def _view(self, rank: int) -> torch.Tensor:
         if self._closed:
@@ -168,6 +183,34 @@ class _DeviceMemory(_Memory):
 
     def release_own(self, address: int) -> None:
         native().device_free(address, self.index)
+
+
+class _ThreadMemory(_Memory):
+    """LocalGroup ranks are threads of one process: each allocates a tensor; ranks share them."""
+
+    def __init__(self, group: Group):
+        self.group, self.device = group, group.device
+        self.tensors: dict[int, torch.Tensor] = {}
+
+    def allocate(self, nbytes: int) -> list[int]:
+        own = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
+        peers = self.group.share(own)
+        self.tensors = {t.data_ptr(): t for t in peers}
+        return [t.data_ptr() for t in peers]
+
+    def tensor(self, address: int, nbytes: int) -> torch.Tensor:
+        return self.tensors[address][:nbytes]
+
+    def release_peer(self, address: int) -> None:
+        self.tensors.pop(address, None)
+
+    release_own = release_peer
+
+
+def _memory_for(group: Group) -> _Memory:
+    if hasattr(group, "share"):
+        return _ThreadMemory(group)
+    return _DeviceMemory(group) if group.device.type == "cuda" else _HostMemory(group)
 
 
 class _HostArray:

@@ -2,6 +2,8 @@
 
 Shapes, for world size W (``y = x @ w.T`` throughout; rows are tokens):
 
+Strategies: ``bulk`` and ``chunked`` below; ``fused`` (fused.py) and ``auto`` (dispatch.py).
+
 | function              | x                   | w            | result                          |
 |-----------------------|---------------------|--------------|---------------------------------|
 | all_gather_matmul     | x_shard_m [n, K]    | w_i [N_i, K] | y_i [W*n, N_i], rows in rank order |
@@ -30,6 +32,10 @@ from .config import OverlapConfig
 
 def all_gather_matmul(x_shard_m: torch.Tensor, weights: list[torch.Tensor], group: Group, config: OverlapConfig) -> list[torch.Tensor]:
     """``[all_gather(x_shard_m) @ w.T for w in weights]``, sharing one gather."""
+    n_out = sum(w.shape[0] for w in weights)
+    config = _resolve(config, group, "ag_gemm", x_shard_m.shape[0] * group.world_size, n_out, x_shard_m.shape[1], x_shard_m.dtype)
+    if config.strategy == "fused":
+        return _fused(group, "ag_gemm", x_shard_m.shape[0], x_shard_m.shape[1], x_shard_m.dtype)(x_shard_m, weights)
     if config.strategy == "bulk":
         x = group.all_gather(x_shard_m)
         return [x @ w.T for w in weights]
@@ -49,6 +55,9 @@ def all_gather_matmul(x_shard_m: torch.Tensor, weights: list[torch.Tensor], grou
 
 def matmul_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, group: Group, config: OverlapConfig) -> torch.Tensor:
     """``reduce_scatter(x @ weight.T)`` over rows: this rank's block of the summed product."""
+    config = _resolve(config, group, "gemm_rs", x.shape[0], weight.shape[0], x.shape[1], x.dtype)
+    if config.strategy == "fused":
+        return _fused(group, "gemm_rs", x.shape[0] // group.world_size, weight.shape[0], x.dtype)(x, weight)
     if config.strategy == "bulk":
         return group.reduce_scatter(x @ weight.T)
     w = group.world_size
@@ -66,6 +75,9 @@ def matmul_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, group: Group, c
 
 def matmul_all_reduce(x: torch.Tensor, weight: torch.Tensor, group: Group, config: OverlapConfig) -> torch.Tensor:
     """``all_reduce(x @ weight.T)``."""
+    config = _resolve(config, group, "gemm_ar", x.shape[0], weight.shape[0], x.shape[1], x.dtype)
+    if config.strategy == "fused":
+        return _fused(group, "gemm_ar", x.shape[0], weight.shape[0], x.dtype, config.chunks)(x, weight)
     if config.strategy == "bulk":
         y = x @ weight.T
         return group.all_reduce(y, out=y)
@@ -77,6 +89,21 @@ def matmul_all_reduce(x: torch.Tensor, weight: torch.Tensor, group: Group, confi
     for work in works:
         work.wait()
     return y
+
+
+def _resolve(config: OverlapConfig, group: Group, pattern: str, m: int, n: int, k: int, dtype: torch.dtype) -> OverlapConfig:
+    """``auto`` becomes the dispatcher's measured choice for this call."""
+    if config.strategy != "auto":
+        return config
+    from .dispatch import Case, default_dispatcher
+
+    return default_dispatcher().config_for(group, Case.of(pattern, group, m, n, k, dtype))
+
+
+def _fused(group: Group, pattern: str, *shape):
+    from .fused import workspace  # the fused path needs Triton: imported only when used
+
+    return workspace(group, pattern, *shape)
 
 
 def _pieces(rows: int, chunks: int) -> list[tuple[int, int]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STRATEGIES = ("bulk", "chunked")
+STRATEGIES = ("bulk", "chunked", "fused", "auto")
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -14,7 +14,10 @@ class OverlapConfig:
     strategy: str = "bulk"
     """``"bulk"``: the whole collective, then the whole GEMM (or the reverse): the reference.
     ``"chunked"``: GEMM and collective split into ``chunks`` pieces; the collective of one piece
-    runs (on the transport's thread or stream) while the next piece computes."""
+    runs (on the transport's thread or stream) while the next piece computes.
+    ``"fused"``: one GEMM launch overlapped through symmetric memory and flags (ranks sharing a
+    node; see fused.py).
+    ``"auto"``: what the dispatcher measured fastest for this call, never slower than bulk."""
 
     chunks: int = 4
     """Pieces per call for ``"chunked"`` GEMM+RS and GEMM+AR (fewer when there are fewer rows).

@@ -1,0 +1,111 @@
+"""Rank-slice harness: one rank's real timeline on one GPU, against the physical limit.
+
+For one rank of a W-way tensor-parallel layer: its real GEMM, and the real per-rank communication
+volume moved by the copy engines between local buffers that stand in for peers, in two regimes:
+``d2d`` (peers' data in device memory: HBM speed, faster than NVLink) and ``host`` (pinned host
+memory: PCIe speed). Measured with CUDA events, median of ``iters`` after warm-up:
+
+| pattern | GEMM (this rank)            | communication (copy engines)                  |
+|---------|-----------------------------|-----------------------------------------------|
+| ag_gemm | [W n, K] x [N/W, K]^T        | pull W-1 peer shards [n, K] into the gathered rows |
+| gemm_rs | [W n, K/W] x [N, K/W]^T      | send W-1 blocks [n, N] out, pull W-1 in, reduce |
+| gemm_ar | [M, K/W] x [N, K/W]^T        | pull W-1 peer partials [M, N], reduce (one-shot) |
+
+Strategies: ``bulk`` (communication, then GEMM, or the reverse), ``chunked`` (per-chunk copies
+and cuBLAS GEMMs joined by events), ``fused`` (copy-engine chunks raising flags + ONE Triton GEMM
+with the wait hook, or the GEMM's signal hook and stream waits). Metrics per shape (``metrics``):
+``ideal = max(gemm, comm)``, ``eta = (gemm + comm - t) / min(gemm, comm)``, ``sol = ideal / t``,
+GEMM slowdown under overlap, speedup over bulk. Every number is labelled with its regime.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .common import format_table
+from .layers import MODELS
+
+PATTERNS = ("ag_gemm", "gemm_rs", "gemm_ar")
+STRATEGIES = ("bulk", "chunked", "fused")
+REGIMES = ("d2d", "host")
+
+
+@dataclass
+class Config:
+    world_size: int = 8
+    models: list[str] = field(default_factory=lambda: ["llama3-8b", "llama3-70b"])
+    tokens: list[int] = field(default_factory=lambda: [2048, 8192])
+    patterns: list[str] = field(default_factory=lambda: list(PATTERNS))
+    regimes: list[str] = field(default_factory=lambda: list(REGIMES))
+    dtype: str = "bfloat16"
+    iters: int = 10
+
+
+def shapes(config: Config) -> list[dict]:
+    """Named per-rank layer shapes: (pattern, M tokens, N output, K reduction) of the full layer."""
+    out = []
+    for model in config.models:
+        hidden, ffn, heads, kv = MODELS[model]
+        d, w = hidden // heads, config.world_size
+        layers = {"ag_gemm": {"attn-qkv": ((heads + 2 * max(kv, w)) * d, hidden), "mlp-gate-up": (2 * ffn, hidden)},
+                  "gemm_rs": {"attn-o": (hidden, heads * d), "mlp-down": (hidden, ffn)},
+                  "gemm_ar": {"attn-o": (hidden, heads * d), "mlp-down": (hidden, ffn)}}  # fmt: skip
+        for pattern in config.patterns:
+            for layer, (n, k) in layers[pattern].items():
+                for m in config.tokens:
+                    out.append({"name": f"{model}/tp{w}/{layer}/m{m}", "pattern": pattern, "M": m, "N": n, "K": k})
+    return out
+
+
+def metrics(t: dict[str, float]) -> dict[str, float]:
+    """From median seconds of gemm, comm, bulk, chunked, fused (and the GEMM inside fused):
+    the physical limit and how close each overlap gets to it."""
+    ideal = max(t["gemm"], t["comm"])
+    smaller = min(t["gemm"], t["comm"])
+    out = {"ideal": ideal}
+    for s in ("chunked", "fused"):
+        if s in t:
+            out[f"{s}_eta"] = (t["gemm"] + t["comm"] - t[s]) / smaller
+            out[f"{s}_sol"] = ideal / t[s]
+            out[f"{s}_speedup"] = t["bulk"] / t[s]
+    if "fused_gemm" in t:
+        out["fused_gemm_slowdown"] = t["fused_gemm"] / t["gemm_triton"]
+    out["compute_bound"] = float(t["gemm"] >= t["comm"])
+    return out
+
+
+def run(config: Config) -> dict:
+    if not torch.cuda.is_available():
+        why = "needs a GPU: the harness times copy engines and kernels on one device"
+        return {"rows": [], "skipped": [{"backend": "rank_slice", "why": why}], "config": asdict(config)}
+    from . import rank_slice_gpu
+
+    rows = []
+    for shape in shapes(config):
+        for regime in config.regimes:
+            print(f"  {shape['name']} [{regime}]", file=sys.stderr, flush=True)
+            times = rank_slice_gpu.measure(shape, regime, config.world_size, getattr(torch, config.dtype), config.iters)
+            derived = metrics(times)
+            derived["ideal_us"] = derived.pop("ideal") * 1e6
+            rows.append({**shape, "regime": regime, "world_size": config.world_size,
+                         **{f"{k}_us": v * 1e6 for k, v in times.items()}, **derived})  # fmt: skip
+    return {"rows": rows, "skipped": [], "config": asdict(config)}
+
+
+COLUMNS = [
+    ("name", "layer", ""), ("regime", "regime", ""), ("gemm_us", "gemm us", ".0f"), ("comm_us", "comm us", ".0f"),
+    ("bulk_us", "bulk us", ".0f"), ("chunked_us", "chunked us", ".0f"), ("fused_us", "fused us", ".0f"),
+    ("ideal_us", "ideal us", ".0f"), ("fused_eta", "fused eta", ".2f"), ("fused_sol", "fused SOL", ".2f"),
+    ("fused_gemm_slowdown", "GEMM slowdown", ".2f"), ("fused_speedup", "vs bulk", ".2f"),
+]  # fmt: skip
+
+
+def table(result: dict) -> str:
+    c = result["config"]
+    head = [f"rank slice: one rank of TP={c['world_size']}, {c['dtype']}, copy engines standing in for peers "
+            f"(d2d: device memory, host: pinned host memory over PCIe); CUDA events, median of {c['iters']}"]  # fmt: skip
+    head += [f"skipped {s['backend']}: {s['why']}" for s in result["skipped"]]
+    return "\n".join(head) + ("\n" + format_table(result["rows"], COLUMNS) if result["rows"] else "")

@@ -1,0 +1,223 @@
+"""The GPU side of the rank-slice harness (see rank_slice.py); imported only when CUDA exists."""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+
+import torch
+
+from interlace.engine.comm import signals
+from interlace.ops.gemm import SignalHook, WaitHook, gemm, plan_for
+
+WARMUP = 3
+
+
+def measure(shape: dict, regime: str, world: int, dtype: torch.dtype, iters: int) -> dict[str, float]:
+    """Median seconds of gemm, gemm_triton, comm, bulk, chunked, fused and the GEMM inside fused."""
+    build = {"ag_gemm": _all_gather, "gemm_rs": _reduce_scatter, "gemm_ar": _all_reduce}[shape["pattern"]]
+    variants = build(shape, regime, world, dtype)
+    times = {name: _time(fn, iters) for name, fn in variants.items() if name != "fused_gemm"}
+    times["fused_gemm"] = _time_inner(variants["fused_gemm"], iters)
+    return times
+
+
+def _time(fn, iters: int) -> float:
+    """CUDA events around ``fn`` on the current stream (fn joins its side streams into it)."""
+    for _ in range(WARMUP):
+        fn()
+    samples = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e-3)
+    return statistics.median(samples)
+
+
+def _time_inner(fn, iters: int) -> float:
+    """``fn(start, end)`` records the events itself (around the GEMM inside an overlapped run)."""
+    for _ in range(WARMUP):
+        fn(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+    samples = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        fn(start, end)
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e-3)
+    return statistics.median(samples)
+
+
+def _peers(count: int, rows: int, cols: int, dtype: torch.dtype, regime: str) -> list[torch.Tensor]:
+    """Buffers standing in for peers: device memory (d2d) or pinned host memory (host, over PCIe)."""
+    if regime == "d2d":
+        return [torch.randn(rows, cols, device="cuda", dtype=dtype) for _ in range(count)]
+    return [torch.randn(rows, cols, dtype=dtype).pin_memory() for _ in range(count)]
+
+
+def _all_gather(shape: dict, regime: str, world: int, dtype: torch.dtype) -> dict:
+    m, n_out, k, cur = shape["M"], shape["N"] // world, shape["K"], torch.cuda.current_stream()
+    n = m // world
+    gathered, own = torch.empty(m, k, device="cuda", dtype=dtype), torch.randn(n, k, device="cuda", dtype=dtype)
+    w = torch.randn(n_out, k, device="cuda", dtype=dtype) / k**0.5
+    peers, copy = _peers(world - 1, n, k, dtype, regime), torch.cuda.Stream()
+    rows = [gathered[q * n : (q + 1) * n] for q in range(world)]
+    chunks = [(rows[q + 1], peers[q]) for q in range(world - 1)]
+    flags, epochs = torch.zeros(world, dtype=torch.int32, device="cuda"), itertools.count(1)
+    plan = plan_for(gathered, w)
+
+    def comm():
+        copy.wait_stream(cur)
+        signals.copy_chunks(chunks, stream=copy)
+        cur.wait_stream(copy)
+
+    def bulk():
+        rows[0].copy_(own)
+        comm()
+        return gathered @ w.T
+
+    def chunked():
+        copy.wait_stream(cur)
+        events = []
+        with torch.cuda.stream(copy):
+            for dst, src in chunks:
+                dst.copy_(src, non_blocking=True)
+                events.append(torch.cuda.Event())
+                events[-1].record(copy)
+        y = torch.empty(m, n_out, device="cuda", dtype=dtype)
+        torch.matmul(own, w.T, out=y[:n])  # own rows first, while the first chunk travels
+        for q, event in enumerate(events, start=1):
+            cur.wait_event(event)
+            torch.matmul(rows[q], w.T, out=y[q * n : (q + 1) * n])
+        return y
+
+    def fused(start=None, end=None):
+        e = next(epochs)
+        rows[0].copy_(own)
+        signals.write(flags, 0, e)
+        copy.wait_stream(cur)
+        signals.copy_chunks(chunks, flags, list(range(1, world)), e, stream=copy)
+        if start is not None:
+            start.record()
+        y = gemm(gathered, w, wait=WaitHook(flags, e, n), start_chunk=0, plan=plan, check=False)
+        if end is not None:
+            end.record()
+        cur.wait_stream(copy)
+        return y
+
+    return {"gemm": lambda: gathered @ w.T, "gemm_triton": lambda: gemm(gathered, w, plan=plan), "comm": comm,
+            "bulk": bulk, "chunked": chunked, "fused": fused, "fused_gemm": fused}  # fmt: skip
+
+
+def _reduce_scatter(shape: dict, regime: str, world: int, dtype: torch.dtype) -> dict:
+    m, n_out, k, cur = shape["M"], shape["N"], shape["K"] // world, torch.cuda.current_stream()
+    n = m // world
+    x, w = torch.randn(m, k, device="cuda", dtype=dtype), torch.randn(n_out, k, device="cuda", dtype=dtype) / k**0.5
+    partial, staging = torch.empty(m, n_out, device="cuda", dtype=dtype), torch.empty(world - 1, n, n_out, device="cuda", dtype=dtype)
+    outgoing, incoming = _peers(world - 1, n, n_out, dtype, regime), _peers(world - 1, n, n_out, dtype, regime)
+    blocks = [partial[q * n : (q + 1) * n] for q in range(world)]
+    copy, counters, epochs = torch.cuda.Stream(), torch.zeros(world, dtype=torch.int32, device="cuda"), itertools.count(1)
+    plan = plan_for(x, w)
+    tiles = plan.tiles_per_chunk(m, n_out, n)
+
+    def pull_in():
+        signals.copy_chunks([(staging[i], incoming[i]) for i in range(world - 1)], stream=copy)
+
+    def reduce():
+        return blocks[0] + staging.sum(0)
+
+    def comm():
+        copy.wait_stream(cur)
+        signals.copy_chunks([(outgoing[q - 1], blocks[q]) for q in range(1, world)], stream=copy)
+        pull_in()
+        cur.wait_stream(copy)
+        return reduce()
+
+    def bulk():
+        torch.matmul(x, w.T, out=partial)
+        return comm()
+
+    def chunked():
+        copy.wait_stream(cur)
+        pull_in()
+        for q in list(range(1, world)) + [0]:  # peers' blocks first, so they can leave early
+            torch.matmul(x[q * n : (q + 1) * n], w.T, out=blocks[q])
+            if q:
+                copy.wait_stream(cur)
+                signals.copy_chunks([(outgoing[q - 1], blocks[q])], stream=copy)
+        cur.wait_stream(copy)
+        return reduce()
+
+    def fused(start=None, end=None):
+        e = next(epochs)
+        copy.wait_stream(cur)
+        pull_in()
+        for q in range(1, world):
+            signals.wait(counters, q, e * tiles[q], copy)  # stream waits on the GEMM's tile counts
+            signals.copy_chunks([(outgoing[q - 1], blocks[q])], stream=copy)
+        if start is not None:
+            start.record()
+        gemm(x, w, out=partial, signal=SignalHook(counters, n), start_chunk=1, plan=plan)
+        if end is not None:
+            end.record()
+        cur.wait_stream(copy)
+        return reduce()
+
+    return {"gemm": lambda: x @ w.T, "gemm_triton": lambda: gemm(x, w, plan=plan), "comm": comm, "bulk": bulk,
+            "chunked": chunked, "fused": fused, "fused_gemm": fused}  # fmt: skip
+
+
+def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, chunks: int = 4) -> dict:
+    m, n_out, k, cur = shape["M"], shape["N"], shape["K"] // world, torch.cuda.current_stream()
+    step = -(-m // chunks)
+    x, w = torch.randn(m, k, device="cuda", dtype=dtype), torch.randn(n_out, k, device="cuda", dtype=dtype) / k**0.5
+    partial, staging = torch.empty(m, n_out, device="cuda", dtype=dtype), torch.empty(world - 1, m, n_out, device="cuda", dtype=dtype)
+    incoming = _peers(world - 1, m, n_out, dtype, regime)
+    copy, counters, epochs = torch.cuda.Stream(), torch.zeros(chunks, dtype=torch.int32, device="cuda"), itertools.count(1)
+    plan = plan_for(x, w)
+    tiles = plan.tiles_per_chunk(m, n_out, step)
+    spans = [slice(c * step, min((c + 1) * step, m)) for c in range(chunks)]
+
+    def pull(span):
+        signals.copy_chunks([(staging[i, span], incoming[i][span]) for i in range(world - 1)], stream=copy)
+
+    def reduce():
+        return partial + staging.sum(0)
+
+    def comm():
+        copy.wait_stream(cur)
+        for span in spans:
+            pull(span)
+        cur.wait_stream(copy)
+        return reduce()
+
+    def bulk():
+        torch.matmul(x, w.T, out=partial)
+        return comm()
+
+    def chunked():
+        for span in spans:
+            torch.matmul(x[span], w.T, out=partial[span])
+            copy.wait_stream(cur)  # peers finish this chunk when this rank does (lockstep)
+            pull(span)
+        cur.wait_stream(copy)
+        return reduce()
+
+    def fused(start=None, end=None):
+        e = next(epochs)
+        copy.wait_stream(cur)
+        for c, span in enumerate(spans):
+            signals.wait(counters, c, e * tiles[c], copy)
+            pull(span)
+        if start is not None:
+            start.record()
+        gemm(x, w, out=partial, signal=SignalHook(counters, step), plan=plan)
+        if end is not None:
+            end.record()
+        cur.wait_stream(copy)
+        return reduce()
+
+    return {"gemm": lambda: x @ w.T, "gemm_triton": lambda: gemm(x, w, plan=plan), "comm": comm, "bulk": bulk,
+            "chunked": chunked, "fused": fused, "fused_gemm": fused}  # fmt: skip

@@ -1,0 +1,107 @@
+"""``python -m bench report RESULT.json --out-dir DIR``: a markdown report of a rank-slice result,
+with one SVG plot per pattern (time per shape for bulk, chunked, fused and the ideal).
+
+Generated, never edited by hand: the report names the hardware, versions and commit from the
+result's envelope, and checks the targets: on compute-bound shapes (GEMM >= communication, d2d)
+fused within 1.1x the ideal and overlap efficiency >= 0.8; the strategy ``auto`` would pick
+(the fastest measured, bulk unless another is faster) never slower than bulk.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+SERIES = (("bulk_us", "bulk", "#999999"), ("chunked_us", "chunked", "#1f77b4"), ("fused_us", "fused", "#d62728"),
+          ("ideal_us", "ideal max(gemm, comm)", "#2ca02c"))  # fmt: skip
+SOL_TARGET, ETA_TARGET = 1 / 1.1, 0.8
+
+
+def svg_plot(title: str, labels: list[str], series: list[tuple[str, str, list[float]]], width: int = 720, height: int = 360) -> str:
+    """A line chart: one polyline per (name, colour, values), x = labels, y from zero up."""
+    left, right, top, bottom = 60, 20, 40, 110
+    top_value = max((v for _, _, values in series for v in values), default=1.0) or 1.0
+    x_step = (width - left - right) / max(len(labels) - 1, 1)
+
+    def point(i: int, v: float) -> str:
+        return f"{left + i * x_step:.1f},{height - bottom - (height - top - bottom) * v / top_value:.1f}"
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
+             f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">{escape(title)}</text>',
+             f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>',
+             f'<text x="12" y="{top - 8}">us</text>',
+             f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{top_value:.0f}</text>',
+             f'<text x="{left - 6}" y="{height - bottom + 4}" text-anchor="end">0</text>']  # fmt: skip
+    for i, label in enumerate(labels):
+        x, y = left + i * x_step, height - bottom + 12
+        parts.append(f'<text x="{x:.1f}" y="{y}" transform="rotate(40 {x:.1f} {y})">{escape(label)}</text>')
+    for j, (name, colour, values) in enumerate(series):
+        pts = " ".join(point(i, v) for i, v in enumerate(values))
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{pts}"/>')
+        parts.append(f'<text x="{width - right - 160}" y="{top + 14 * j}" fill="{colour}">{escape(name)}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def auto_choice(row: dict) -> str:
+    """What the dispatcher's rule picks from this row's measurements."""
+    times = {s: row[f"{s}_us"] for s in ("bulk", "chunked", "fused") if f"{s}_us" in row}
+    best = min(times, key=times.get)
+    return best if times[best] < times["bulk"] * 0.98 else "bulk"
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The issue's targets, checked row by row."""
+    bound = [r for r in rows if r.get("compute_bound") and r["regime"] == "d2d"]
+    sol_ok = [r for r in bound if r["fused_sol"] >= SOL_TARGET]
+    eta_ok = [r for r in bound if r["fused_eta"] >= ETA_TARGET]
+    never_slower = all(r[f"{auto_choice(r)}_us"] <= r["bulk_us"] for r in rows)
+    return [
+        f"- fused within 1.1x the ideal on compute-bound d2d shapes: {len(sol_ok)} of {len(bound)}",
+        f"- overlap efficiency >= {ETA_TARGET} on those shapes: {len(eta_ok)} of {len(bound)}",
+        f"- `auto` never slower than bulk on any row: {'yes' if never_slower else 'NO'}",
+    ]
+
+
+def render(result: dict) -> tuple[str, dict[str, str]]:
+    """(markdown, {file name: svg})."""
+    env, c, rows = result["envelope"], result["config"], result["rows"]
+    gpus = ", ".join(g["name"] for g in env.get("gpus", [])) or "no GPU"
+    git = env["interlace"]
+    lines = [f"# Rank-slice report: TP={c['world_size']}, {c['dtype']}", "",
+             f"{gpus}; driver {env['cuda'].get('driver')}; torch {env['packages']['torch']}, triton {env['packages']['triton']}; "
+             f"interlace {git['version']} at {git['commit']}{' (local changes)' if git.get('dirty') else ''}; {env['timestamp']}.",
+             "", "One rank's real GEMM with its real per-rank communication volume moved by copy engines from buffers standing "
+             "in for peers: d2d = device memory (HBM, faster than NVLink), host = pinned host memory (PCIe). CUDA events, "
+             f"median of {c['iters']}.", "", "## Targets", "", *targets(rows)]  # fmt: skip
+    svgs = {}
+    for pattern in sorted({r["pattern"] for r in rows}):
+        mine = [r for r in rows if r["pattern"] == pattern]
+        lines += ["", f"## {pattern}", "", "| layer | regime | gemm us | comm us | bulk us | chunked us | fused us | ideal us | eta | SOL | GEMM slowdown | auto |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in mine:
+            lines.append(f"| {r['name']} | {r['regime']} | {r['gemm_us']:.0f} | {r['comm_us']:.0f} | {r['bulk_us']:.0f} | {r['chunked_us']:.0f} | "
+                         f"{r['fused_us']:.0f} | {r['ideal_us']:.0f} | {r['fused_eta']:.2f} | {r['fused_sol']:.2f} | "
+                         f"{r['fused_gemm_slowdown']:.2f} | {auto_choice(r)} |")  # fmt: skip
+        for regime in sorted({r["regime"] for r in mine}):
+            subset = [r for r in mine if r["regime"] == regime]
+            name = f"rank_slice_{pattern}_{regime}.svg"
+            series = [(label, colour, [r[key] for r in subset]) for key, label, colour in SERIES]
+            svgs[name] = svg_plot(f"{pattern} ({regime}): time per layer", [r["name"] for r in subset], series)
+            lines += ["", f"![{pattern} {regime}]({name})"]
+    return "\n".join(lines) + "\n", svgs
+
+
+def main(result_path: Path, out_dir: Path) -> Path:
+    result = json.loads(Path(result_path).read_text())
+    if not result["rows"]:
+        raise SystemExit(f"{result_path} holds no rows ({'; '.join(s['why'] for s in result.get('skipped', []))})")
+    markdown, svgs = render(result)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, svg in svgs.items():
+        (out_dir / name).write_text(svg)
+    path = out_dir / "rank_slice.md"
+    path.write_text(markdown)
+    return path

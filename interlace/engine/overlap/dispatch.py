@@ -1,0 +1,194 @@
+"""The dispatcher behind ``overlap="auto"``: bulk, chunked or fused, from costs measured once.
+
+Per case (pattern, per-rank GEMM shape, dtype, world size, transport, topology) every rank times
+every available candidate in lockstep and the slowest rank's time counts, so all ranks decide the
+same. The fastest wins, but bulk stays unless another is at least ``MARGIN`` faster: the choice is
+never slower than bulk as measured. Decisions are cached in memory and on disk
+(``$INTERLACE_DISPATCH_CACHE``, default ``~/.cache/interlace/dispatch.json``); whether a case is
+cached is agreed collectively too, so ranks never diverge. ``explain()`` says what a call will use
+and why, including why fused was left out.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from interlace.engine.comm import Group
+
+from .config import OverlapConfig
+
+MARGIN = 0.02
+PATTERNS = ("ag_gemm", "gemm_rs", "gemm_ar")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One overlapped call. ``m, n, k``: the per-rank GEMM (rows of the full input, output and
+    reduction features as this rank multiplies them)."""
+
+    pattern: str
+    m: int
+    n: int
+    k: int
+    dtype: str
+    world_size: int
+    transport: str
+    topology: str
+
+    def key(self) -> str:
+        return f"{self.pattern}|{self.m}x{self.n}x{self.k}|{self.dtype}|W{self.world_size}|{self.transport}|{self.topology}"
+
+    @classmethod
+    def of(cls, pattern: str, group: Group, m: int, n: int, k: int, dtype: torch.dtype) -> Case:
+        transport = type(group).__name__ + (f"/{group.backend}" if hasattr(group, "backend") else "")
+        return cls(pattern, m, n, k, str(dtype).removeprefix("torch."), group.world_size, transport, topology(group.device))
+
+
+@dataclass
+class Decision:
+    strategy: str
+    chunks: int
+    times: dict[str, float]
+    why: str
+    measured: str = field(default_factory=lambda: datetime.datetime.now().isoformat(timespec="seconds"))
+
+    def config(self) -> OverlapConfig:
+        return OverlapConfig(strategy=self.strategy, chunks=self.chunks)
+
+
+Measure = Callable[[Group, Case, OverlapConfig], float]
+
+
+class Dispatcher:
+    def __init__(self, path: str | Path | None = None, measure: Measure | None = None):
+        default = os.environ.get("INTERLACE_DISPATCH_CACHE", str(Path.home() / ".cache" / "interlace" / "dispatch.json"))
+        self.path = Path(path if path is not None else default)
+        self.measure = measure or measure_collectively
+        self.decisions: dict[str, Decision] = _load(self.path)
+
+    def config_for(self, group: Group, case: Case) -> OverlapConfig:
+        return self.decide(group, case).config()
+
+    def decide(self, group: Group, case: Case) -> Decision:
+        """Collective on first use of a case (every rank must call it with the same case)."""
+        cached = case.key() in self.decisions
+        everyone = group.all_reduce(torch.tensor([1.0 if cached else 0.0], device=group.device), "sum")
+        if cached and int(everyone.item()) == group.world_size:
+            return self.decisions[case.key()]
+        decision = self._measure(group, case)
+        self.decisions[case.key()] = decision
+        _store(self.path, case.key(), decision)
+        return decision
+
+    def explain(self, group: Group, case: Case) -> str:
+        d = self.decide(group, case)
+        times = ", ".join(f"{label} {t * 1e3:.3f} ms" for label, t in sorted(d.times.items(), key=lambda kv: kv[1]))
+        return f"{case.key()}: {d.strategy}" + (f" x{d.chunks}" if d.strategy == "chunked" else "") + f" ({d.why}); measured {times} on {d.measured}; cache {self.path}"
+
+    def _measure(self, group: Group, case: Case) -> Decision:
+        candidates, excluded = candidates_for(group, case)
+        times = {label: self.measure(group, case, config) for label, config in candidates.items()}
+        bulk = times["bulk"]
+        label = min(times, key=times.get)
+        if times[label] > bulk * (1 - MARGIN):
+            why = f"nothing beat bulk by {MARGIN:.0%}" if label != "bulk" else "bulk was fastest"
+            label = "bulk"
+        else:
+            why = f"{(1 - times[label] / bulk):.0%} faster than bulk"
+        if excluded:
+            why += f"; fused not considered: {excluded}"
+        chosen = candidates[label]
+        return Decision(chosen.strategy, chosen.chunks, times, why)
+
+
+def candidates_for(group: Group, case: Case) -> tuple[dict[str, OverlapConfig], str | None]:
+    """Strategies to time (label -> config), and why fused is not among them (or None)."""
+    configs = {"bulk": OverlapConfig(strategy="bulk")}
+    chunk_counts = [0] if case.pattern == "ag_gemm" else [2, 4]  # AG's chunked is a ring: one chunk per rank
+    for c in chunk_counts:
+        configs["chunked" + (f"x{c}" if c else "")] = OverlapConfig(strategy="chunked", chunks=max(c, 1))
+    from .fused import fused_unavailable  # fused imports the GEMM: only when deciding
+
+    why_not = fused_unavailable(group, timing=True)
+    if why_not is None:
+        configs["fused"] = OverlapConfig(strategy="fused", chunks=4)
+    return configs, why_not
+
+
+def measure_collectively(group: Group, case: Case, config: OverlapConfig, iters: int = 5) -> float:
+    """Seconds per call of ``case`` under ``config``: every rank times it, the slowest counts."""
+    from . import collective_matmul as cm
+
+    dtype, dev, w = getattr(torch, case.dtype), group.device, case.world_size
+    g = torch.Generator().manual_seed(1234 + group.rank)
+    weight = (torch.randn(case.n, case.k, generator=g) / case.k**0.5).to(dev, dtype)
+    if case.pattern == "ag_gemm":
+        x = torch.randn(case.m // w, case.k, generator=g).to(dev, dtype)
+        fn = lambda: cm.all_gather_matmul(x, [weight], group, config)  # noqa: E731
+    else:
+        x = torch.randn(case.m, case.k, generator=g).to(dev, dtype)
+        run = cm.matmul_reduce_scatter if case.pattern == "gemm_rs" else cm.matmul_all_reduce
+        fn = lambda: run(x, weight, group, config)  # noqa: E731
+    fn()
+    group.barrier()
+    _sync(dev)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(dev)
+    mine = torch.tensor([(time.perf_counter() - start) / iters], dtype=torch.float64, device=dev)
+    return float(group.all_reduce(mine, "max").item())
+
+
+_TOPOLOGY: dict[str, str] = {}
+
+
+def topology(device: torch.device) -> str:
+    """What the costs depend on beyond the call: the device model and count."""
+    if device.type != "cuda":
+        return f"cpu{os.cpu_count()}"
+    if device.type not in _TOPOLOGY:
+        props = torch.cuda.get_device_properties(device)
+        _TOPOLOGY[device.type] = f"{props.name.replace(' ', '_')}x{torch.cuda.device_count()}"
+    return _TOPOLOGY[device.type]
+
+
+_DEFAULT: Dispatcher | None = None
+
+
+def default_dispatcher() -> Dispatcher:
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = Dispatcher()
+    return _DEFAULT
+
+
+def _load(path: Path) -> dict[str, Decision]:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: Decision(**v) for k, v in raw.items()}
+
+
+def _store(path: Path, key: str, decision: Decision) -> None:
+    """Merge into the file atomically (concurrent ranks write the same decision)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged = {k: asdict(v) for k, v in _load(path).items()}
+    merged[key] = asdict(decision)
+    tmp = path.with_suffix(f".{os.getpid()}.{time.monotonic_ns()}.tmp")
+    tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

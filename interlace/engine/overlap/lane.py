@@ -1,0 +1,93 @@
+"""Where a fused operator's communication half runs, beside its GEMM.
+
+On a GPU a ``SideLane`` is a CUDA stream: work is enqueued (stream waits on flags, copy-engine
+chunks, small reductions) and ``join()`` orders the caller's stream after it. On a CPU it is a
+thread that does the work while the caller runs the GEMM (under the Triton interpreter a kernel
+sees flags a host thread raises); ``join()`` waits for it with a deadline and re-raises its
+error. Operators write one program against ``wait_flag``, ``copy``, ``run`` and ``publish``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from interlace.engine.comm import signals
+
+
+class SideLane:
+    grace = 1.0  # seconds join() allows beyond the deadline for the lane to report its own timeout
+
+    def __init__(self, device: torch.device, timeout: float, name: str):
+        self.device, self.timeout = device, timeout
+        self.deadline = time.monotonic() + timeout
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        if self.stream is None:
+            self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+            threading.Thread(target=self._serve, daemon=True, name=f"interlace lane {name}").start()
+        self._error: BaseException | None = None
+        self._idle = threading.Event()
+        self._idle.set()
+        self._pending, self._lock = 0, threading.Lock()
+
+    def start_call(self) -> None:
+        """Every wait of one operator call shares one deadline, ``timeout`` from now."""
+        self.deadline = time.monotonic() + self.timeout
+
+    def after_current_stream(self) -> None:
+        """Order the lane after what the caller's stream has queued (its inputs, its last GEMM)."""
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def run(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the lane: enqueue its kernels on the stream, or do it on the thread."""
+        if self.stream is not None:
+            with torch.cuda.stream(self.stream):
+                fn()
+            return
+        with self._lock:
+            self._pending += 1
+            self._idle.clear()
+        self._tasks.put(fn)
+
+    def wait_flag(self, flags: torch.Tensor, index: int, value: int, what: str) -> None:
+        """(On the lane) until ``flags[index] >= value``."""
+        if self.stream is not None:
+            signals.wait(flags, index, value, self.stream)
+        else:
+            signals.host_wait(flags, index, value, max(0.0, self.deadline - time.monotonic()), what=what)
+
+    def publish(self, flags: torch.Tensor, index: int, value: int) -> None:
+        """(On the lane) ``flags[index] = value``, after everything before it on the lane."""
+        signals.write(flags, index, value, self.stream)
+
+    def copy(self, chunks: list[tuple[torch.Tensor, torch.Tensor]], flags: torch.Tensor, indices: list[int], value: int) -> None:
+        """(On the lane) copy-engine chunks, each raising its flag."""
+        signals.copy_chunks(chunks, flags, indices, value, self.stream)
+
+    def join(self) -> None:
+        """The caller's stream waits for the lane (GPU), or the caller waits (CPU, with a deadline)."""
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            return
+        if not self._idle.wait(max(0.0, self.deadline - time.monotonic()) + self.grace):
+            raise TimeoutError(f"a fused operator's communication lane did not finish within {self.timeout} s")
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _serve(self) -> None:
+        while True:
+            fn = self._tasks.get()
+            try:
+                fn()
+            except BaseException as error:  # re-raised by join() in the caller
+                self._error = error
+            with self._lock:
+                self._pending -= 1
+                if self._pending == 0:
+                    self._idle.set()

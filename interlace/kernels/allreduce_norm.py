@@ -1,0 +1,53 @@
+"""One-shot all-reduce fused with residual add and RMSNorm, for decode-sized rows.
+
+Each program takes one row: it reads every rank's partial row from symmetric memory (``p0`` ..
+``p7``, the first ``WORLD`` used), sums them in rank order in fp32 (so every rank computes the same
+bits), adds the residual, writes the new residual, and writes ``RMSNorm(new residual) * weight``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+MAX_WORLD = 8
+
+
+@triton.jit
+def _row(ptr, row, stride, cols, mask):
+    return tl.load(ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def allreduce_residual_rmsnorm_kernel(
+    p0, p1, p2, p3, p4, p5, p6, p7, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
+    hidden, stride_p, stride_r, stride_o, eps,
+    WORLD: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    acc = _row(p0, row, stride_p, cols, mask)
+    if WORLD > 1:
+        acc += _row(p1, row, stride_p, cols, mask)
+    if WORLD > 2:
+        acc += _row(p2, row, stride_p, cols, mask)
+    if WORLD > 3:
+        acc += _row(p3, row, stride_p, cols, mask)
+    if WORLD > 4:
+        acc += _row(p4, row, stride_p, cols, mask)
+    if WORLD > 5:
+        acc += _row(p5, row, stride_p, cols, mask)
+    if WORLD > 6:
+        acc += _row(p6, row, stride_p, cols, mask)
+    if WORLD > 7:
+        acc += _row(p7, row, stride_p, cols, mask)
+    acc += _row(residual_ptr, row, stride_r, cols, mask)
+    tl.store(new_residual_ptr + row * stride_r + cols, acc.to(new_residual_ptr.dtype.element_ty), mask=mask)
+    var = tl.sum(acc * acc, axis=0) / hidden
+    normed = acc * (1.0 / tl.sqrt(var + eps)) * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, normed.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def block_for(hidden: int) -> int:
+    return triton.next_power_of_2(hidden)
