@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +24,8 @@ def write_result(name: str, config: dict[str, Any], rows: list[dict[str, Any]], 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = Path(out) if out is not None else OUT_DIR / f"{name}-{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "envelope": envelope(), "config": config, "rows": rows, **extra}
+    command = "python -m bench " + " ".join(sys.argv[1:])
+    payload = {"benchmark": name, "command": command, "envelope": envelope(), "config": config, "rows": rows, **extra}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 
