@@ -20,7 +20,7 @@ import torch
 
 from interlace.engine.comm import spawn
 
-from .common import copy_rate, format_table, human_bytes, slowest_median, timed_samples
+from .common import copy_rate, human_bytes, report_table, slowest_median, timed_samples
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "sendrecv")
 
@@ -157,8 +157,7 @@ COLUMNS = [
 
 def table(result: dict) -> str:
     rows = [{**r, "size": human_bytes(r["bytes"])} for r in result["rows"]]
-    head = [f"collectives: {result['config']['dtype']}, checks {'on' if result['config']['check'] else 'off'}; "
+    head = (f"collectives: {result['config']['dtype']}, checks {'on' if result['config']['check'] else 'off'}; "
             f"local = rank threads of one process (interlace's in-process transport, not a network); "
-            f"copy rate {', '.join(f'{d} {v:.1f} GB/s' for d, v in result['copy_GBps'].items())}"]  # fmt: skip
-    head += [f"skipped {s['backend']}: {s['why']}" for s in result["skipped"]]
-    return "\n".join(head) + "\n" + format_table(rows, COLUMNS)
+            f"copy rate {', '.join(f'{d} {v:.1f} GB/s' for d, v in result['copy_GBps'].items())}")  # fmt: skip
+    return report_table(head, {**result, "rows": rows}, COLUMNS)

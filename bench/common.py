@@ -41,6 +41,31 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     return "\n".join(lines)
 
 
+def report_table(head: str, result: dict[str, Any], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A benchmark's printed result: how it was measured, what was skipped and why, the rows."""
+    lines = [head] + [f"skipped {s['backend']}: {s['why']}" for s in result.get("skipped", [])]
+    if result["rows"]:
+        lines.append(format_table(result["rows"], columns))
+    return "\n".join(lines)
+
+
+def overlap_metrics(t: dict[str, float]) -> dict[str, float]:
+    """DESIGN.md's numbers for one overlapped operator, from median seconds of ``gemm``, ``comm``,
+    ``bulk`` and any of ``chunked``, ``fused`` (and ``fused_gemm``/``gemm_triton``: the GEMM inside
+    the fused run and alone): ``ideal = max(gemm, comm)``; per strategy s, overlap efficiency
+    ``(gemm + comm - s) / min(gemm, comm)``, speed of light ``ideal / s``, speedup ``bulk / s``."""
+    ideal, smaller = max(t["gemm"], t["comm"]), min(t["gemm"], t["comm"])
+    out = {"ideal": ideal, "compute_bound": float(t["gemm"] >= t["comm"])}
+    for s in ("chunked", "fused"):
+        if s in t:
+            out[f"{s}_eta"] = (t["gemm"] + t["comm"] - t[s]) / smaller
+            out[f"{s}_sol"] = ideal / t[s]
+            out[f"{s}_speedup"] = t["bulk"] / t[s]
+    if "fused_gemm" in t:
+        out["fused_gemm_slowdown"] = t["fused_gemm"] / t["gemm_triton"]
+    return out
+
+
 def _cell(value: Any, spec: str) -> str:
     if value is None:
         return "-"

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .common import copy_rate, format_table
+from .common import copy_rate, report_table
 
 LLAMA3_70B_TP8 = {"qkv": (1280, 8192), "o": (8192, 1024), "gate-up": (7168, 8192), "down": (8192, 3584)}  # N, K per rank
 TOKENS = (16, 128, 2048, 8192)
@@ -124,10 +124,9 @@ COLUMNS = [
 
 
 def table(result: dict) -> str:
-    head = [f"gemm: {result['config']['dtype']}, interlace Triton GEMM vs torch.matmul (cuBLAS), do_bench medians"]
-    head += [f"skipped {s['backend']}: {s['why']}" for s in result["skipped"]]
+    head = f"gemm: {result['config']['dtype']}, interlace Triton GEMM vs torch.matmul (cuBLAS), do_bench medians"
     s = result["summary"]
     if s:
-        head.append(f"geomean ratio over M >= 2048: {s['geomean_ratio_m_ge_2048']:.3f}; max hook cost {s['max_hook_cost']:+.1%}; "
-                    f"measured peak {s['peak_tflops_measured']:.0f} TF/s, copy {s['copy_GBps_measured']:.0f} GB/s")  # fmt: skip
-    return "\n".join(head) + ("\n" + format_table(result["rows"], COLUMNS) if result["rows"] else "")
+        head += (f"\ngeomean ratio over M >= 2048: {s['geomean_ratio_m_ge_2048']:.3f}; max hook cost {s['max_hook_cost']:+.1%}; "
+                 f"measured peak {s['peak_tflops_measured']:.0f} TF/s, copy {s['copy_GBps_measured']:.0f} GB/s")  # fmt: skip
+    return report_table(head, result, COLUMNS)

@@ -28,7 +28,7 @@ from interlace.engine.overlap import OverlapConfig
 from interlace.engine.overlap import collective_matmul as cm
 
 from .collectives import available_backends
-from .common import format_table, slowest_median, timed_samples
+from .common import overlap_metrics, report_table, slowest_median, timed_samples
 
 MODELS = {  # hidden, ffn, query heads, kv heads
     "llama3-8b": (4096, 14336, 32, 8),
@@ -126,13 +126,12 @@ def summarize(per_rank: list[list[dict]], backend: str, world: int) -> list[dict
     for points in zip(*per_rank):
         p = points[0]
         t = {kind: slowest_median([q["samples"][kind] for q in points]) for kind in KINDS}
-        ideal = max(t["gemm"], t["comm"])
+        m = overlap_metrics(t)
         flops = 2 * p["M"] * p["N"] * p["K"] / world
         rows.append({
             "backend": backend, "world_size": world, "name": p["name"], "pattern": p["pattern"],
-            "M": p["M"], "N": p["N"], "K": p["K"], **{f"{k}_us": v * 1e6 for k, v in t.items()}, "ideal_us": ideal * 1e6,
-            "eta": (t["gemm"] + t["comm"] - t["chunked"]) / min(t["gemm"], t["comm"]),
-            "sol": ideal / t["chunked"], "speedup": t["bulk"] / t["chunked"], "gemm_tflops": flops / t["gemm"] / 1e12,
+            "M": p["M"], "N": p["N"], "K": p["K"], **{f"{k}_us": v * 1e6 for k, v in t.items()}, "ideal_us": m["ideal"] * 1e6,
+            "eta": m["chunked_eta"], "sol": m["chunked_sol"], "speedup": m["chunked_speedup"], "gemm_tflops": flops / t["gemm"] / 1e12,
             "max_rel_err": max(q["chunked_vs_bulk_rel_err"] for q in points),
         })  # fmt: skip
     return rows
@@ -158,7 +157,6 @@ COLUMNS = [
 
 def table(result: dict) -> str:
     c = result["config"]
-    head = [f"tensor-parallel layers: {c['dtype']}, {c['chunks']} chunks, all ranks timed together (slowest rank, "
-            f"median of 5); ideal = max(gemm, comm); eta = hidden fraction of the smaller; local = rank threads"]  # fmt: skip
-    head += [f"skipped {s['backend']}: {s['why']}" for s in result["skipped"]]
-    return "\n".join(head) + "\n" + format_table(result["rows"], COLUMNS)
+    head = (f"tensor-parallel layers: {c['dtype']}, {c['chunks']} chunks, all ranks timed together (slowest rank, "
+            f"median of 5); ideal = max(gemm, comm); eta = hidden fraction of the smaller; local = rank threads")  # fmt: skip
+    return report_table(head, result, COLUMNS)

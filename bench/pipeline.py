@@ -19,7 +19,7 @@ from interlace.engine.comm import spawn
 from interlace.engine.pipeline import Costs, generate, simulate, verify
 from interlace.engine.pipeline.execute import Executor
 
-from .common import format_table
+from .common import report_table
 
 CASES = [("gpipe", 1, 0), ("forward", 1, 0), ("forward", 2, 0), ("forward", 4, 0), ("decode", 1, 2), ("decode", 1, 4)]
 
@@ -86,4 +86,4 @@ def table(result: dict) -> str:
     c = result["config"]
     head = (f"pipeline: sleep-based stages ({c['rank_time'] * 1e3:.0f} ms per rank per microbatch), rank threads "
             f"(LocalGroup) through the executor; predicted = simulator, same costs")  # fmt: skip
-    return head + "\n" + format_table(result["rows"], COLUMNS)
+    return report_table(head, result, COLUMNS)

@@ -13,9 +13,10 @@ memory: PCIe speed). Measured with CUDA events, median of ``iters`` after warm-u
 
 Strategies: ``bulk`` (communication, then GEMM, or the reverse), ``chunked`` (per-chunk copies
 and cuBLAS GEMMs joined by events), ``fused`` (copy-engine chunks raising flags + ONE Triton GEMM
-with the wait hook, or the GEMM's signal hook and stream waits). Metrics per shape (``metrics``):
+with the wait hook, or the GEMM's signal hook and stream waits). Metrics per shape:
 ``ideal = max(gemm, comm)``, ``eta = (gemm + comm - t) / min(gemm, comm)``, ``sol = ideal / t``,
-GEMM slowdown under overlap, speedup over bulk. Every number is labelled with its regime.
+GEMM slowdown under overlap, speedup over bulk (``common.overlap_metrics``). Every number is
+labelled with its regime.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .common import format_table
+from .common import overlap_metrics, report_table
 from .layers import MODELS
 
 PATTERNS = ("ag_gemm", "gemm_rs", "gemm_ar")
@@ -60,23 +61,6 @@ def shapes(config: Config) -> list[dict]:
     return out
 
 
-def metrics(t: dict[str, float]) -> dict[str, float]:
-    """From median seconds of gemm, comm, bulk, chunked, fused (and the GEMM inside fused):
-    the physical limit and how close each overlap gets to it."""
-    ideal = max(t["gemm"], t["comm"])
-    smaller = min(t["gemm"], t["comm"])
-    out = {"ideal": ideal}
-    for s in ("chunked", "fused"):
-        if s in t:
-            out[f"{s}_eta"] = (t["gemm"] + t["comm"] - t[s]) / smaller
-            out[f"{s}_sol"] = ideal / t[s]
-            out[f"{s}_speedup"] = t["bulk"] / t[s]
-    if "fused_gemm" in t:
-        out["fused_gemm_slowdown"] = t["fused_gemm"] / t["gemm_triton"]
-    out["compute_bound"] = float(t["gemm"] >= t["comm"])
-    return out
-
-
 def run(config: Config) -> dict:
     if not torch.cuda.is_available():
         why = "needs a GPU: the harness times copy engines and kernels on one device"
@@ -88,7 +72,7 @@ def run(config: Config) -> dict:
         for regime in config.regimes:
             print(f"  {shape['name']} [{regime}]", file=sys.stderr, flush=True)
             times = rank_slice_gpu.measure(shape, regime, config.world_size, getattr(torch, config.dtype), config.iters)
-            derived = metrics(times)
+            derived = overlap_metrics(times)
             derived["ideal_us"] = derived.pop("ideal") * 1e6
             rows.append({**shape, "regime": regime, "world_size": config.world_size,
                          **{f"{k}_us": v * 1e6 for k, v in times.items()}, **derived})  # fmt: skip
@@ -105,7 +89,6 @@ COLUMNS = [
 
 def table(result: dict) -> str:
     c = result["config"]
-    head = [f"rank slice: one rank of TP={c['world_size']}, {c['dtype']}, copy engines standing in for peers "
-            f"(d2d: device memory, host: pinned host memory over PCIe); CUDA events, median of {c['iters']}"]  # fmt: skip
-    head += [f"skipped {s['backend']}: {s['why']}" for s in result["skipped"]]
-    return "\n".join(head) + ("\n" + format_table(result["rows"], COLUMNS) if result["rows"] else "")
+    head = (f"rank slice: one rank of TP={c['world_size']}, {c['dtype']}, copy engines standing in for peers "
+            f"(d2d: device memory, host: pinned host memory over PCIe); CUDA events, median of {c['iters']}")  # fmt: skip
+    return report_table(head, result, COLUMNS)

@@ -119,7 +119,7 @@ def test_pipeline_benchmark_measures_against_predictions(tmp_path):
 
 def synthetic_rank_slice():
     """A rank-slice result as the GPU run writes it, with made-up times (bookkeeping only)."""
-    from bench.rank_slice import metrics
+    from bench.common import overlap_metrics as metrics
     from interlace.engine.telemetry import envelope
 
     rows = []
@@ -137,7 +137,7 @@ def synthetic_rank_slice():
 
 
 def test_rank_slice_metrics_follow_the_definitions():
-    from bench.rank_slice import metrics
+    from bench.common import overlap_metrics as metrics
 
     m = metrics(dict(gemm=4.0, gemm_triton=4.4, comm=1.0, bulk=5.0, chunked=4.5, fused=4.2, fused_gemm=4.62))
     assert m["ideal"] == 4.0 and m["compute_bound"] == 1.0
