@@ -6,10 +6,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-import torch
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")  # rank streams must not share hardware queues (README)
+
+import torch  # noqa: E402
 
 from . import collectives, gemm, layers, pipeline, rank_slice, report
 from .common import parse_bytes, write_result

@@ -80,9 +80,9 @@ def _buffers(group, collective: str, nbytes: int, dtype: torch.dtype):
     """One call of ``collective`` on about ``nbytes`` (rounded down to whole rows), and its element count."""
     w, dev = group.world_size, group.device
     count = max(w, nbytes // dtype.itemsize // w * w)
-    if collective == "all_reduce":
-        x = torch.ones(count, dtype=dtype, device=dev)
-        return lambda: group.all_reduce(x, out=x), count
+    if collective == "all_reduce":  # not in place: repeated in-place sums of ones would overflow to inf
+        x, out = torch.ones(count, dtype=dtype, device=dev), torch.empty(count, dtype=dtype, device=dev)
+        return lambda: group.all_reduce(x, out=out), count
     if collective == "all_gather":
         x, out = torch.ones(count // w, dtype=dtype, device=dev), torch.empty(count, dtype=dtype, device=dev)
         return lambda: group.all_gather(x, out=out), count

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from interlace.engine.device import synchronize as sync
 from interlace.engine.telemetry import envelope
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
@@ -87,11 +88,6 @@ def human_bytes(n: int) -> str:
         if n >= UNITS[unit] and n % UNITS[unit] == 0:
             return f"{n // UNITS[unit]} {unit}iB"
     return f"{n} B"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_time(fn: Callable[[], Any], device: torch.device, iters: int, repeats: int = 5) -> float:

@@ -151,17 +151,17 @@ def _reduce_scatter(shape: dict, regime: str, world: int, dtype: torch.dtype) ->
         return reduce()
 
     def fused(start=None, end=None):
-        e = next(epochs)
-        copy.wait_stream(cur)
-        pull_in()
-        for q in range(1, world):
-            signals.wait(counters, q, e * tiles[q], copy)  # stream waits on the GEMM's tile counts
-            signals.copy_chunks([(outgoing[q - 1], blocks[q])], stream=copy)
+        e, before = next(epochs), cur.record_event()
         if start is not None:
             start.record()
         gemm(x, w, out=partial, signal=SignalHook(counters, n), start_chunk=1, plan=plan)
         if end is not None:
             end.record()
+        copy.wait_event(before)  # waits queued after the GEMM they wait for (shared hardware queues)
+        pull_in()
+        for q in range(1, world):
+            signals.wait(counters, q, e * tiles[q], copy)  # stream waits on the GEMM's tile counts
+            signals.copy_chunks([(outgoing[q - 1], blocks[q])], stream=copy)
         cur.wait_stream(copy)
         return reduce()
 
@@ -206,16 +206,16 @@ def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, chunks
         return reduce()
 
     def fused(start=None, end=None):
-        e = next(epochs)
-        copy.wait_stream(cur)
-        for c, span in enumerate(spans):
-            signals.wait(counters, c, e * tiles[c], copy)
-            pull(span)
+        e, before = next(epochs), cur.record_event()
         if start is not None:
             start.record()
         gemm(x, w, out=partial, signal=SignalHook(counters, step), plan=plan)
         if end is not None:
             end.record()
+        copy.wait_event(before)
+        for c, span in enumerate(spans):
+            signals.wait(counters, c, e * tiles[c], copy)
+            pull(span)
         cur.wait_stream(copy)
         return reduce()
 

@@ -48,6 +48,21 @@ void check_driver(CUresult result, const std::string& what) {
   if (result != CUDA_SUCCESS) throw std::runtime_error(what + ": CUDA driver error " + std::to_string(result));
 }
 
+// Selects a device for one call and restores the caller's current device afterwards.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) DeviceGuard guard(device);
+  }
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
 cudaStream_t private_stream(int device) {
   static std::mutex lock;
   static std::unordered_map<int, cudaStream_t> streams;
@@ -80,7 +95,7 @@ int cuda_device_count(std::string& why) {
 }
 
 uintptr_t device_malloc(size_t nbytes, int device) {
-  check(cudaSetDevice(device), "cudaSetDevice");
+  DeviceGuard guard(device);
   void* p = nullptr;
   check(cudaMalloc(&p, nbytes), "cudaMalloc of " + std::to_string(nbytes) + " bytes");
   cudaError_t error = cudaMemset(p, 0, nbytes);
@@ -92,12 +107,12 @@ uintptr_t device_malloc(size_t nbytes, int device) {
 }
 
 void device_free(uintptr_t address, int device) {
-  check(cudaSetDevice(device), "cudaSetDevice");
+  DeviceGuard guard(device);
   check(cudaFree(reinterpret_cast<void*>(address)), "cudaFree");
 }
 
 std::string ipc_handle(uintptr_t address, int device) {
-  check(cudaSetDevice(device), "cudaSetDevice");
+  DeviceGuard guard(device);
   cudaIpcMemHandle_t handle;
   check(cudaIpcGetMemHandle(&handle, reinterpret_cast<void*>(address)), "cudaIpcGetMemHandle");
   return std::string(reinterpret_cast<const char*>(&handle), sizeof(handle));
@@ -107,7 +122,7 @@ uintptr_t ipc_open(const std::string& bytes, int device) {
   if (bytes.size() != sizeof(cudaIpcMemHandle_t)) {
     throw std::runtime_error("an IPC handle has " + std::to_string(sizeof(cudaIpcMemHandle_t)) + " bytes, got " + std::to_string(bytes.size()));
   }
-  check(cudaSetDevice(device), "cudaSetDevice");
+  DeviceGuard guard(device);
   cudaIpcMemHandle_t handle;
   std::memcpy(&handle, bytes.data(), sizeof(handle));
   void* p = nullptr;
@@ -116,7 +131,7 @@ uintptr_t ipc_open(const std::string& bytes, int device) {
 }
 
 void ipc_close(uintptr_t address, int device) {
-  check(cudaSetDevice(device), "cudaSetDevice");
+  DeviceGuard guard(device);
   check(cudaIpcCloseMemHandle(reinterpret_cast<void*>(address)), "cudaIpcCloseMemHandle");
 }
 
@@ -145,7 +160,7 @@ void copy_chunks_async(uintptr_t stream, const std::vector<uintptr_t>& dst, cons
 }
 
 int32_t device_load(uintptr_t address, int device) {
-  check(cudaSetDevice(device), "cudaSetDevice");
+  DeviceGuard guard(device);
   cudaStream_t s = private_stream(device);
   int32_t value = 0;
   check(cudaMemcpyAsync(&value, reinterpret_cast<const void*>(address), sizeof(value), cudaMemcpyDeviceToHost, s),

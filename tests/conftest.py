@@ -14,6 +14,9 @@ import torch
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# LocalGroup on one GPU runs a compute stream and a lane per rank: with CUDA's default 8 hardware
+# queues they would alias, and a stream wait could block unrelated work. Set before CUDA starts.
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
 
 
 def pytest_collection_modifyitems(config, items):

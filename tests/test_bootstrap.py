@@ -57,7 +57,7 @@ def test_offline_setup_from_an_interpreter_that_already_has_torch(tmp_path):
     switched off: it must build a venv that imports the same torch and interlace, installing nothing.
     """
     source, venv = tmp_path / "checkout", tmp_path / "venv"
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True).stdout.split()
     for name in tracked or pytest.skip("not a git checkout"):  # a copy: the editable build must not touch this tree
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, source / name)

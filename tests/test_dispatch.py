@@ -66,6 +66,20 @@ def test_a_case_cached_on_some_ranks_only_is_measured_by_all(tmp_path):
     assert spawn(partly_cached, 2, "local", args=(tmp_path,)) == [("chunked", 3), ("chunked", 3)]
 
 
+def disagreeing_caches(group, root):
+    """Each rank has a different decision cached (per-machine caches): they must measure again, together."""
+    timings = Timings([{"bulk": 1.0, "chunkedx2": 0.9, "chunkedx4": 0.5}])
+    d = Dispatcher(root / f"r{group.rank}.json", measure=timings)
+    case = Case.of(group=group, **CASE)
+    d.decisions[case.key()] = dispatch.Decision(["bulk", "chunked"][group.rank], 2, {"bulk": 1.0}, "stale")
+    return d.decide(group, case).config(), timings.calls
+
+
+def test_ranks_holding_different_cached_decisions_measure_again_and_agree(tmp_path):
+    (a, calls_a), (b, calls_b) = spawn(disagreeing_caches, 2, "local", args=(tmp_path,))
+    assert a == b and (a.strategy, a.chunks) == ("chunked", 4) and calls_a == calls_b == 3
+
+
 def real_measurement(group):
     return measure_collectively(group, Case.of(group=group, **CASE), dispatch.OverlapConfig(strategy="chunked", chunks=2))
 

@@ -75,6 +75,20 @@ def captured(group):
     return True
 
 
+def close_right_after(group):
+    """No host sync between the last call and close(): close must not free memory still in use."""
+    for _ in range(3):
+        op = FusedMatmulReduceScatter(group, ROWS, N, torch.float32, check=False)
+        out = op(torch.randn(group.world_size * ROWS, K, device="cuda"), torch.randn(N, K, device="cuda"))
+        op.close()
+    return bool(torch.isfinite(out).all())
+
+
+@pytest.mark.gpu
+def test_closing_right_after_a_call_is_safe():
+    assert spawn(close_right_after, 4, "local", device="cuda", timeout=120) == [True] * 4
+
+
 @pytest.mark.gpu
 def test_fused_refuses_cuda_graph_capture_instead_of_replaying_stale_epochs():
     assert spawn(captured, 2, "local", device="cuda", timeout=120) == [True, True]

@@ -12,7 +12,7 @@ from interlace.engine.comm import spawn
 from interlace.engine.pipeline import (
     Costs, Schedule, ScheduleError, balance, by_count, decode, forward, generate, gpipe, interleaved, one_f_one_b, simulate, verify,
 )  # fmt: skip
-from interlace.engine.pipeline.execute import Executor, PipelineTimeoutError
+from interlace.engine.pipeline.execute import Executor, PipelineCommError, PipelineTimeoutError
 from interlace.engine.pipeline.ir import Action
 from interlace.engine.pipeline.simulate import decode_cycle
 from interlace.models import LlamaConfig, LlamaForCausalLM, init_weights
@@ -287,6 +287,8 @@ def stops_sending(group, timeout):
         runner.run()
     except PipelineTimeoutError as error:
         return time.monotonic() - start, str(error)
+    except PipelineCommError as error:  # rank 2: its sender (rank 1) gave up first
+        return "peer failed", str(error)
     return "no error"
 
 

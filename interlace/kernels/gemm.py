@@ -17,6 +17,9 @@ Hooks (int32 flag arrays, one entry per chunk of ``chunk_rows`` rows of x / y):
 - SIGNAL: after a tile's store, a CTA barrier, then ``counters[c] += 1`` (release) for every
   chunk c its rows touch: ``counters[c] == epoch * tiles_in_chunk(c)`` once the epoch-th call
   has finished chunk c.
+
+Flags compare as ``(int32)(flag - value) >= 0`` (what cuStreamWaitValue32 does), so epochs and
+counters may wrap. The hooks' atomics are system-scoped: peers on other GPUs read them over IPC.
 """
 
 from __future__ import annotations
@@ -56,14 +59,14 @@ def _wait_chunks(flags_ptr, status_ptr, chunk_first, chunk_last, epoch, max_spin
     """1 when every chunk in [chunk_first, chunk_last] reached ``epoch``; 0 after recording a timeout."""
     ready = 1
     for chunk in range(chunk_first, chunk_last + 1):
-        seen = tl.atomic_add(flags_ptr + chunk, 0, sem="acquire")
+        seen = tl.atomic_add(flags_ptr + chunk, 0, sem="acquire", scope="sys")
         failed = tl.atomic_add(status_ptr, 0, sem="relaxed")
         spins = 0
-        while (seen < epoch) & (spins < max_spins) & (failed == 0):
-            seen = tl.atomic_add(flags_ptr + chunk, 0, sem="acquire")
+        while ((seen - epoch) < 0) & (spins < max_spins) & (failed == 0):  # wrap-aware >=
+            seen = tl.atomic_add(flags_ptr + chunk, 0, sem="acquire", scope="sys")
             failed = tl.atomic_add(status_ptr, 0, sem="relaxed")
             spins += 1
-        if seen < epoch:
+        if (seen - epoch) < 0:
             if tl.atomic_cas(status_ptr, 0, 1) == 0:
                 tl.store(status_ptr + 1, chunk)
                 tl.store(status_ptr + 2, epoch)
@@ -132,4 +135,4 @@ def gemm_kernel(
             if SIGNAL:
                 tl.debug_barrier()  # every thread's stores precede the release below
                 for chunk in range(chunk_first, chunk_last + 1):
-                    tl.atomic_add(counters_ptr + chunk, 1, sem="release")
+                    tl.atomic_add(counters_ptr + chunk, 1, sem="release", scope="sys")

@@ -24,6 +24,7 @@ import torch
 import triton
 
 from interlace.kernels import gemm as kernel
+from interlace.ops.describe import describe
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -205,9 +206,9 @@ def _epoch_tensor(wait: WaitHook, device: torch.device) -> torch.Tensor:
 
 def _check_operands(x, w, bias, residual, activation, out) -> tuple[int, int]:
     if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or x.dim() != 2 or w.dim() != 2:
-        raise ValueError(f"gemm expects 2-D tensors x [M, K] and w [N, K], got {_desc(x)} and {_desc(w)}")
+        raise ValueError(f"gemm expects 2-D tensors x [M, K] and w [N, K], got {describe(x)} and {describe(w)}")
     if x.shape[1] != w.shape[1]:
-        raise ValueError(f"gemm: x {_desc(x)} and w {_desc(w)} disagree on K ({x.shape[1]} vs {w.shape[1]})")
+        raise ValueError(f"gemm: x {describe(x)} and w {describe(w)} disagree on K ({x.shape[1]} vs {w.shape[1]})")
     if x.dtype not in DTYPES or w.dtype != x.dtype:
         raise TypeError(f"gemm: x and w must share one of {[str(d) for d in DTYPES]}, got {x.dtype} and {w.dtype}")
     if w.device != x.device:
@@ -217,7 +218,7 @@ def _check_operands(x, w, bias, residual, activation, out) -> tuple[int, int]:
     m, n = x.shape[0], w.shape[0]
     for name, t, shape in (("bias", bias, (n,)), ("residual", residual, (m, n)), ("out", out, (m, n))):
         if t is not None and (tuple(t.shape) != shape or t.device != x.device or (name != "bias" and t.dtype != x.dtype)):
-            raise ValueError(f"gemm: {name} must be {list(shape)} on {x.device}" + ("" if name == "bias" else f" in {x.dtype}") + f", got {_desc(t)}")
+            raise ValueError(f"gemm: {name} must be {list(shape)} on {x.device}" + ("" if name == "bias" else f" in {x.dtype}") + f", got {describe(t)}")
     return m, n
 
 
@@ -232,15 +233,9 @@ def _check_hooks(wait, signal, m, device, start_chunk) -> int:
     for name, flags in (("wait.flags", wait and wait.flags), ("signal.counters", signal and signal.counters)):
         if flags is not None and (flags.dtype != torch.int32 or flags.dim() != 1 or flags.numel() < chunks
                                   or not flags.is_contiguous() or flags.device != device):  # fmt: skip
-            raise ValueError(f"gemm: {name} must be a contiguous int32 vector of >= {chunks} chunks on {device}, got {_desc(flags)}")
+            raise ValueError(f"gemm: {name} must be a contiguous int32 vector of >= {chunks} chunks on {device}, got {describe(flags)}")
     if not 0 <= start_chunk < chunks:
         raise ValueError(f"gemm: start_chunk must be in [0, {chunks}), got {start_chunk}")
     if wait is not None and isinstance(wait.epoch, int) and wait.epoch < 1:
         raise ValueError(f"gemm: wait.epoch must be >= 1 (flags start at 0), got {wait.epoch}")
     return chunk_rows
-
-
-def _desc(t) -> str:
-    if not isinstance(t, torch.Tensor):
-        return type(t).__name__
-    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)} on {t.device}"

@@ -11,7 +11,9 @@ NCCL would hang or corrupt. Each rank also records its arrival in the store, so 
 peers not heard from. The cost is one small host round trip per call; turn it off on a hot path
 whose communication pattern is already proven (e.g. a verified pipeline schedule). With checks on,
 a receive is matched against its send before the data moves, so its data transfer is posted when
-the sender's signature has arrived (at the latest in ``wait()``).
+the sender's signature has arrived (at the latest in ``wait()``): on NCCL that posts it after
+collectives issued in between, which ProcessGroupNCCL's per-pair communicators keep apart (to be
+confirmed on GPUs; ``sendrecv_async`` groups both directions regardless).
 
 Deadlines: gloo waits are bounded by ``timeout``. NCCL work is stream-ordered: ``wait()`` orders
 the caller's current stream after it without blocking the host, and NCCL's watchdog enforces the

@@ -137,6 +137,11 @@ class _Both(Work):
         return self._send.is_completed() and self._recv.is_completed()
 
 
+def ring(rank: int, world_size: int) -> list[int]:
+    """The other ranks in ring order starting after ``rank`` (spreads reads across peers)."""
+    return [(rank + i) % world_size for i in range(1, world_size)]
+
+
 class ThreadWork(Work):
     """Work completed by another thread (a transport's engine or lane): it calls ``finish(event)``
     (a CUDA event, or None on CPU) or ``fail(error)``. ``wait()`` raises the error, or orders the

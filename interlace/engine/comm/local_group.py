@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..device import record_event
 from .calls import Call, check_agreement, check_pair, label
 from .errors import CommTimeoutError, PeerFailedError, root_cause
 from .group import Group, ThreadWork, Work
@@ -86,7 +87,7 @@ class _Hub:
         with self.lock:
             rnd = self.rounds.get(key) or self.rounds.setdefault(key, _Round(rnd_participants))
             work = work_for(rnd)
-            rnd.calls[rank], rnd.works[rank], rnd.ready[rank] = call, work, _record_event(self.device, None)
+            rnd.calls[rank], rnd.works[rank], rnd.ready[rank] = call, work, record_event(self.device)
             if len(rnd.calls) == len(rnd.participants):
                 del self.rounds[key]
                 self.complete.put(rnd)
@@ -212,7 +213,7 @@ def _complete(rnd: _Round, world: int, stream: Any) -> Any:
             total = reduce_in_rank_order([c.x for c in calls], calls[0].op)
             for r, c in enumerate(calls):
                 c.out.copy_(total if kind == "all_reduce" else rows(total, r, world))
-        return _record_event(stream.device if stream is not None else torch.device("cpu"), stream)
+        return record_event(stream.device, stream) if stream is not None else None
 
 
 @contextlib.contextmanager
@@ -222,14 +223,6 @@ def _on(stream: Any) -> Iterator[None]:
         return
     with torch.cuda.stream(stream):
         yield
-
-
-def _record_event(device: torch.device, stream: Any) -> Any:
-    if device.type != "cuda":
-        return None
-    event = torch.cuda.Event()
-    event.record(stream if stream is not None else torch.cuda.current_stream(device))
-    return event
 
 
 def _wait_events(stream: Any, events: Any) -> None:

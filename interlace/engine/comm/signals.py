@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from interlace.ops.describe import describe
+
 from .native import native
 
 DEFAULT_TIMEOUT = 300.0
@@ -32,10 +34,15 @@ class FlagTimeoutError(TimeoutError):
         return type(self), (self.what, self.rank, self.index, self.expected, self.observed, self.timeout)
 
 
+def wrap(value: int) -> int:
+    """``value`` as the int32 a flag holds: epochs and tile counts only grow, and wrap."""
+    return (value + 2**31) % 2**32 - 2**31
+
+
 def address(flags: torch.Tensor, index: int) -> int:
     """Byte address of ``flags[index]`` after checking the vector and the index."""
     if not isinstance(flags, torch.Tensor) or flags.dtype != torch.int32 or flags.dim() != 1 or not flags.is_contiguous():
-        raise TypeError(f"flags must be a contiguous 1-D int32 tensor, got {_desc(flags)}")
+        raise TypeError(f"flags must be a contiguous 1-D int32 tensor, got {describe(flags)}")
     if not isinstance(index, int) or not 0 <= index < flags.numel():
         raise IndexError(f"flag index {index} out of range for {flags.numel()} flags")
     return flags.data_ptr() + 4 * index
@@ -43,7 +50,7 @@ def address(flags: torch.Tensor, index: int) -> int:
 
 def write(flags: torch.Tensor, index: int, value: int, stream: torch.cuda.Stream | None = None) -> None:
     """``flags[index] = value`` (release): from ``stream`` on a GPU, at once on a CPU."""
-    addr = address(flags, index)
+    addr, value = address(flags, index), wrap(value)
     if flags.device.type == "cuda":
         native().stream_write_value(_stream(flags, stream).cuda_stream, addr, value)
     else:
@@ -54,7 +61,7 @@ def wait(flags: torch.Tensor, index: int, value: int, stream: torch.cuda.Stream 
          timeout: float = DEFAULT_TIMEOUT, rank: int | None = None) -> None:  # fmt: skip
     """Order ``stream`` after ``flags[index] >= value`` (GPU), or block this thread until then (CPU,
     raising ``FlagTimeoutError`` after ``timeout`` seconds)."""
-    addr = address(flags, index)
+    addr, value = address(flags, index), wrap(value)
     if flags.device.type == "cuda":
         native().stream_wait_value(_stream(flags, stream).cuda_stream, addr, value)
     else:
@@ -64,7 +71,7 @@ def wait(flags: torch.Tensor, index: int, value: int, stream: torch.cuda.Stream 
 def host_wait(flags: torch.Tensor, index: int, value: int, timeout: float, *, rank: int | None = None, what: str = "") -> int:
     """Block the host until ``flags[index] >= value``; returns the value seen, or raises
     ``FlagTimeoutError`` naming the rank, the index, the expected and the observed value."""
-    addr = address(flags, index)
+    addr, value = address(flags, index), wrap(value)
     if flags.device.type != "cuda":
         observed = native().flag_wait(addr, value, timeout)
     else:
@@ -89,20 +96,28 @@ def copy_chunks(chunks: list[tuple[torch.Tensor, torch.Tensor]], flags: torch.Te
     """
     if indices is not None and (flags is None or len(indices) != len(chunks)):
         raise ValueError(f"copy_chunks: {len(chunks)} chunks need as many flag indices, got {indices}")
-    dst, src, sizes = [], [], []
+    dst, src, sizes, cuda = [], [], [], None
     for i, (d, s) in enumerate(chunks):
-        if not (d.is_contiguous() and s.is_contiguous()) or d.nbytes != s.nbytes or d.device.type != s.device.type:
-            raise ValueError(f"copy_chunks: chunk {i} needs contiguous tensors of equal size on one device type, "
-                             f"got {_desc(d)} <- {_desc(s)}")  # fmt: skip
+        _check_chunk(i, d, s)
+        cuda = cuda or next((t for t in (d, s) if t.is_cuda), None)
         dst.append(d.data_ptr())
         src.append(s.data_ptr())
         sizes.append(d.nbytes)
     flag_addrs = [address(flags, i) for i in indices] if indices is not None else [0] * len(chunks)
-    values = [value] * len(chunks)
-    if chunks and chunks[0][0].device.type == "cuda":
-        native().copy_chunks_async(_stream(chunks[0][0], stream).cuda_stream, dst, src, sizes, flag_addrs, values)
+    values = [wrap(value)] * len(chunks)
+    if cuda is not None:  # any GPU side: the copy engines (pinned host memory included, over PCIe)
+        native().copy_chunks_async(_stream(cuda, stream).cuda_stream, dst, src, sizes, flag_addrs, values)
     else:
         native().copy_chunks(dst, src, sizes, flag_addrs, values)
+
+
+def _check_chunk(i: int, d: torch.Tensor, s: torch.Tensor) -> None:
+    """Contiguous, equal sizes; host memory in a GPU copy must be pinned (the copy engines need it)."""
+    mixed = d.is_cuda != s.is_cuda
+    host_ok = not mixed or all(t.is_cuda or t.is_pinned() for t in (d, s))
+    if not (d.is_contiguous() and s.is_contiguous()) or d.nbytes != s.nbytes or not host_ok:
+        raise ValueError(f"copy_chunks: chunk {i} needs contiguous tensors of equal size, host memory pinned when the other "
+                         f"side is on a GPU; got {describe(d)} <- {describe(s)}")  # fmt: skip
 
 
 def _poll_device(addr: int, value: int, timeout: float, device: int) -> int:
@@ -117,9 +132,3 @@ def _poll_device(addr: int, value: int, timeout: float, device: int) -> int:
 
 def _stream(t: torch.Tensor, stream: torch.cuda.Stream | None) -> torch.cuda.Stream:
     return stream if stream is not None else torch.cuda.current_stream(t.device)
-
-
-def _desc(t) -> str:
-    if not isinstance(t, torch.Tensor):
-        return type(t).__name__
-    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)} on {t.device}"

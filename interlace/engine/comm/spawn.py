@@ -11,6 +11,7 @@ import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
 import pickle
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -121,11 +122,15 @@ def _rank_main(fn, args, rank, world_size, backends, port, timeout, check, conn)
         if backend == "symmetric":
             group = SymmetricGroup(group, timeout=timeout)
         result = fn(group, *args)
-        conn.send_bytes(pickle.dumps(("ok", result)))
-        group.barrier()  # nobody tears down connections or buffers a peer still uses
-        group.close()
     except BaseException as error:  # reported to the parent, which re-raises it
         conn.send_bytes(pickle.dumps(("error", _pack_error(error))))
+    else:
+        conn.send_bytes(pickle.dumps(("ok", result)))  # before teardown: a broken peer must not cost the result
+        try:
+            group.barrier()  # nobody tears down connections or buffers a peer still uses
+            group.close()
+        except BaseException as error:  # after the report: said here, not lost
+            print(f"interlace spawn: rank {rank} reported its result, then teardown failed: {error}", file=sys.stderr, flush=True)
     finally:
         conn.close()
         if dist.is_initialized():

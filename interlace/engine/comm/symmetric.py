@@ -18,6 +18,7 @@ import secrets
 import numpy as np
 import torch
 
+from ..device import synchronize
 from .group import Group
 from .native import native
 
@@ -68,6 +69,7 @@ class SymmetricBuffer:
             return
         self._closed = True
         self._views = []
+        synchronize(self.device)  # this rank's queued GPU work may still touch peers' memory
         self.group.barrier()  # nobody still uses a peer's memory
         for r, a in enumerate(self._addresses):
             if r != self.rank:
@@ -168,6 +170,7 @@ class _DeviceMemory(_Memory):
     def allocate(self, nbytes: int) -> list[int]:
         g = self.group
         own = native().device_malloc(nbytes, self.index)
+        synchronize(self.device)  # the zero fill lands before any peer can read the memory
         try:
             handles = _exchange(g, native().ipc_handle(own, self.index))
             return [own if r == g.rank else native().ipc_open(h, self.index) for r, h in enumerate(handles)]
@@ -194,6 +197,7 @@ class _ThreadMemory(_Memory):
 
     def allocate(self, nbytes: int) -> list[int]:
         own = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
+        synchronize(self.device)  # peers read it from their own streams
         peers = self.group.share(own)
         self.tensors = {t.data_ptr(): t for t in peers}
         return [t.data_ptr() for t in peers]

@@ -20,7 +20,7 @@ Calls run on *lanes*, worker threads that keep issue order: one per rank for col
 per (peer, direction) for point-to-point, so a receive posted early never blocks a collective. On
 a CPU a lane does the work itself, waiting with the group's deadline. On a GPU it enqueues stream
 waits, stream writes and copies on its own stream, and ``wait()`` blocks the host until the work
-is done or the deadline passes (naming the peers whose flags are behind). Signature checks are
+is done or the deadline passes, naming the peers whose READY flag is behind. Signature checks are
 CPU-only (reading device flags would synchronise every call).
 """
 
@@ -37,7 +37,8 @@ import torch
 from . import signals
 from .calls import SIGNATURE_LEN, Call, check_agreement, check_pair, label
 from .errors import CommTimeoutError
-from .group import Group, ThreadWork, Work
+from ..device import record_event
+from .group import Group, ThreadWork, Work, ring
 from .reduce import reduce_in_rank_order, rows
 from .symmetric import SymmetricBuffer
 
@@ -61,15 +62,16 @@ class SymmetricGroup(Group):
         flags = self._sig + (1 + w) * SIGNATURE_LEN if self._checks else self._sig
         self.buffer = SymmetricBuffer.allocate(bootstrap, (1 + w) * capacity, flags)
         self._seq, self._pairs = 0, Counter()
-        self._lanes: dict[tuple, queue.SimpleQueue] = {}
+        self._lanes: dict[tuple, tuple[queue.SimpleQueue, threading.Thread]] = {}
         self._lock = threading.Lock()
 
     def close(self) -> None:
-        """Collective: drain the lanes, then release the buffers."""
+        """Collective: drain the lanes (their queued calls finish), then release the buffers."""
         with self._lock:
-            for lane in self._lanes.values():
-                lane.put(None)
-            self._lanes.clear()
+            lanes, self._lanes = list(self._lanes.values()), {}
+        for tasks, thread in lanes:
+            tasks.put(None)
+            thread.join(self.timeout)
         self.buffer.close()
 
     # --- issuing --------------------------------------------------------------------------------
@@ -86,32 +88,33 @@ class SymmetricGroup(Group):
             self._seq += 1
             n, lane = self._seq, ("collective",)
         work = _SymmetricWork(self, call, label(call, n), time.monotonic() + self.timeout, n)
-        ready = _event_on_current_stream(self.device)
+        ready = record_event(self.device)
         self._lane(lane).put(lambda: self._run(call, n, work, ready))
         return work
 
     def _lane(self, key: tuple) -> queue.SimpleQueue:
         with self._lock:
             if key not in self._lanes:
-                self._lanes[key] = queue.SimpleQueue()
+                tasks = queue.SimpleQueue()
                 stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-                args = (self._lanes[key], stream)
-                threading.Thread(target=_run_lane, args=args, daemon=True, name=f"interlace symmetric r{self.rank} {key}").start()
-            return self._lanes[key]
+                thread = threading.Thread(target=_run_lane, args=(tasks, stream), daemon=True, name=f"interlace symmetric r{self.rank} {key}")
+                thread.start()
+                self._lanes[key] = (tasks, thread)
+            return self._lanes[key][0]
 
     def _run(self, call: Call, n: int, work: _SymmetricWork, ready: Any) -> None:
         try:
             if ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(ready)
             {"send": self._send, "recv": self._recv}.get(call.kind, self._collective)(call, n, work)
-            work.finish(_event_on_current_stream(self.device))
+            work.finish(record_event(self.device))
         except BaseException as error:  # reported by the caller's wait()
             work.fail(error)
 
     # --- the protocols --------------------------------------------------------------------------
 
     def _collective(self, call: Call, e: int, work: _SymmetricWork) -> None:
-        buf, r, peers = self.buffer, self.rank, self._ring()
+        buf, r, peers = self.buffer, self.rank, ring(self.rank, self.world_size)
         self._await_all(peers, DONE, e - 1, work, "finish reading the previous collective")
         if call.x is not None:
             buf.peer(r, call.x.dtype, tuple(call.x.shape)).copy_(call.x)
@@ -158,10 +161,6 @@ class SymmetricGroup(Group):
 
     # --- helpers --------------------------------------------------------------------------------
 
-    def _ring(self) -> list[int]:
-        """Peers in ring order starting after this rank (spreads the reads)."""
-        return [(self.rank + i) % self.world_size for i in range(1, self.world_size)]
-
     def _await_all(self, peers: list[int], index: int, value: int, work: _SymmetricWork, to: str) -> None:
         if value <= 0:
             return
@@ -192,6 +191,13 @@ class _SymmetricWork(ThreadWork):
         self.n = n
         self.host_waits_for_gpu = group.device.type == "cuda"  # stream waits have no deadline of their own
 
+    def missing(self) -> list[int]:
+        """Peers whose READY flag has not reached this call's epoch (the peer, for send/recv)."""
+        g, call = self.group, self.call
+        if call.kind in ("send", "recv"):
+            return [call.peer]
+        return [q for q in range(g.world_size) if q != g.rank and signals.wrap(signals.read(g.buffer.flags(q), READY) - self.n) < 0]
+
 
 def _run_lane(tasks: queue.SimpleQueue, stream: torch.cuda.Stream | None) -> None:
     if stream is not None:
@@ -199,11 +205,3 @@ def _run_lane(tasks: queue.SimpleQueue, stream: torch.cuda.Stream | None) -> Non
         torch.cuda.set_stream(stream)
     while (task := tasks.get()) is not None:
         task()
-
-
-def _event_on_current_stream(device: torch.device) -> Any:
-    if device.type != "cuda":
-        return None
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(device))
-    return event

@@ -14,7 +14,9 @@ Each pairs a forward collective with the collective its gradient needs:
 | matmul_all_reduce      | GEMM+AR                        | grad @ w                             |
 
 Backward always uses bulk collectives: interlace targets inference; gradients exist for
-correctness tests and fine-tuning. On one GPU, LocalGroup cannot run backward (autograd runs
+correctness tests and fine-tuning. Gradients of sharded parameters are complete; those of
+parameters replicated across ranks (norms and row biases under sequence parallelism, replicated
+key/value heads) are per-rank partials, to be summed over the ranks that share them. On one GPU, LocalGroup cannot run backward (autograd runs
 every rank's CUDA backward on one device thread, so a collective there would wait for itself
 until its deadline).
 """

@@ -35,7 +35,7 @@ def all_gather_matmul(x_shard_m: torch.Tensor, weights: list[torch.Tensor], grou
     n_out = sum(w.shape[0] for w in weights)
     config = _resolve(config, group, "ag_gemm", x_shard_m.shape[0] * group.world_size, n_out, x_shard_m.shape[1], x_shard_m.dtype)
     if config.strategy == "fused":
-        return _fused(group, "ag_gemm", x_shard_m.shape[0], x_shard_m.shape[1], x_shard_m.dtype)(x_shard_m, weights)
+        return _fused(group, config, "ag_gemm", x_shard_m.shape[0], x_shard_m.shape[1], x_shard_m.dtype)(x_shard_m, weights)
     if config.strategy == "bulk":
         x = group.all_gather(x_shard_m)
         return [x @ w.T for w in weights]
@@ -57,7 +57,7 @@ def matmul_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, group: Group, c
     """``reduce_scatter(x @ weight.T)`` over rows: this rank's block of the summed product."""
     config = _resolve(config, group, "gemm_rs", x.shape[0], weight.shape[0], x.shape[1], x.dtype)
     if config.strategy == "fused":
-        return _fused(group, "gemm_rs", x.shape[0] // group.world_size, weight.shape[0], x.dtype)(x, weight)
+        return _fused(group, config, "gemm_rs", x.shape[0] // group.world_size, weight.shape[0], x.dtype)(x, weight)
     if config.strategy == "bulk":
         return group.reduce_scatter(x @ weight.T)
     w = group.world_size
@@ -77,7 +77,7 @@ def matmul_all_reduce(x: torch.Tensor, weight: torch.Tensor, group: Group, confi
     """``all_reduce(x @ weight.T)``."""
     config = _resolve(config, group, "gemm_ar", x.shape[0], weight.shape[0], x.shape[1], x.dtype)
     if config.strategy == "fused":
-        return _fused(group, "gemm_ar", x.shape[0], weight.shape[0], x.dtype, config.chunks)(x, weight)
+        return _fused(group, config, "gemm_ar", x.shape[0], weight.shape[0], x.dtype, config.chunks)(x, weight)
     if config.strategy == "bulk":
         y = x @ weight.T
         return group.all_reduce(y, out=y)
@@ -100,10 +100,10 @@ def _resolve(config: OverlapConfig, group: Group, pattern: str, m: int, n: int, 
     return default_dispatcher().config_for(group, Case.of(pattern, group, m, n, k, dtype))
 
 
-def _fused(group: Group, pattern: str, *shape):
+def _fused(group: Group, config: OverlapConfig, pattern: str, *shape):
     from .fused import workspace  # the fused path needs Triton: imported only when used
 
-    return workspace(group, pattern, *shape)
+    return workspace(group, pattern, *shape, check=config.check)
 
 
 def _pieces(rows: int, chunks: int) -> list[tuple[int, int]]:

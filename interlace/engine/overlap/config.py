@@ -23,6 +23,11 @@ class OverlapConfig:
     """Pieces per call for ``"chunked"`` GEMM+RS and GEMM+AR (fewer when there are fewer rows).
     AG+GEMM always uses one chunk per rank, passed around a ring (see collective_matmul.py)."""
 
+    check: bool = True
+    """``"fused"`` on a GPU: block the host after each call until it finished, raising with the
+    lagging peers named past the group's deadline (stream waits have none of their own). Turn off
+    in production once a deployment is proven; on CPUs it costs nothing."""
+
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"OverlapConfig.strategy must be one of {STRATEGIES}, got {self.strategy!r}")

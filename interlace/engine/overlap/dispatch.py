@@ -4,8 +4,8 @@ Per case (pattern, per-rank GEMM shape, dtype, world size, transport, topology) 
 every available candidate in lockstep and the slowest rank's time counts, so all ranks decide the
 same. The fastest wins, but bulk stays unless another is at least ``MARGIN`` faster: the choice is
 never slower than bulk as measured. Decisions are cached in memory and on disk
-(``$INTERLACE_DISPATCH_CACHE``, default ``~/.cache/interlace/dispatch.json``); whether a case is
-cached is agreed collectively too, so ranks never diverge. ``explain()`` says what a call will use
+(``$INTERLACE_DISPATCH_CACHE``, default ``~/.cache/interlace/dispatch.json``); a cached decision
+is used only when every rank holds the same one (else all measure again), so ranks never diverge. ``explain()`` says what a call will use
 and why, including why fused was left out.
 """
 
@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from interlace.engine.comm import Group
+from interlace.engine.device import synchronize
 
 from .config import OverlapConfig
 
@@ -79,10 +80,9 @@ class Dispatcher:
 
     def decide(self, group: Group, case: Case) -> Decision:
         """Collective on first use of a case (every rank must call it with the same case)."""
-        cached = case.key() in self.decisions
-        everyone = group.all_reduce(torch.tensor([1.0 if cached else 0.0], device=group.device), "sum")
-        if cached and int(everyone.item()) == group.world_size:
-            return self.decisions[case.key()]
+        cached = self.decisions.get(case.key())
+        if _agreed(group, cached):
+            return cached
         decision = self._measure(group, case)
         self.decisions[case.key()] = decision
         _store(self.path, case.key(), decision)
@@ -107,6 +107,14 @@ class Dispatcher:
             why += f"; fused not considered: {excluded}"
         chosen = candidates[label]
         return Decision(chosen.strategy, chosen.chunks, times, why)
+
+
+def _agreed(group: Group, decision: Decision | None) -> bool:
+    """True when every rank holds the same cached decision (caches are per machine: they can differ)."""
+    code = -1.0 if decision is None else float(["bulk", "chunked", "fused"].index(decision.strategy) * 1000 + decision.chunks)
+    low = group.all_reduce(torch.tensor([code], dtype=torch.float64, device=group.device), "max")
+    high = group.all_reduce(torch.tensor([-code], dtype=torch.float64, device=group.device), "max")
+    return code >= 0 and low.item() == -high.item() == code
 
 
 def candidates_for(group: Group, case: Case) -> tuple[dict[str, OverlapConfig], str | None]:
@@ -139,11 +147,11 @@ def measure_collectively(group: Group, case: Case, config: OverlapConfig, iters:
         fn = lambda: run(x, weight, group, config)  # noqa: E731
     fn()
     group.barrier()
-    _sync(dev)
+    synchronize(dev)
     start = time.perf_counter()
     for _ in range(iters):
         fn()
-    _sync(dev)
+    synchronize(dev)
     mine = torch.tensor([(time.perf_counter() - start) / iters], dtype=torch.float64, device=dev)
     return float(group.all_reduce(mine, "max").item())
 
@@ -155,10 +163,11 @@ def topology(device: torch.device) -> str:
     """What the costs depend on beyond the call: the device model and count."""
     if device.type != "cuda":
         return f"cpu{os.cpu_count()}"
-    if device.type not in _TOPOLOGY:
+    key = str(device)
+    if key not in _TOPOLOGY:
         props = torch.cuda.get_device_properties(device)
-        _TOPOLOGY[device.type] = f"{props.name.replace(' ', '_')}x{torch.cuda.device_count()}"
-    return _TOPOLOGY[device.type]
+        _TOPOLOGY[key] = f"{props.name.replace(' ', '_')}x{torch.cuda.device_count()}"
+    return _TOPOLOGY[key]
 
 
 _DEFAULT: Dispatcher | None = None
@@ -187,8 +196,3 @@ def _store(path: Path, key: str, decision: Decision) -> None:
     tmp = path.with_suffix(f".{os.getpid()}.{time.monotonic_ns()}.tmp")
     tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))
     os.replace(tmp, path)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import weakref
+import time
 
 import torch
 
-from interlace.engine.comm import Group, SymmetricBuffer
+from interlace.engine.comm import Group, SymmetricBuffer, signals
+from interlace.engine.comm.group import ring
 from interlace.engine.comm.reduce import reduce_in_rank_order
 from interlace.kernels import allreduce_norm
 from interlace.ops.gemm import DEFAULT_MAX_SPINS, INTERPRETER_LOCK, INTERPRETING, Plan, SignalHook, WaitHook, gemm, plan_for
@@ -43,6 +44,7 @@ class _Fused:
 
     def close(self) -> None:
         """Collective."""
+        self.lane.close()
         self.buffer.close()
 
     def __enter__(self):
@@ -52,7 +54,22 @@ class _Fused:
         if exc_type is None:
             self.close()
         else:  # peers may be anywhere: no collective on an error path
+            self.lane.close()
             self.buffer.abandon()
+
+    def _finish(self, expected: list[tuple[int, int, int]]) -> None:
+        """With ``check`` on a GPU (stream waits have no deadline of their own): block the host until
+        this call's work is done, or raise naming every (rank, flag) still below its target."""
+        if not self.check or self.group.device.type != "cuda":
+            return
+        done = torch.cuda.current_stream(self.group.device).record_event()
+        while not done.query():
+            if time.monotonic() > self.lane.deadline:
+                behind = [f"rank {q} flag {i} is {signals.read(self.buffer.flags(q), i)}, needs {signals.wrap(t)}"
+                          for q, i, t in expected if signals.read(self.buffer.flags(q), i) != signals.wrap(t)]  # fmt: skip
+                raise TimeoutError(f"rank {self.rank}: {self.name} epoch {self.epoch} did not finish within "
+                                   f"{self.lane.timeout} s; behind: {'; '.join(behind) or 'nothing (the GPU is slow)'}")  # fmt: skip
+            time.sleep(1e-4)
 
     def _refuse_graph_capture(self) -> None:
         """Epochs live on the host and stream waits take immediate values: a captured graph would
@@ -60,9 +77,6 @@ class _Fused:
         if self.group.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"rank {self.rank}: {self.name} cannot be captured in a CUDA graph yet (its epochs are "
                                "host-side); run it eagerly, or use overlap='chunked' inside graphs")  # fmt: skip
-
-    def _ring(self) -> list[int]:
-        return [(self.rank + i) % self.world for i in range(1, self.world)]
 
     def _plan(self, x: torch.Tensor, w: torch.Tensor) -> Plan:
         """The GEMM's plan; rank threads sharing one GPU split its multiprocessors, so that every
@@ -82,7 +96,7 @@ class _Fused:
         e, buf = self.epoch, self.buffer
 
         def wait():
-            for q in self._ring():
+            for q in ring(self.rank, self.world):
                 self.lane.wait_flag(buf.flags(q), index, e, f"{self.name} rank {self.rank}: rank {q} finishing epoch {e}: ")
 
         self.lane.after_current_stream()
@@ -114,12 +128,12 @@ class FusedAllGatherMatmul(_Fused):
 
         def publish_and_pull():
             self.lane.copy([(mine[r], x_shard_m.contiguous())], buf.flags(r), [r], e)
-            for q in self._ring():
+            for q in ring(self.rank, self.world):
                 self.lane.wait_flag(buf.flags(q), q, e, f"AG+GEMM rank {r}: rank {q}'s rows of epoch {e}: ")
                 self.lane.copy([(mine[q], self._gathered(q)[q])], buf.flags(r), [q], e)
 
         self.lane.after_current_stream()
-        self.lane.run(publish_and_pull)
+        self.lane.run(publish_and_pull)  # queued before the GEMM: the GEMM spins on these copies' flags
         x = mine.view(self.world * self.rows, self.k)
         hook = WaitHook(buf.flags(r), e, self.rows, label=f"AG+GEMM rank {r}")
         ys = [gemm(x, weights[0], wait=hook, start_chunk=r, plan=self._plan(x, weights[0]), max_spins=self.max_spins, check=self.check)]
@@ -152,11 +166,16 @@ class _MatmulThenReduce(_Fused):
             reduce_chunks(e, targets)
             self.lane.publish(buf.flags(self.rank), self.done, e)
 
-        self.lane.after_current_stream()
-        self.lane.run(consume)  # queued first: on a GPU its stream waits while the GEMM runs
-        gemm(x, weight, out=self._partial(self.rank), signal=SignalHook(buf.flags(self.rank), chunk_rows),
-             start_chunk=start_chunk, plan=plan, max_spins=self.max_spins)  # fmt: skip
+        def produce():
+            gemm(x, weight, out=self._partial(self.rank), signal=SignalHook(buf.flags(self.rank), chunk_rows),
+                 start_chunk=start_chunk, plan=plan, max_spins=self.max_spins)  # fmt: skip
+
+        self.lane.alongside(consume, produce)
         self.lane.join()
+        self._finish([(q, c, targets[c]) for q in range(self.world) for c in self._awaited_chunks()])
+
+    def _awaited_chunks(self) -> list[int]:
+        return list(range(self.chunks))
 
     def _await_chunk(self, chunk: int, target: int, e: int) -> None:
         for q in range(self.world):
@@ -170,6 +189,9 @@ class FusedMatmulReduceScatter(_MatmulThenReduce):
     def __init__(self, group: Group, rows: int, n: int, dtype: torch.dtype, *, check: bool = True, max_spins: int | None = None):
         self.rows = rows
         super().__init__(group, group.world_size * rows, n, dtype, group.world_size, "GEMM+RS", check=check, max_spins=max_spins)
+
+    def _awaited_chunks(self) -> list[int]:
+        return [self.rank]
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         r, n = self.rank, self.rows
@@ -208,10 +230,7 @@ class FusedMatmulAllReduce(_MatmulThenReduce):
 
 class FusedAllReduceResidualNorm(_Fused):
     """Decode's row-parallel epilogue: ``h = residual + all_reduce(partial)``, ``out = RMSNorm(h) * weight``.
-
-    ``partial_buffer()`` is where this rank's GEMM should write its partial (no copy); or pass
-    the partial to ``__call__``. Returns ``(out, h)``; every rank gets the same bits.
-    """
+    Returns ``(out, h)``; every rank gets the same bits."""
 
     def __init__(self, group: Group, rows: int, hidden: int, dtype: torch.dtype, *, eps: float = 1e-5, check: bool = True):
         if group.world_size > allreduce_norm.MAX_WORLD:
@@ -220,62 +239,60 @@ class FusedAllReduceResidualNorm(_Fused):
         self.rows, self.hidden, self.dtype, self.eps = rows, hidden, dtype, eps
         super().__init__(group, rows * hidden * dtype.itemsize, 2, "AR+norm", check=check, max_spins=None)
 
-    def partial_buffer(self) -> torch.Tensor:
-        return self.buffer.peer(self.rank, self.dtype, (self.rows, self.hidden))
-
-    def __call__(self, residual: torch.Tensor, weight: torch.Tensor, partial: torch.Tensor | None = None):
-        _expect(residual, (self.rows, self.hidden), self.dtype, self.rank, "AR+norm residual")
+    def __call__(self, residual: torch.Tensor, weight: torch.Tensor, partial: torch.Tensor):
+        for name, t in (("residual", residual), ("partial", partial)):
+            _expect(t, (self.rows, self.hidden), self.dtype, self.rank, f"AR+norm {name}")
         ready, done, buf = 0, 1, self.buffer
         self._refuse_graph_capture()
         self.lane.start_call()
-        self._after_peers_read(done)
+        self._after_peers_read(done)  # peers finished reading my partial of the last epoch
         self.epoch += 1
-        e, mine = self.epoch, self.partial_buffer()
+        e = self.epoch
+        peers = [self.buffer.peer(q, self.dtype, (self.rows, self.hidden)) for q in range(self.world)]
 
         def publish_and_gather():
-            if partial is not None and partial.data_ptr() != mine.data_ptr():
-                mine.copy_(partial)
+            peers[self.rank].copy_(partial)
             self.lane.publish(buf.flags(self.rank), ready, e)
-            for q in self._ring():
+            for q in ring(self.rank, self.world):
                 self.lane.wait_flag(buf.flags(q), ready, e, f"AR+norm rank {self.rank}: rank {q}'s partial of epoch {e}: ")
 
         self.lane.after_current_stream()
         self.lane.run(publish_and_gather)
         self.lane.join()
+        residual, weight = residual.contiguous(), weight.contiguous()
         out, h = torch.empty_like(residual), torch.empty_like(residual)
-        peers = [self.buffer.peer(q, self.dtype, (self.rows, self.hidden)) for q in range(self.world)]
-        peers += [peers[0]] * (allreduce_norm.MAX_WORLD - self.world)  # unused pointers
+        pointers = peers + [peers[0]] * (allreduce_norm.MAX_WORLD - self.world)  # unused beyond WORLD
         with INTERPRETER_LOCK:
             allreduce_norm.allreduce_residual_rmsnorm_kernel[(self.rows,)](
-                *peers, residual, weight, out, h, self.hidden, peers[0].stride(0), residual.stride(0), out.stride(0), self.eps,
+                *pointers, residual, weight, out, h, self.hidden, peers[0].stride(0), residual.stride(0), out.stride(0), self.eps,
                 WORLD=self.world, BLOCK=allreduce_norm.block_for(self.hidden),
             )  # fmt: skip
         self.lane.after_current_stream()
         self.lane.run(lambda: self.lane.publish(buf.flags(self.rank), done, e))
         self.lane.join()
+        self._finish([(q, ready, e) for q in range(self.world)])
         return out, h
 
 
-_WORKSPACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _KINDS = {"ag_gemm": FusedAllGatherMatmul, "gemm_rs": FusedMatmulReduceScatter, "gemm_ar": FusedMatmulAllReduce}
 
 
-def workspace(group: Group, pattern: str, *shape) -> _Fused:
+def workspace(group: Group, pattern: str, *shape, check: bool = True) -> _Fused:
     """The fused operator for ``pattern`` and this shape on ``group``, made (collectively: every rank
-    reaches it with the same shape) on first use and kept while the group lives."""
-    table = _WORKSPACES.setdefault(group, {})
-    key = (pattern, *shape)
+    reaches it with the same shape) on first use and kept with the group."""
+    table = group.__dict__.setdefault("_fused_workspaces", {})
+    key = (pattern, *shape, check)
     if key not in table:
         reason = fused_unavailable(group)
         if reason is not None:
             raise RuntimeError(f"rank {group.rank}: overlap='fused' cannot run here: {reason}")
-        table[key] = _KINDS[pattern](group, *shape)
+        table[key] = _KINDS[pattern](group, *shape, check=check)
     return table[key]
 
 
 def close_workspaces(group: Group) -> None:
     """Collective: release every fused operator made for ``group``, in one order on every rank."""
-    table = _WORKSPACES.pop(group, {})
+    table = group.__dict__.pop("_fused_workspaces", {})
     for key in sorted(table, key=repr):
         table[key].close()
 

@@ -54,6 +54,26 @@ class SideLane:
             self._idle.clear()
         self._tasks.put(fn)
 
+    def alongside(self, side: Callable[[], None], main: Callable[[], object]) -> object:
+        """Run ``main`` on the caller and ``side`` on the lane, overlapped, when ``side`` waits for
+        what ``main`` produces. On a GPU ``main``'s kernels are queued first (after an event taken
+        before them, which the lane waits for): a stream wait queued ahead of the kernel it waits
+        for can block it for good when the streams share a hardware queue. On a CPU the lane
+        thread starts first, since ``main`` (an interpreted kernel) blocks the caller."""
+        if self.stream is None:
+            self.run(side)
+            return main()
+        before = torch.cuda.current_stream(self.device).record_event()
+        result = main()
+        self.stream.wait_event(before)
+        self.run(side)
+        return result
+
+    def close(self) -> None:
+        """Stop the lane's thread (CPU) once its queued work is done."""
+        if self.stream is None:
+            self._tasks.put(None)
+
     def wait_flag(self, flags: torch.Tensor, index: int, value: int, what: str) -> None:
         """(On the lane) until ``flags[index] >= value``."""
         if self.stream is not None:
@@ -81,8 +101,7 @@ class SideLane:
             raise error
 
     def _serve(self) -> None:
-        while True:
-            fn = self._tasks.get()
+        while (fn := self._tasks.get()) is not None:
             try:
                 fn()
             except BaseException as error:  # re-raised by join() in the caller

@@ -12,6 +12,7 @@ stage's ``loss(output, m)`` starts it.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,12 @@ Shape = Callable[[str, int, int], tuple[tuple[int, ...], torch.dtype]]
 """(payload, microbatch, boundary) -> (shape, dtype) of the message."""
 
 
-class PipelineTimeoutError(TimeoutError):
+class PipelineCommError(RuntimeError):
+    """A transfer failed (a peer failed, or sent what the schedule did not expect); the message
+    names this rank's action and the peer."""
+
+
+class PipelineTimeoutError(PipelineCommError, TimeoutError):
     """A rank stopped waiting for a peer; the message names the action and the peer."""
 
 
@@ -37,7 +43,7 @@ class Executor:
     def __init__(self, schedule: Schedule, group: Group, stages: dict[int, Callable], shapes: Shape, *,
                  loss: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
                  sample: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 new_state: Callable[[], Any] | None = None, lookahead: int = 2):  # fmt: skip
+                 new_state: Callable[[], Any] | None = None, lookahead: int = 2, max_sends: int = 4):  # fmt: skip
         if group.world_size != schedule.ranks:
             raise ValueError(f"the schedule has {schedule.ranks} ranks, the group {group.world_size}")
         mine = {s for s in range(schedule.stages) if schedule.owner(s) == group.rank}
@@ -47,13 +53,14 @@ class Executor:
             raise ValueError("a decode ring needs sample(logits) -> token and new_state() -> per-batch state")
         self.schedule, self.group, self.rank, self.stages, self.shapes = schedule, group, group.rank, stages, shapes
         self.loss, self.sample, self.new_state, self.lookahead = loss, sample, new_state, lookahead
+        self.max_sends = max_sends  # sends in flight before the oldest is waited for (bounds the memory they pin)
         self.actions = schedule.actions[group.rank]
 
     def run(self, inputs: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         """Execute; ``inputs[m]`` feeds stage 0 (prompts of a decode ring's first step). Returns
         the last stage's outputs (decode: sampled tokens) on the rank that owns it."""
         self._inputs, self._values, self._posted = inputs or {}, {}, {}
-        self._sends: list = []
+        self._sends: collections.deque = collections.deque()
         self._states: dict[tuple[int, int], Any] = {}
         results: dict[int, torch.Tensor] = {}
         for i, action in enumerate(self.actions):
@@ -74,6 +81,8 @@ class Executor:
     def _send(self, i: int, a: Action) -> None:
         tensor = self._values.pop(("out", a.payload, a.microbatch, a.index))
         self._sends.append((i, self.group.send_async(tensor.contiguous(), a.peer)))
+        while len(self._sends) > self.max_sends:
+            self._wait(*self._sends.popleft())
 
     def _forward(self, i: int, a: Action) -> torch.Tensor | None:
         x = self._input(i, a)
@@ -155,7 +164,7 @@ class Executor:
                 self._post(j, b)
 
     def _post(self, j: int, a: Action) -> None:
-        if a.key() in self._posted or j < 0:
+        if a.key() in self._posted:
             return
         shape, dtype = self.shapes(a.payload, a.microbatch, a.index)
         buffer = torch.empty(shape, dtype=dtype, device=self.group.device)
@@ -167,4 +176,5 @@ class Executor:
         except (CommError, FlagTimeoutError, TimeoutError) as error:
             blocked = self.actions[i]
             on = f" waiting for `{awaited}` from rank {awaited.peer}" if awaited is not None else ""
-            raise PipelineTimeoutError(f"rank {self.rank}: blocked at action #{i} `{blocked}`{on}: {error}") from error
+            kind = PipelineTimeoutError if isinstance(error, TimeoutError) else PipelineCommError
+            raise kind(f"rank {self.rank}: blocked at action #{i} `{blocked}`{on}: {error}") from error

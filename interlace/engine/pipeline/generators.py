@@ -115,6 +115,13 @@ def transfer_boundary(payload: str, producer: Action) -> int:
     return producer.index - 1 if payload == "grad" else producer.index
 
 
+def producer_of(transfer: Action) -> Action:
+    """The compute action whose output a SEND/RECV carries (act, tok: F of stage b; grad: B of b+1)."""
+    if transfer.payload == "grad":
+        return Action("B", transfer.microbatch, transfer.index + 1)
+    return Action("F", transfer.microbatch, transfer.index)
+
+
 def _virtual(microbatches: int, chunks: int, group: int) -> Iterator[tuple[int, int]]:
     """(microbatch, local chunk) in forward order: each group of microbatches visits chunk 0,
     then chunk 1, ... Groups hold ``group`` microbatches and the last one also takes the

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .generators import dependencies, transfer_boundary
+from .generators import dependencies, producer_of, transfer_boundary
 from .ir import Action, Schedule
 from .verify import ScheduleError, peak_activations
 
@@ -120,7 +120,7 @@ def _advance(schedule, costs, done, arrival, link_free, clock, pos, events) -> b
             if a.kind == "RECV":
                 pos[r] += 1  # posted early; the compute that needs it waits for the arrival
             elif a.kind == "SEND":
-                producer = Action("B" if a.payload == "grad" else "F", a.microbatch, a.index + (a.payload == "grad"))
+                producer = producer_of(a)
                 if producer not in done:
                     break
                 _transfer(schedule, costs, a, r, max(done[producer], clock[r]), arrival, link_free, events)

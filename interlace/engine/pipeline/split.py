@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from interlace.engine.device import synchronize
+
 
 def by_count(layers: int, parts: int) -> list[range]:
     """Contiguous ranges whose sizes differ by at most one (earlier parts take the extra)."""
@@ -54,10 +56,10 @@ def measure(layers: Sequence[nn.Module], example: torch.Tensor, repeats: int = 5
         for layer in layers:
             samples = []
             for _ in range(repeats):
-                _sync(x)
+                synchronize(x)
                 start = time.perf_counter()
                 y = layer(x, **kwargs)
-                _sync(y)
+                synchronize(y)
                 samples.append(time.perf_counter() - start)
             costs.append(sorted(samples)[len(samples) // 2])
             x = y
@@ -75,8 +77,3 @@ def _check(layers: int, parts: int) -> None:
         raise ValueError(f"parts must be a positive int, got {parts!r}")
     if parts > layers:
         raise ValueError(f"cannot cut {layers} layers into {parts} non-empty stages")
-
-
-def _sync(t: torch.Tensor) -> None:
-    if isinstance(t, torch.Tensor) and t.is_cuda:
-        torch.cuda.synchronize(t.device)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .generators import dependencies, transfer_boundary
+from .generators import dependencies, producer_of, transfer_boundary
 from .ir import COMPUTE, Action, Schedule
 
 
@@ -161,13 +161,8 @@ def _check_data_before_use(s: Schedule) -> None:
                     elif producer not in have:
                         _fail(r, i, a, f"runs before `{producer}`, which produces its input on this rank")
                 have.add(a)
-            else:
-                if Action("F" if a.payload != "grad" else "B", a.microbatch, _producer_stage(s, a)) not in have:
-                    _fail(r, i, a, "sends data this rank has not produced yet")
-
-
-def _producer_stage(s: Schedule, a: Action) -> int:
-    return a.index + 1 if a.payload == "grad" else a.index
+            elif producer_of(a) not in have:
+                _fail(r, i, a, "sends data this rank has not produced yet")
 
 
 def _check_no_deadlock(s: Schedule) -> None:
