@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from interlace.engine.comm import spawn
+from interlace.ops import flags as epoch_flags
+from interlace.ops.flags import EpochValue
 from interlace.engine.overlap.fused import (
-    FusedAllGatherMatmul, FusedAllReduceResidualNorm, FusedMatmulAllReduce, FusedMatmulReduceScatter, fused_unavailable,
+    FusedAllGatherMatmul, FusedAllReduceResidualNorm, FusedMatmulAllReduce, FusedMatmulReduceScatter, check_workspaces,
+    close_workspaces, fused_unavailable, workspace,
 )  # fmt: skip
 from reference import assert_within, matmul_tolerance, rand
 
@@ -29,16 +32,16 @@ def d64(t):
     return t.detach().cpu().to(torch.float64)
 
 
-def fused_matmuls(group, seed):
+def fused_matmuls(group, seed, graph_safe=False):
     w, r = group.world_size, group.rank
 
     def rand(s, shape):  # fresh, rank-independent data, on the group's device
         return base_rand(s, shape).to(group.device)
 
     with (
-        FusedAllGatherMatmul(group, ROWS, K, torch.float32) as ag,
-        FusedMatmulReduceScatter(group, ROWS, N, torch.float32) as rs,
-        FusedMatmulAllReduce(group, w * ROWS, N, torch.float32, 3) as ar,
+        FusedAllGatherMatmul(group, ROWS, K, torch.float32, graph_safe=graph_safe) as ag,
+        FusedMatmulReduceScatter(group, ROWS, N, torch.float32, graph_safe=graph_safe) as rs,
+        FusedMatmulAllReduce(group, w * ROWS, N, torch.float32, 3, graph_safe=graph_safe) as ar,
     ):
         for e in range(1, EPOCHS + 1):
             xs = [rand(seed + 100 * e + q, (ROWS, K)) * (q + 1) for q in range(w)]
@@ -57,6 +60,7 @@ def fused_matmuls(group, seed):
             assert_within(ar(xk[r], wk[r]).cpu(), exact, matmul_tolerance(mag, torch.float32, K, w + 1), f"AR e{e}")
             tiles = rs._plan(xk[r], wk[r]).tiles_per_chunk(w * ROWS, N, ROWS)
             assert rs.buffer.flags(r).tolist() == [e * t for t in tiles] + [e]  # tile counters, then DONE
+            assert [op.epoch_now.item() for op in (ag, rs, ar)] == [e] * 3
     return True
 
 
@@ -65,13 +69,64 @@ def test_fused_all_gather_reduce_scatter_all_reduce(transport, world_size, devic
     assert spawn(fused_matmuls, world_size, transport, timeout=120, device=device, args=(seed,)) == [True] * world_size
 
 
-def captured(group):
-    with FusedMatmulAllReduce(group, 16, N, torch.float32) as op:
-        x, w = torch.randn(16, K, device="cuda"), torch.randn(N, K, device="cuda")
-        op(x, w)  # eager works
+@pytest.mark.parametrize("transport,world_size,device", [
+    pytest.param("local", 2, "cpu", id="local-2"), pytest.param("symmetric", 2, "cpu", id="symmetric-2"),
+    pytest.param("local", 4, "cuda", id="local-cuda-4", marks=pytest.mark.gpu),
+    pytest.param("symmetric", 2, "cuda", id="cuda-ipc-2", marks=pytest.mark.gpu),
+])  # fmt: skip
+def test_graph_safe_epochs_read_on_the_device_give_the_same_results(transport, world_size, device, seed):
+    """graph_safe: every flag value comes from the device epoch (one-thread kernels on a GPU)."""
+    assert spawn(fused_matmuls, world_size, transport, timeout=120, device=device, args=(seed, True)) == [True] * world_size
+
+
+def replayed(group, seed):
+    """One call of each fused operator captured in one CUDA graph, replayed with its inputs mutated in
+    place, against float64; eager calls before and after the replays agree with it."""
+    w, r, dev, rows = group.world_size, group.rank, group.device, 16
+    shapes = {"x_ag": (rows, K), "w_ag": (N, K), "x": (w * rows, K), "w": (N, K), "residual": (rows, N), "norm_w": (N,), "partial": (rows, N)}
+    def data(e, q):  # call e's inputs of rank q, reproducible on every rank
+        return {name: base_rand(seed + 1000 * e + 100 * q + i, shape) for i, (name, shape) in enumerate(shapes.items())}
+    static = {name: t.to(dev) for name, t in data(0, r).items()}
+
+    def verify(outs, e, when):
+        d = [{name: t.to(torch.float64) for name, t in data(e, q).items()} for q in range(w)]
+        y_ag, y_rs, y_ar, (normed, h) = outs
+        x_all = torch.cat([dq["x_ag"] for dq in d])
+        assert_within(y_ag.cpu(), x_all @ d[r]["w_ag"].T, matmul_tolerance(x_all.abs() @ d[r]["w_ag"].abs().T, torch.float32, K, 1), when)
+        exact = sum(dq["x"] @ dq["w"].T for dq in d)
+        mag = sum(dq["x"].abs() @ dq["w"].abs().T for dq in d)
+        mine = slice(r * rows, (r + 1) * rows)
+        assert_within(y_rs.cpu(), exact[mine], matmul_tolerance(mag[mine], torch.float32, K, w + 1), when)
+        assert_within(y_ar.cpu(), exact, matmul_tolerance(mag, torch.float32, K, w + 1), when)
+        h64 = d[r]["residual"] + sum(dq["partial"] for dq in d)
+        assert_within(h.cpu(), h64, 4 * w * torch.finfo(torch.float32).eps * (d[r]["residual"].abs() + sum(dq["partial"].abs() for dq in d)), when)
+        ref = h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + 1e-5) * d[r]["norm_w"]
+        assert (normed.cpu().double() - ref).abs().max().item() < 1e-5 * ref.abs().max().item(), when
+
+    ag, rs = workspace(group, "ag_gemm", rows, K, torch.float32), workspace(group, "gemm_rs", rows, N, torch.float32)
+    ar = workspace(group, "gemm_ar", w * rows, N, torch.float32, 3)  # as the layers make them
+    with FusedAllReduceResidualNorm(group, rows, N, torch.float32) as norm:
+        def step():
+            s = static
+            return ag(s["x_ag"], [s["w_ag"]])[0], rs(s["x"], s["w"]), ar(s["x"], s["w"]), norm(s["residual"], s["norm_w"], s["partial"])
+
+        verify(step(), 0, "eager, before capture")  # also tunes the GEMMs: tuning cannot be captured
         graph = torch.cuda.CUDAGraph()
-        with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph yet"), torch.cuda.graph(graph):
-            op(x, w)
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            outs = step()
+        assert all(op.graph_safe for op in (ag, rs, ar, norm))
+        for e in range(1, 4):
+            for name, t in data(e, r).items():
+                static[name].copy_(t)
+            graph.replay()
+            check_workspaces(group)
+            norm.check()
+            verify(outs, e, f"replay {e}")
+        for name, t in data(4, r).items():
+            static[name].copy_(t)
+        verify(step(), 4, "eager, after the replays")
+        assert [op.epoch_now.item() for op in (ag, rs, ar, norm)] == [5] * 4  # 1 eager + 3 replays + 1 eager
+    close_workspaces(group)
     return True
 
 
@@ -90,14 +145,15 @@ def test_closing_right_after_a_call_is_safe():
 
 
 @pytest.mark.gpu
-def test_fused_refuses_cuda_graph_capture_instead_of_replaying_stale_epochs():
-    assert spawn(captured, 2, "local", device="cuda", timeout=120) == [True, True]
+@pytest.mark.parametrize("transport", ["local", "symmetric"])
+def test_fused_ops_captured_in_a_cuda_graph_replay_with_fresh_inputs(transport, seed):
+    assert spawn(replayed, 2, transport, device="cuda", timeout=180, args=(seed,)) == [True, True]
 
 
-def fused_norm(group, seed):
+def fused_norm(group, seed, graph_safe):
     w, r, hidden = group.world_size, group.rank, 48
     outs = []
-    with FusedAllReduceResidualNorm(group, 3, hidden, torch.float32) as op:
+    with FusedAllReduceResidualNorm(group, 3, hidden, torch.float32, graph_safe=graph_safe) as op:
         for e in range(EPOCHS):
             parts = [rand(seed + 10 * e + q, (3, hidden)) for q in range(w)]
             residual, weight = rand(seed + 99 * e, (3, hidden)), rand(seed + 98 * e, (hidden,)).abs() + 0.5
@@ -110,28 +166,51 @@ def fused_norm(group, seed):
     return outs
 
 
-@pytest.mark.parametrize("transport,world_size", [("local", 3), ("symmetric", 2)])
-def test_fused_all_reduce_residual_norm_gives_every_rank_the_same_bits(transport, world_size, seed):
-    per_rank = spawn(fused_norm, world_size, transport, timeout=120, args=(seed,))
+@pytest.mark.parametrize("transport,world_size,graph_safe", [("local", 3, False), ("symmetric", 2, False), ("local", 2, True)])
+def test_fused_all_reduce_residual_norm_gives_every_rank_the_same_bits(transport, world_size, graph_safe, seed):
+    per_rank = spawn(fused_norm, world_size, transport, timeout=120, args=(seed, graph_safe))
     for outs in per_rank[1:]:
         assert all(torch.equal(a, b) and torch.equal(ha, hb) for (a, ha), (b, hb) in zip(outs, per_rank[0]))
 
 
-def silent_peer(group, pattern):
-    """Rank 1 sets the workspace up, then never calls: rank 0 must give up, naming what it waited on."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_epoch_flag_kernels_write_and_wait_at_the_device_epoch(device, seed):
+    g = torch.Generator().manual_seed(seed)
+    epoch_value, scale, offset = (torch.randint(1, 1000, (3,), generator=g) - torch.tensor([0, 0, 500])).tolist()
+    epoch = torch.tensor([epoch_value], dtype=torch.int32, device=device)
+    flags, status = torch.zeros(3, dtype=torch.int32, device=device), torch.zeros(4, dtype=torch.int32, device=device)
+    value = EpochValue(epoch, scale, offset)
+    epoch_flags.write(flags, 1, value)
+    assert flags.tolist() == [0, epoch_value * scale + offset, 0]
+    epoch_flags.wait(flags, 1, value, status, wait_id=7, max_spins=10)
+    assert status.tolist() == [0, 0, 0, 0]
+    epoch_flags.wait(flags, 2, EpochValue(epoch), status, wait_id=9, max_spins=10)  # flag 2 is 0 < epoch: gives up
+    assert status.tolist() == [2, 9, epoch_value, 0]
+    epoch_flags.wait(flags, 0, EpochValue(epoch), status, wait_id=4, max_spins=10)  # first failure stays recorded
+    assert status.tolist() == [2, 9, epoch_value, 0]
+    epoch.fill_(2**31 - 1)  # the next epoch wraps to -2**31, which is still >= 2**31 - 1 as flags compare
+    epoch_flags.write(flags, 0, EpochValue(epoch, 1, 1))
+    status.zero_()
+    epoch_flags.wait(flags, 0, EpochValue(epoch), status, wait_id=1, max_spins=10)
+    assert flags[0].item() == -(2**31) and status.tolist() == [0, 0, 0, 0]
+
+
+def late_peer(group, pattern, delay):
+    """Rank 1 sets the workspace up, then calls ``delay`` seconds late (or never: None): rank 0 must
+    give up, naming what it waited on."""
     w = group.world_size
     make = {"ag": lambda: FusedAllGatherMatmul(group, ROWS, K, torch.float32, max_spins=300),
             "rs": lambda: FusedMatmulReduceScatter(group, ROWS, N, torch.float32)}[pattern]  # fmt: skip
     op = make()
+    call = {"ag": lambda: op(rand(0, (ROWS, K)), [rand(1, (N, K))]), "rs": lambda: op(rand(0, (w * ROWS, K)), rand(1, (N, K)))}
     if group.rank == 1:
-        time.sleep(3 * group.timeout)
+        time.sleep(3 * group.timeout if delay is None else delay)
+        if delay is not None:
+            call[pattern]()
         return None
     start = time.monotonic()
     try:
-        if pattern == "ag":
-            op(rand(0, (ROWS, K)), [rand(1, (N, K))])
-        else:
-            op(rand(0, (w * ROWS, K)), rand(1, (N, K)))
+        call[pattern]()
     except TimeoutError as error:
         return time.monotonic() - start, str(error)
     finally:
@@ -139,12 +218,13 @@ def silent_peer(group, pattern):
     return "no error"
 
 
-@pytest.mark.parametrize("pattern,message", [
-    ("ag", r"AG\+GEMM rank 0: wait on chunk 1 timed out: expected flag >= 1, observed 0"),
-    ("rs", r"GEMM\+RS rank 0: rank 1's tiles of chunk 0, epoch 1: flag 0 did not reach \d+ within [\d.]+ s \(observed 0\)"),
-])  # fmt: skip
-def test_a_silent_peer_is_named_not_waited_for_forever(pattern, message):
-    elapsed, text = spawn(silent_peer, 2, "local", timeout=2.0, args=(pattern,))[0]
+@pytest.mark.parametrize("pattern,delay,message", [
+    ("ag", None, r"AG\+GEMM rank 0: rank 1's rows: flag 1 did not reach 1 within [\d.]+ s \(observed 0\)"),
+    ("ag", 1.0, r"rank 0: AG\+GEMM: the GEMM's wait on chunk 1 timed out: expected flag >= 1, observed 0"),
+    ("rs", None, r"GEMM\+RS rank 0: rank 1's tiles of chunk 0: flag 0 did not reach \d+ within [\d.]+ s \(observed 0\)"),
+], ids=["ag-silent", "ag-late-gemm-spin-bound", "rs-silent"])  # fmt: skip
+def test_a_silent_or_late_peer_is_named_not_waited_for_forever(pattern, delay, message):
+    elapsed, text = spawn(late_peer, 2, "local", timeout=2.0, args=(pattern, delay))[0]
     assert re.search(message, text), text
     assert elapsed < 30
 

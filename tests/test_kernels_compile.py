@@ -18,7 +18,7 @@ import pytest
 import torch
 import triton
 
-from interlace.kernels import allreduce_norm
+from interlace.kernels import allreduce_norm, flags
 from interlace.kernels import gemm as gemm_kernels
 
 from triton.backends.compiler import GPUTarget
@@ -86,7 +86,12 @@ def report() -> dict:
         compiled = compile_for(allreduce_norm.allreduce_residual_rmsnorm_kernel, 90, pointers, ints,
                                dict(WORLD=world, BLOCK=allreduce_norm.block_for(hidden)), num_warps=8)  # fmt: skip
         norm[world] = sorted(i for i in instructions(compiled.asm["ptx"]) if i.startswith("ld.global"))
-    return {"gemm": gemms, "hooks": hooks, "norm": norm}
+    flag = {}
+    for wait in (True, False):
+        pointers = {name: torch.int32 for name in ("flags_ptr", "epoch_ptr", "status_ptr")}
+        ints = dict(index=3, scale=5, offset=-1, wait_id=2, max_spins=2**23)
+        flag[str(wait)] = sorted(instructions(compile_for(flags.flag_kernel, 90, pointers, ints, dict(WAIT=wait), num_warps=1).asm["ptx"]))
+    return {"gemm": gemms, "hooks": hooks, "norm": norm, "flag": flag}
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +124,9 @@ def test_gemm_hooks_are_system_scope_and_cost_nothing_when_off(compiled):
 def test_allreduce_norm_reads_peer_rows_in_16_byte_vectors(compiled, world):
     loads = compiled["norm"][world]
     assert any(".v4." in i or ".v8." in i for i in loads), f"peer rows are not read in 16-byte vectors: {loads}"
+
+
+def test_flag_kernels_wait_with_acquire_and_write_with_release_at_system_scope(compiled):
+    wait, write = set(compiled["flag"]["True"]), set(compiled["flag"]["False"])
+    assert "ld.global.sys.acquire.b32" in wait, sorted(wait)
+    assert any(i.startswith("atom.global.sys.release.exch") for i in write), sorted(write)

@@ -8,7 +8,11 @@ strides: ``w`` may be a transposed view), ``bias [N]``, ``residual [M, N]``, ``y
 Overlap hooks (``WaitHook``, ``SignalHook``) work on int32 flags, one per chunk of ``chunk_rows``
 rows. A wait that passes its bound makes ``gemm`` raise ``TimeoutError`` naming the chunk, the
 expected and the observed value; the output is never returned. ``check=False`` skips the host
-synchronisation this needs (CUDA graphs, streams): call ``hook.check()`` later instead.
+synchronisation this needs (CUDA graphs, streams): call ``hook.check()`` later instead. Waits
+record a timeout in ``status`` (int32[4]), fresh per launch unless one is passed: a kept one
+lets the replays of a CUDA graph be checked afterwards (the first failure stays recorded).
+
+Tuning runs kernels and synchronises: call ``gemm`` once per shape before capturing a CUDA graph.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Spin bound of a wait. A GPU spin is two L2 atomics (~1-2 us): 2**23 spins is ~10-20 s.
 # An interpreted spin is Python (~0.1 ms): 2**14 is a couple of seconds.
 DEFAULT_MAX_SPINS = 2**14 if INTERPRETING else 2**23
+GEMM_WAIT_FAILED = 1  # status[0] after one of the GEMM's waits gave up (the kernel writes 1)
 INTERPRETER_PROGRAMS = 2  # sequential programs under the interpreter: two exercise the persistent loop
 # The interpreter patches triton.language globally while a kernel runs: two threads interpreting at
 # once corrupt each other ("Did you forget to add @triton.jit?"). Rank threads take turns.
@@ -83,11 +88,13 @@ class WaitHook:
         if self.status is None:
             return
         failed, chunk, expected, observed = self.status.tolist()
-        if failed:
+        if failed == GEMM_WAIT_FAILED:
             raise TimeoutError(
                 f"{self.label}: wait on chunk {chunk} timed out: expected flag >= {expected}, observed {observed} "
                 f"(flags {self.flags.tolist()})"
             )
+        if failed:  # a kept status another wait wrote: this launch's waits gave up at once
+            raise TimeoutError(f"{self.label}: skipped its tiles: its status records an earlier failure {[failed, chunk, expected, observed]}")
 
 
 @dataclass
@@ -114,6 +121,7 @@ def gemm(
     max_spins: int = DEFAULT_MAX_SPINS,
     plan: Plan | None = None,
     check: bool = True,
+    status: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``act(x @ w.T + bias) + residual`` into ``out`` (allocated when None); see the module doc."""
     m, n = _check_operands(x, w, bias, residual, activation, out)
@@ -122,7 +130,10 @@ def gemm(
         return y
     chunk_rows = _check_hooks(wait, signal, m, x.device, start_chunk)
     plan = plan or plan_for(x, w)
-    status = torch.zeros(4, dtype=torch.int32, device=x.device)
+    if status is None:
+        status = torch.zeros(4, dtype=torch.int32, device=x.device)
+    elif status.dtype != torch.int32 or status.numel() < 4 or status.device != x.device:
+        raise ValueError(f"gemm: status must be >= 4 int32 on {x.device}, got {describe(status)}")
     epoch = _epoch_tensor(wait, x.device) if wait else status
     if wait:
         wait.status = status
@@ -172,6 +183,9 @@ def _plan(m: int, n: int, k: int, dtype: torch.dtype, device_type: str, sms: int
 
 def _autotune(m: int, n: int, k: int, dtype: torch.dtype, configs: list) -> triton.Config:
     """Time every config on scratch operands of this shape (hooks off) and keep the fastest."""
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"gemm: the first call for shape M={m} N={n} K={k} {dtype} tunes (it runs and times kernels): "
+                           "make it once before capturing a CUDA graph")  # fmt: skip
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     w = torch.randn(n, k, device="cuda", dtype=dtype)
     sms = _sms(x.device)

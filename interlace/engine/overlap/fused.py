@@ -12,6 +12,13 @@ GEMM (a GPU, or the interpreter). Construction and ``close()`` are collective.
 
 Epochs: call e raises flags to e (tile counters to e * tiles), so nothing is ever reset. Before a
 rank overwrites its buffer for call e, every peer must have finished reading it for call e-1.
+
+CUDA graphs: the epoch also lives on the device (``epoch_now``, advanced by a kernel on the caller's
+stream each call) and the GEMM reads it there. Eagerly the lane's flags are stream memory operations
+with the host's epoch; a call captured in a CUDA graph (or any call with ``graph_safe=True``) makes
+them one-thread kernels reading ``epoch_now``, so each replay is the next epoch. The switch is for
+good: after replays only the device knows the epoch. A replayed wait that gives up records it in
+``status``; ``check()`` raises it (after replays, call it to know they completed).
 """
 
 from __future__ import annotations
@@ -26,7 +33,12 @@ from interlace.engine.comm import Group, SymmetricBuffer, signals
 from interlace.engine.comm.group import ring
 from interlace.engine.comm.reduce import reduce_in_rank_order
 from interlace.kernels import allreduce_norm
-from interlace.ops.gemm import DEFAULT_MAX_SPINS, INTERPRETER_LOCK, INTERPRETING, Plan, SignalHook, WaitHook, gemm, plan_for
+from interlace.kernels.flags import FLAG_WAIT_FAILED
+from interlace.ops import flags as epoch_flags
+from interlace.ops.flags import EpochValue
+from interlace.ops.gemm import (
+    DEFAULT_MAX_SPINS, GEMM_WAIT_FAILED, INTERPRETER_LOCK, INTERPRETING, Plan, SignalHook, WaitHook, gemm, plan_for,
+)  # fmt: skip
 
 from .lane import SideLane
 
@@ -34,13 +46,18 @@ from .lane import SideLane
 class _Fused:
     """Shared machinery: the symmetric buffer, the lane, the epoch, the GEMM plan."""
 
-    def __init__(self, group: Group, nbytes: int, flags: int, name: str, *, check: bool, max_spins: int | None):
+    def __init__(self, group: Group, nbytes: int, flags: int, name: str, *, check: bool, max_spins: int | None,
+                 graph_safe: bool):  # fmt: skip
         self.group, self.rank, self.world = group, group.rank, group.world_size
         self.buffer = SymmetricBuffer.allocate(group, nbytes, flags)
-        self.lane = SideLane(group.device, group.timeout, f"{name} r{group.rank}")
-        self.epoch, self.check, self.name = 0, check, name
+        self.epoch, self.check_calls, self.name, self.graph_safe = 0, check, name, graph_safe
+        self.epoch_now = torch.zeros(1, dtype=torch.int32, device=group.device)
+        self.status = torch.zeros(4, dtype=torch.int32, device=group.device)  # a wait that gave up: see check()
         self.max_spins = max_spins if max_spins is not None else DEFAULT_MAX_SPINS
+        self.lane = SideLane(group.device, group.timeout, f"{name} r{group.rank}", self.status, self.max_spins)
         self._plans: dict[tuple, Plan] = {}
+        if group.device.type == "cuda":
+            epoch_flags.warm_up(group.device)
 
     def close(self) -> None:
         """Collective."""
@@ -57,47 +74,78 @@ class _Fused:
             self.lane.close()
             self.buffer.abandon()
 
-    def _finish(self, expected: list[tuple[int, int, int]]) -> None:
-        """With ``check`` on a GPU (stream waits have no deadline of their own): block the host until
-        this call's work is done, or raise naming every (rank, flag) still below its target."""
-        if not self.check or self.group.device.type != "cuda":
+    def check(self) -> None:
+        """Raise ``TimeoutError`` if a wait of this operator gave up (synchronises). A failure stays
+        recorded: the operator's ranks no longer agree on epochs, so every later call fails too."""
+        failed, where, value, observed = self.status.tolist()
+        who = f"rank {self.rank}: {self.name}"
+        if failed == GEMM_WAIT_FAILED:
+            raise TimeoutError(f"{who}: the GEMM's wait on chunk {where} timed out: expected flag >= {value}, observed {observed}")
+        if failed == FLAG_WAIT_FAILED:
+            raise TimeoutError(f"{who}: {self.lane.wait_name(where)}flag did not reach {value} (observed {observed})")
+        if failed:
+            raise RuntimeError(f"{who}: unknown failure record {[failed, where, value, observed]}")
+
+    def _begin(self) -> bool:
+        """Start a call on the caller's stream; True when it is being captured in a CUDA graph."""
+        capturing = self.group.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        self.graph_safe |= capturing
+        self.lane.start_call()
+        self.epoch += 1
+        self.epoch_now.add_(1)  # before everything this call enqueues, on the caller's stream
+        return capturing
+
+    def _value(self, scale: int = 1, offset: int = 0) -> int | EpochValue:
+        """``scale * epoch + offset`` for this call's flags: host-side, or read on the device."""
+        return EpochValue(self.epoch_now, scale, offset) if self.graph_safe else self.epoch * scale + offset
+
+    def _finish(self, awaited: list[tuple[int, int, int]], capturing: bool) -> None:
+        """With ``check``, eagerly: block the host until this call's work is done (a GPU's stream waits
+        have no deadline of their own), or raise naming every awaited (rank, flag, scale) still below
+        ``scale * epoch``; then raise what ``status`` records."""
+        if capturing or not self.check_calls:
             return
-        done = torch.cuda.current_stream(self.group.device).record_event()
-        while not done.query():
-            if time.monotonic() > self.lane.deadline:
-                behind = [f"rank {q} flag {i} is {signals.read(self.buffer.flags(q), i)}, needs {signals.wrap(t)}"
-                          for q, i, t in expected if signals.wrap(signals.read(self.buffer.flags(q), i) - t) < 0]  # fmt: skip
-                raise TimeoutError(f"rank {self.rank}: {self.name} epoch {self.epoch} did not finish within "
-                                   f"{self.lane.timeout} s; behind: {'; '.join(behind) or 'nothing (the GPU is slow)'}")  # fmt: skip
-            time.sleep(1e-4)
+        if self.group.device.type == "cuda":
+            done = torch.cuda.current_stream(self.group.device).record_event()
+            while not done.query():
+                if time.monotonic() > self.lane.deadline:
+                    raise TimeoutError(self._behind(awaited))
+                time.sleep(1e-4)
+        self.check()
 
-    def _refuse_graph_capture(self) -> None:
-        """Epochs live on the host and stream waits take immediate values: a captured graph would
-        replay stale epochs and wait for nothing. Refuse, rather than compute garbage on replay."""
-        if self.group.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"rank {self.rank}: {self.name} cannot be captured in a CUDA graph yet (its epochs are "
-                               "host-side); run it eagerly, or use overlap='chunked' inside graphs")  # fmt: skip
+    def _behind(self, awaited: list[tuple[int, int, int]]) -> str:
+        epoch = signals.read(self.epoch_now, 0) if self.graph_safe else self.epoch
+        behind = [f"rank {q} flag {i} is {signals.read(self.buffer.flags(q), i)}, needs {signals.wrap(epoch * s)}"
+                  for q, i, s in awaited if signals.wrap(signals.read(self.buffer.flags(q), i) - epoch * s) < 0]  # fmt: skip
+        return (f"rank {self.rank}: {self.name} epoch {epoch} did not finish within {self.lane.timeout} s; "
+                f"behind: {'; '.join(behind) or 'nothing (the GPU is slow)'}")
 
-    def _plan(self, x: torch.Tensor, w: torch.Tensor) -> Plan:
-        """The GEMM's plan; rank threads sharing one GPU split its multiprocessors, so that every
-        rank's persistent GEMM is resident at once (a waiting kernel must not starve its producer)."""
-        key = (tuple(x.shape), tuple(w.shape), x.dtype)
+    def _plan(self, x: torch.Tensor, w: torch.Tensor, *, waits: bool = False) -> Plan:
+        """The GEMM's plan. Rank threads sharing one GPU split its multiprocessors, so that every
+        rank's persistent GEMM is resident at once (a waiting kernel must not starve its producer).
+        It leaves an SM per lane on the GPU for the lanes' kernels: graph-safe flag kernels (which a
+        waiting GEMM needs, and which overlap the GEMM only if resident beside it), and, for a GEMM
+        that ``waits`` on rank threads, same-device copies, which the driver may run on SMs."""
+        key = (tuple(x.shape), tuple(w.shape), x.dtype, waits, self.graph_safe)
         if key not in self._plans:
             plan = plan_for(x, w)
-            if hasattr(self.group, "share") and x.is_cuda:
-                plan = dataclasses.replace(plan, programs=max(1, plan.programs // self.world))
+            if x.is_cuda:
+                sharing = self.world if hasattr(self.group, "share") else 1
+                lanes = sharing if self.graph_safe or (waits and sharing > 1) else 0
+                sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+                plan = dataclasses.replace(plan, programs=max(1, min(plan.programs, (sms - lanes) // sharing)))
             self._plans[key] = plan
         return self._plans[key]
 
     def _after_peers_read(self, index: int) -> None:
         """Block writes to this rank's buffer until every peer's ``flags[index]`` >= epoch - 1."""
-        if self.epoch == 0:
+        if self.epoch == 1 and not self.graph_safe:
             return
-        e, buf = self.epoch, self.buffer
+        value, buf = self._value(1, -1), self.buffer
 
         def wait():
             for q in ring(self.rank, self.world):
-                self.lane.wait_flag(buf.flags(q), index, e, f"{self.name} rank {self.rank}: rank {q} finishing epoch {e}: ")
+                self.lane.wait_flag(buf.flags(q), index, value, f"{self.name} rank {self.rank}: rank {q} finishing its last call: ")
 
         self.lane.after_current_stream()
         self.lane.run(wait)
@@ -107,10 +155,11 @@ class _Fused:
 class FusedAllGatherMatmul(_Fused):
     """``y = all_gather(x_shard_m) @ w.T (+ bias)`` with x_shard_m ``[rows, k]`` per rank."""
 
-    def __init__(self, group: Group, rows: int, k: int, dtype: torch.dtype, *, check: bool = True, max_spins: int | None = None):
+    def __init__(self, group: Group, rows: int, k: int, dtype: torch.dtype, *, check: bool = True, max_spins: int | None = None,
+                 graph_safe: bool = False):  # fmt: skip
         self.rows, self.k, self.dtype = rows, k, dtype
         super().__init__(group, group.world_size * rows * k * dtype.itemsize, group.world_size, "AG+GEMM",
-                         check=check, max_spins=max_spins)  # fmt: skip
+                         check=check, max_spins=max_spins, graph_safe=graph_safe)  # fmt: skip
 
     def _gathered(self, rank: int) -> torch.Tensor:
         return self.buffer.peer(rank, self.dtype, (self.world, self.rows, self.k))
@@ -120,24 +169,24 @@ class FusedAllGatherMatmul(_Fused):
         the others reuse the gathered rows."""
         _expect(x_shard_m, (self.rows, self.k), self.dtype, self.rank, "AG+GEMM x_shard_m")
         r, buf = self.rank, self.buffer
-        self._refuse_graph_capture()
-        self.lane.start_call()
+        capturing = self._begin()
         self._after_peers_read(r)  # peers hold copies of my rows of the last epoch before I overwrite them
-        self.epoch += 1
-        e, mine = self.epoch, self._gathered(r)
+        value, mine = self._value(), self._gathered(r)
 
         def publish_and_pull():
-            self.lane.copy([(mine[r], x_shard_m.contiguous())], buf.flags(r), [r], e)
+            self.lane.copy([(mine[r], x_shard_m.contiguous())], buf.flags(r), [r], value)
             for q in ring(self.rank, self.world):
-                self.lane.wait_flag(buf.flags(q), q, e, f"AG+GEMM rank {r}: rank {q}'s rows of epoch {e}: ")
-                self.lane.copy([(mine[q], self._gathered(q)[q])], buf.flags(r), [q], e)
+                self.lane.wait_flag(buf.flags(q), q, value, f"AG+GEMM rank {r}: rank {q}'s rows: ")
+                self.lane.copy([(mine[q], self._gathered(q)[q])], buf.flags(r), [q], value)
 
         self.lane.after_current_stream()
         self.lane.run(publish_and_pull)  # queued before the GEMM: the GEMM spins on these copies' flags
         x = mine.view(self.world * self.rows, self.k)
-        hook = WaitHook(buf.flags(r), e, self.rows, label=f"AG+GEMM rank {r}")
-        ys = [gemm(x, weights[0], wait=hook, start_chunk=r, plan=self._plan(x, weights[0]), max_spins=self.max_spins, check=self.check)]
+        hook = WaitHook(buf.flags(r), self.epoch_now, self.rows, label=f"AG+GEMM rank {r}")
+        plan = self._plan(x, weights[0], waits=True)
+        ys = [gemm(x, weights[0], wait=hook, start_chunk=r, plan=plan, max_spins=self.max_spins, check=False, status=self.status)]
         self.lane.join()
+        self._finish([(q, q, 1) for q in range(self.world)], capturing)
         return ys + [x @ w.T for w in weights[1:]]
 
 
@@ -145,26 +194,25 @@ class _MatmulThenReduce(_Fused):
     """GEMM into the symmetric buffer counting tiles per chunk; the lane reduces chunks over ranks.
     Flags: ``chunks`` tile counters, then DONE (this rank finished reading its peers)."""
 
-    def __init__(self, group, m, n, dtype, chunks, name, *, check, max_spins):
+    def __init__(self, group, m, n, dtype, chunks, name, *, check, max_spins, graph_safe):
         self.m, self.n, self.dtype, self.chunks = m, n, dtype, chunks
         self.done = chunks
-        super().__init__(group, m * n * dtype.itemsize, chunks + 1, name, check=check, max_spins=max_spins)
+        super().__init__(group, m * n * dtype.itemsize, chunks + 1, name, check=check, max_spins=max_spins, graph_safe=graph_safe)
 
     def _partial(self, rank: int) -> torch.Tensor:
         return self.buffer.peer(rank, self.dtype, (self.m, self.n))
 
     def _run(self, x: torch.Tensor, weight: torch.Tensor, chunk_rows: int, start_chunk: int, reduce_chunks) -> None:
         _expect(x, (self.m, x.shape[1]), self.dtype, self.rank, f"{self.name} x")
-        self._refuse_graph_capture()
-        self.lane.start_call()
+        capturing = self._begin()
         self._after_peers_read(self.done)  # peers finished reading my partials of the last epoch
-        self.epoch += 1
-        e, buf, plan = self.epoch, self.buffer, self._plan(x, weight)
-        targets = [e * t for t in plan.tiles_per_chunk(self.m, self.n, chunk_rows)]
+        buf, plan = self.buffer, self._plan(x, weight)
+        tiles = plan.tiles_per_chunk(self.m, self.n, chunk_rows)
+        targets = [self._value(t) for t in tiles]
 
         def consume():
-            reduce_chunks(e, targets)
-            self.lane.publish(buf.flags(self.rank), self.done, e)
+            reduce_chunks(targets)
+            self.lane.publish(buf.flags(self.rank), self.done, self._value())
 
         def produce():
             gemm(x, weight, out=self._partial(self.rank), signal=SignalHook(buf.flags(self.rank), chunk_rows),
@@ -172,23 +220,24 @@ class _MatmulThenReduce(_Fused):
 
         self.lane.alongside(consume, produce)
         self.lane.join()
-        self._finish([(q, c, targets[c]) for q in range(self.world) for c in self._awaited_chunks()])
+        self._finish([(q, c, tiles[c]) for q in range(self.world) for c in self._awaited_chunks()], capturing)
 
     def _awaited_chunks(self) -> list[int]:
         return list(range(self.chunks))
 
-    def _await_chunk(self, chunk: int, target: int, e: int) -> None:
+    def _await_chunk(self, chunk: int, target: int | EpochValue) -> None:
         for q in range(self.world):
-            what = f"{self.name} rank {self.rank}: rank {q}'s tiles of chunk {chunk}, epoch {e}: "
-            self.lane.wait_flag(self.buffer.flags(q), chunk, target, what)
+            self.lane.wait_flag(self.buffer.flags(q), chunk, target, f"{self.name} rank {self.rank}: rank {q}'s tiles of chunk {chunk}: ")
 
 
 class FusedMatmulReduceScatter(_MatmulThenReduce):
     """``y_shard_m = reduce_scatter(x @ w.T)`` over rows: x ``[W*rows, k_shard]``, y ``[rows, n]``."""
 
-    def __init__(self, group: Group, rows: int, n: int, dtype: torch.dtype, *, check: bool = True, max_spins: int | None = None):
+    def __init__(self, group: Group, rows: int, n: int, dtype: torch.dtype, *, check: bool = True, max_spins: int | None = None,
+                 graph_safe: bool = False):  # fmt: skip
         self.rows = rows
-        super().__init__(group, group.world_size * rows, n, dtype, group.world_size, "GEMM+RS", check=check, max_spins=max_spins)
+        super().__init__(group, group.world_size * rows, n, dtype, group.world_size, "GEMM+RS", check=check, max_spins=max_spins,
+                         graph_safe=graph_safe)  # fmt: skip
 
     def _awaited_chunks(self) -> list[int]:
         return [self.rank]
@@ -197,8 +246,8 @@ class FusedMatmulReduceScatter(_MatmulThenReduce):
         r, n = self.rank, self.rows
         out = torch.empty(n, self.n, dtype=self.dtype, device=x.device)
 
-        def reduce_mine(e: int, targets: list[int]) -> None:
-            self._await_chunk(r, targets[r], e)
+        def reduce_mine(targets: list[int | EpochValue]) -> None:
+            self._await_chunk(r, targets[r])
             out.copy_(reduce_in_rank_order([self._partial(q)[r * n : (r + 1) * n] for q in range(self.world)], "sum"))
 
         # Destination blocks are produced starting after this rank's own, so peers' blocks finish first.
@@ -210,17 +259,18 @@ class FusedMatmulAllReduce(_MatmulThenReduce):
     """``y = all_reduce(x @ w.T)``: x ``[m, k_shard]``, y ``[m, n]``, reduced in ``chunks`` row chunks."""
 
     def __init__(self, group: Group, m: int, n: int, dtype: torch.dtype, chunks: int = 4, *, check: bool = True,
-                 max_spins: int | None = None):  # fmt: skip
+                 max_spins: int | None = None, graph_safe: bool = False):  # fmt: skip
         self.chunk_rows = -(-m // max(1, min(chunks, m)))
-        super().__init__(group, m, n, dtype, -(-m // self.chunk_rows), "GEMM+AR", check=check, max_spins=max_spins)
+        super().__init__(group, m, n, dtype, -(-m // self.chunk_rows), "GEMM+AR", check=check, max_spins=max_spins,
+                         graph_safe=graph_safe)  # fmt: skip
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         out = torch.empty(self.m, self.n, dtype=self.dtype, device=x.device)
         step = self.chunk_rows
 
-        def reduce_each(e: int, targets: list[int]) -> None:
+        def reduce_each(targets: list[int | EpochValue]) -> None:
             for c in range(self.chunks):
-                self._await_chunk(c, targets[c], e)
+                self._await_chunk(c, targets[c])
                 rows = slice(c * step, min((c + 1) * step, self.m))
                 out[rows] = reduce_in_rank_order([self._partial(q)[rows] for q in range(self.world)], "sum")
 
@@ -232,29 +282,28 @@ class FusedAllReduceResidualNorm(_Fused):
     """Decode's row-parallel epilogue: ``h = residual + all_reduce(partial)``, ``out = RMSNorm(h) * weight``.
     Returns ``(out, h)``; every rank gets the same bits."""
 
-    def __init__(self, group: Group, rows: int, hidden: int, dtype: torch.dtype, *, eps: float = 1e-5, check: bool = True):
+    def __init__(self, group: Group, rows: int, hidden: int, dtype: torch.dtype, *, eps: float = 1e-5, check: bool = True,
+                 graph_safe: bool = False):  # fmt: skip
         if group.world_size > allreduce_norm.MAX_WORLD:
             raise ValueError(f"rank {group.rank}: the fused all-reduce reads at most {allreduce_norm.MAX_WORLD} peers, "
                              f"the group has {group.world_size}")  # fmt: skip
         self.rows, self.hidden, self.dtype, self.eps = rows, hidden, dtype, eps
-        super().__init__(group, rows * hidden * dtype.itemsize, 2, "AR+norm", check=check, max_spins=None)
+        super().__init__(group, rows * hidden * dtype.itemsize, 2, "AR+norm", check=check, max_spins=None, graph_safe=graph_safe)
 
     def __call__(self, residual: torch.Tensor, weight: torch.Tensor, partial: torch.Tensor):
         for name, t in (("residual", residual), ("partial", partial)):
             _expect(t, (self.rows, self.hidden), self.dtype, self.rank, f"AR+norm {name}")
         ready, done, buf = 0, 1, self.buffer
-        self._refuse_graph_capture()
-        self.lane.start_call()
+        capturing = self._begin()
         self._after_peers_read(done)  # peers finished reading my partial of the last epoch
-        self.epoch += 1
-        e = self.epoch
+        value = self._value()
         peers = [self.buffer.peer(q, self.dtype, (self.rows, self.hidden)) for q in range(self.world)]
 
         def publish_and_gather():
             peers[self.rank].copy_(partial)
-            self.lane.publish(buf.flags(self.rank), ready, e)
+            self.lane.publish(buf.flags(self.rank), ready, value)
             for q in ring(self.rank, self.world):
-                self.lane.wait_flag(buf.flags(q), ready, e, f"AR+norm rank {self.rank}: rank {q}'s partial of epoch {e}: ")
+                self.lane.wait_flag(buf.flags(q), ready, value, f"AR+norm rank {self.rank}: rank {q}'s partial: ")
 
         self.lane.after_current_stream()
         self.lane.run(publish_and_gather)
@@ -268,9 +317,9 @@ class FusedAllReduceResidualNorm(_Fused):
                 WORLD=self.world, BLOCK=allreduce_norm.block_for(self.hidden),
             )  # fmt: skip
         self.lane.after_current_stream()
-        self.lane.run(lambda: self.lane.publish(buf.flags(self.rank), done, e))
+        self.lane.run(lambda: self.lane.publish(buf.flags(self.rank), done, value))
         self.lane.join()
-        self._finish([(q, ready, e) for q in range(self.world)])
+        self._finish([(q, ready, 1) for q in range(self.world)], capturing)
         return out, h
 
 
@@ -288,6 +337,13 @@ def workspace(group: Group, pattern: str, *shape, check: bool = True) -> _Fused:
             raise RuntimeError(f"rank {group.rank}: overlap='fused' cannot run here: {reason}")
         table[key] = _KINDS[pattern](group, *shape, check=check)
     return table[key]
+
+
+def check_workspaces(group: Group) -> None:
+    """Raise what any fused operator made for ``group`` recorded: after CUDA-graph replays, which
+    never block the host, this says whether they completed (synchronises)."""
+    for op in group.__dict__.get("_fused_workspaces", {}).values():
+        op.check()
 
 
 def close_workspaces(group: Group) -> None:

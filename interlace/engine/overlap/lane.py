@@ -5,6 +5,11 @@ chunks, small reductions) and ``join()`` orders the caller's stream after it. On
 thread that does the work while the caller runs the GEMM (under the Triton interpreter a kernel
 sees flags a host thread raises); ``join()`` waits for it with a deadline and re-raises its
 error. Operators write one program against ``wait_flag``, ``copy``, ``run`` and ``publish``.
+
+Flag values are ints (stream memory operations on a GPU: no kernel, value fixed when enqueued) or
+``EpochValue``s (one-thread kernels reading the epoch when they run: what a CUDA graph replays). A
+GPU epoch wait that gives up records ``[2, wait id, value, observed]`` in ``status``;
+``wait_name(id)`` says what it waited for. A CPU lane resolves epoch values when it gets to them.
 """
 
 from __future__ import annotations
@@ -17,13 +22,16 @@ from collections.abc import Callable
 import torch
 
 from interlace.engine.comm import signals
+from interlace.ops import flags as epoch_flags
+from interlace.ops.flags import EpochValue
 
 
 class SideLane:
     grace = 1.0  # seconds join() allows beyond the deadline for the lane to report its own timeout
 
-    def __init__(self, device: torch.device, timeout: float, name: str):
-        self.device, self.timeout = device, timeout
+    def __init__(self, device: torch.device, timeout: float, name: str, status: torch.Tensor, max_spins: int):
+        self.device, self.timeout, self.status, self.max_spins = device, timeout, status, max_spins
+        self._wait_names: dict[str, int] = {}
         self.deadline = time.monotonic() + timeout
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         if self.stream is None:
@@ -74,20 +82,35 @@ class SideLane:
         if self.stream is None:
             self._tasks.put(None)
 
-    def wait_flag(self, flags: torch.Tensor, index: int, value: int, what: str) -> None:
-        """(On the lane) until ``flags[index] >= value``."""
-        if self.stream is not None:
-            signals.wait(flags, index, value, self.stream)
+    def wait_flag(self, flags: torch.Tensor, index: int, value: int | EpochValue, what: str) -> None:
+        """(On the lane) until ``flags[index] >= value``; ``what`` names the wait in a timeout."""
+        if self.stream is None:
+            signals.host_wait(flags, index, _now(value), max(0.0, self.deadline - time.monotonic()), what=what)
+        elif isinstance(value, EpochValue):
+            wait_id = self._wait_names.setdefault(what, len(self._wait_names))
+            epoch_flags.wait(flags, index, value, self.status, wait_id, self.max_spins, self.stream)
         else:
-            signals.host_wait(flags, index, value, max(0.0, self.deadline - time.monotonic()), what=what)
+            signals.wait(flags, index, value, self.stream)
 
-    def publish(self, flags: torch.Tensor, index: int, value: int) -> None:
+    def wait_name(self, wait_id: int) -> str:
+        return next((what for what, i in self._wait_names.items() if i == wait_id), f"unknown wait {wait_id}")
+
+    def publish(self, flags: torch.Tensor, index: int, value: int | EpochValue) -> None:
         """(On the lane) ``flags[index] = value``, after everything before it on the lane."""
-        signals.write(flags, index, value, self.stream)
+        if self.stream is not None and isinstance(value, EpochValue):
+            epoch_flags.write(flags, index, value, self.stream)
+        else:
+            signals.write(flags, index, _now(value), self.stream)
 
-    def copy(self, chunks: list[tuple[torch.Tensor, torch.Tensor]], flags: torch.Tensor, indices: list[int], value: int) -> None:
+    def copy(self, chunks: list[tuple[torch.Tensor, torch.Tensor]], flags: torch.Tensor, indices: list[int],
+             value: int | EpochValue) -> None:  # fmt: skip
         """(On the lane) copy-engine chunks, each raising its flag."""
-        signals.copy_chunks(chunks, flags, indices, value, self.stream)
+        if self.stream is None or not isinstance(value, EpochValue):
+            signals.copy_chunks(chunks, flags, indices, _now(value), self.stream)
+            return
+        for chunk, index in zip(chunks, indices, strict=True):
+            signals.copy_chunks([chunk], stream=self.stream)
+            epoch_flags.write(flags, index, value, self.stream)
 
     def join(self) -> None:
         """The caller's stream waits for the lane (GPU), or the caller waits (CPU, with a deadline)."""
@@ -110,3 +133,7 @@ class SideLane:
                 self._pending -= 1
                 if self._pending == 0:
                     self._idle.set()
+
+
+def _now(value: int | EpochValue) -> int:
+    return value.resolve() if isinstance(value, EpochValue) else value

@@ -1,0 +1,36 @@
+"""One-thread kernels that write or await a flag at a value computed on the device.
+
+The value is ``epoch * scale + offset`` (int32, wrapping), with ``epoch`` loaded from device memory
+when the kernel runs: inside a captured CUDA graph each replay sees the epoch of that replay, where
+a stream memory operation would replay the value it was captured with. A wait spins (acquire,
+system scope) at most ``max_spins`` times, then records ``status = [2, wait_id, value, observed]``
+(first failure wins) and returns; it also gives up at once when ``status`` already records a
+failure, so a broken call ends quickly instead of stalling every later wait.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+FLAG_WAIT_FAILED = 2  # status[0] after a flag wait gave up (the kernel writes 2; the GEMM's waits write 1)
+
+
+@triton.jit
+def flag_kernel(flags_ptr, index, epoch_ptr, scale, offset, status_ptr, wait_id, max_spins, WAIT: tl.constexpr):
+    value = tl.load(epoch_ptr) * scale + offset
+    if WAIT:
+        seen = tl.atomic_add(flags_ptr + index, 0, sem="acquire", scope="sys")
+        failed = tl.atomic_add(status_ptr, 0, sem="relaxed")
+        spins = 0
+        while ((seen - value) < 0) & (spins < max_spins) & (failed == 0):  # wrap-aware >=
+            seen = tl.atomic_add(flags_ptr + index, 0, sem="acquire", scope="sys")
+            failed = tl.atomic_add(status_ptr, 0, sem="relaxed")
+            spins += 1
+        if (seen - value) < 0:
+            if tl.atomic_cas(status_ptr, 0, 2) == 0:
+                tl.store(status_ptr + 1, wait_id)
+                tl.store(status_ptr + 2, value)
+                tl.store(status_ptr + 3, seen)
+    else:
+        tl.atomic_xchg(flags_ptr + index, value, sem="release", scope="sys")
