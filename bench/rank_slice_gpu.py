@@ -8,7 +8,7 @@ import statistics
 import torch
 
 from interlace.engine.comm import signals
-from interlace.ops.gemm import SignalHook, WaitHook, gemm, plan_for
+from interlace.ops.gemm import SignalHook, WaitHook, chunk_outputs, gemm, plan_for
 
 WARMUP = 3
 
@@ -120,7 +120,7 @@ def _reduce_scatter(shape: dict, regime: str, world: int, dtype: torch.dtype) ->
     blocks = [partial[q * n : (q + 1) * n] for q in range(world)]
     copy, counters, epochs = torch.cuda.Stream(), torch.zeros(world, dtype=torch.int32, device="cuda"), itertools.count(1)
     plan = plan_for(x, w)
-    tiles = plan.tiles_per_chunk(m, n_out, n)
+    outputs = chunk_outputs(m, n_out, n)
 
     def pull_in():
         signals.copy_chunks([(staging[i], incoming[i]) for i in range(world - 1)], stream=copy)
@@ -160,7 +160,7 @@ def _reduce_scatter(shape: dict, regime: str, world: int, dtype: torch.dtype) ->
         copy.wait_event(before)  # waits queued after the GEMM they wait for (shared hardware queues)
         pull_in()
         for q in range(1, world):
-            signals.wait(counters, q, e * tiles[q], copy)  # stream waits on the GEMM's tile counts
+            signals.wait(counters, q, e * outputs[q], copy)  # stream waits on the GEMM's signal counters
             signals.copy_chunks([(outgoing[q - 1], blocks[q])], stream=copy)
         cur.wait_stream(copy)
         return reduce()
@@ -177,7 +177,7 @@ def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, chunks
     incoming = _peers(world - 1, m, n_out, dtype, regime)
     copy, counters, epochs = torch.cuda.Stream(), torch.zeros(chunks, dtype=torch.int32, device="cuda"), itertools.count(1)
     plan = plan_for(x, w)
-    tiles = plan.tiles_per_chunk(m, n_out, step)
+    outputs = chunk_outputs(m, n_out, step)
     spans = [slice(c * step, min((c + 1) * step, m)) for c in range(chunks)]
 
     def pull(span):
@@ -214,7 +214,7 @@ def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, chunks
             end.record()
         copy.wait_event(before)
         for c, span in enumerate(spans):
-            signals.wait(counters, c, e * tiles[c], copy)
+            signals.wait(counters, c, e * outputs[c], copy)
             pull(span)
         cur.wait_stream(copy)
         return reduce()

@@ -58,8 +58,8 @@ def fused_matmuls(group, seed, graph_safe=False):
             rows = slice(r * ROWS, (r + 1) * ROWS)
             assert_within(rs(xk[r], wk[r]).cpu(), exact[rows], matmul_tolerance(mag[rows], torch.float32, K, w + 1), f"RS e{e}")
             assert_within(ar(xk[r], wk[r]).cpu(), exact, matmul_tolerance(mag, torch.float32, K, w + 1), f"AR e{e}")
-            tiles = rs._plan(xk[r], wk[r]).tiles_per_chunk(w * ROWS, N, ROWS)
-            assert rs.buffer.flags(r).tolist() == [e * t for t in tiles] + [e]  # tile counters, then DONE
+            outputs = [ROWS * N] * w  # what each block's counter gains per call
+            assert rs.buffer.flags(r).tolist() == [e * t for t in outputs] + [e]  # signal counters, then DONE
             assert [op.epoch_now.item() for op in (ag, rs, ar)] == [e] * 3
     return True
 
@@ -112,8 +112,11 @@ def replayed(group, seed):
 
         verify(step(), 0, "eager, before capture")  # also tunes the GEMMs: tuning cannot be captured
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            outs = step()
+        for turn in range(w):  # rank threads take turns: one capture at a time in a process
+            if turn == r:
+                with torch.cuda.graph(graph, stream=torch.cuda.Stream(dev), capture_error_mode="thread_local"):
+                    outs = step()
+            group.barrier()  # no replay before every rank has captured: a capture synchronises the device
         assert all(op.graph_safe for op in (ag, rs, ar, norm))
         for e in range(1, 4):
             for name, t in data(e, r).items():
@@ -180,19 +183,20 @@ def test_epoch_flag_kernels_write_and_wait_at_the_device_epoch(device, seed):
     epoch = torch.tensor([epoch_value], dtype=torch.int32, device=device)
     flags, status = torch.zeros(3, dtype=torch.int32, device=device), torch.zeros(4, dtype=torch.int32, device=device)
     value = EpochValue(epoch, scale, offset)
-    epoch_flags.write(flags, 1, value)
+    epoch_flags.write(flags, 1, value, status)
     assert flags.tolist() == [0, epoch_value * scale + offset, 0]
     epoch_flags.wait(flags, 1, value, status, wait_id=7, max_spins=10)
     assert status.tolist() == [0, 0, 0, 0]
-    epoch_flags.wait(flags, 2, EpochValue(epoch), status, wait_id=9, max_spins=10)  # flag 2 is 0 < epoch: gives up
-    assert status.tolist() == [2, 9, epoch_value, 0]
-    epoch_flags.wait(flags, 0, EpochValue(epoch), status, wait_id=4, max_spins=10)  # first failure stays recorded
-    assert status.tolist() == [2, 9, epoch_value, 0]
     epoch.fill_(2**31 - 1)  # the next epoch wraps to -2**31, which is still >= 2**31 - 1 as flags compare
-    epoch_flags.write(flags, 0, EpochValue(epoch, 1, 1))
-    status.zero_()
+    epoch_flags.write(flags, 0, EpochValue(epoch, 1, 1), status)
     epoch_flags.wait(flags, 0, EpochValue(epoch), status, wait_id=1, max_spins=10)
     assert flags[0].item() == -(2**31) and status.tolist() == [0, 0, 0, 0]
+    epoch.fill_(epoch_value)
+    epoch_flags.wait(flags, 2, EpochValue(epoch), status, wait_id=9, max_spins=10)  # flag 2 is 0 < epoch: gives up
+    assert status.tolist() == [2, 9, epoch_value, 0]
+    epoch_flags.wait(flags, 1, value, status, wait_id=4, max_spins=10)  # reached, and the first failure stays
+    epoch_flags.write(flags, 2, EpochValue(epoch), status)  # a failed operator publishes nothing more
+    assert status.tolist() == [2, 9, epoch_value, 0] and flags[2].item() == 0
 
 
 def late_peer(group, pattern, delay):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from interlace.ops.gemm import SignalHook, WaitHook, gemm, plan_for
+from interlace.ops.gemm import SignalHook, WaitHook, chunk_outputs, gemm, plan_for
 from reference import assert_within, matmul_tolerance
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -113,27 +113,45 @@ def test_tolerance_can_fail(seed):
 # --- hooks ---------------------------------------------------------------------------------------
 
 
-def expected_tiles_per_chunk(m, n, chunk_rows, block_m, block_n):
-    """Counted independently of the wrapper: N-blocks times M-blocks overlapping each chunk."""
-    n_blocks, out = -(-n // block_n), []
-    for c in range(-(-m // chunk_rows)):
-        lo, hi = c * chunk_rows, min((c + 1) * chunk_rows, m)
-        out.append(n_blocks * sum(1 for b in range(-(-m // block_m)) if b * block_m < hi and (b + 1) * block_m > lo))
-    return out
+def expected_outputs_per_chunk(m, n, chunk_rows):
+    """Counted independently of the wrapper: each output element of chunk c's rows, once."""
+    rows = torch.arange(m) // chunk_rows
+    return [int((rows == c).sum()) * n for c in range(-(-m // chunk_rows))]
 
 
 @pytest.mark.parametrize("chunk_rows", [32, 20])  # 20: tiles straddle chunks and count for both
 def test_signal_counters_are_exact_over_epochs(chunk_rows, seed):
     m, n, k = 100, 70, 33
     x, w = operands(seed, m, n, k, torch.float32)
-    plan = plan_for(x, w)
-    expected = expected_tiles_per_chunk(m, n, chunk_rows, plan.block_m, plan.block_n)
-    assert plan.tiles_per_chunk(m, n, chunk_rows) == expected
+    expected = expected_outputs_per_chunk(m, n, chunk_rows)
+    assert chunk_outputs(m, n, chunk_rows) == expected
     counters = torch.zeros(len(expected), dtype=torch.int32, device=DEVICE)
     for epoch in (1, 2, 3):
         y = gemm(x, w, signal=SignalHook(counters, chunk_rows), start_chunk=epoch % len(expected))
         assert counters.tolist() == [epoch * t for t in expected]
         assert_gemm_close(y, x, w, f"signalled epoch {epoch}")
+
+
+def test_signal_counters_do_not_depend_on_the_block_sizes(seed):
+    """Ranks tuned apart (other block sizes) must still agree on what a finished chunk counts."""
+    m, n, k, chunk_rows = 96, 40, 16, 24
+    x, w = operands(seed, m, n, k, torch.float32)
+    plan = plan_for(x, w)
+    for block_m, block_n in ((plan.block_m, plan.block_n), (16, 32), (64, 16)):
+        counters = torch.zeros(4, dtype=torch.int32, device=DEVICE)
+        other = type(plan)(**{**plan.__dict__, "block_m": block_m, "block_n": block_n})
+        gemm(x, w, signal=SignalHook(counters, chunk_rows), plan=other)
+        assert counters.tolist() == expected_outputs_per_chunk(m, n, chunk_rows), (block_m, block_n)
+
+
+def test_a_kept_status_that_records_a_failure_stops_the_signals(seed):
+    """A broken operator must stop publishing, so that its peers time out instead of reading it."""
+    m, n, k, chunk_rows = 64, 40, 16, 32
+    x, w = operands(seed, m, n, k, torch.float32)
+    counters = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    status = torch.tensor([2, 5, 9, 8], dtype=torch.int32, device=DEVICE)
+    gemm(x, w, signal=SignalHook(counters, chunk_rows), status=status)
+    assert counters.tolist() == [0, 0] and status.tolist() == [2, 5, 9, 8]
 
 
 def test_wait_with_flags_set_beforehand(seed):
@@ -195,14 +213,14 @@ def test_tiles_start_at_the_given_chunk_and_go_around_the_ring(seed):
     x, w = operands(seed, m, n, k, torch.float32)
     plan = plan_for(x, w)
     plan = type(plan)(**{**plan.__dict__, "programs": 1})  # one program: the walk is one sequence
-    tiles = plan.tiles_per_chunk(m, n, chunk_rows)
+    outputs = chunk_outputs(m, n, chunk_rows)
     flags = torch.tensor([0, 0, 1], dtype=torch.int32, device=DEVICE)
     counters = torch.zeros(3, dtype=torch.int32, device=DEVICE)
 
     def release_in_ring_order():
         for done, release in ((2, 0), (0, 1)):
             end = time.monotonic() + 30
-            while host_read(counters, done) < tiles[done] and time.monotonic() < end:
+            while host_read(counters, done) < outputs[done] and time.monotonic() < end:
                 time.sleep(0.005)
             host_write(flags, release, 1)
 
@@ -210,7 +228,7 @@ def test_tiles_start_at_the_given_chunk_and_go_around_the_ring(seed):
     thread.start()
     y = gemm(x, w, wait=WaitHook(flags, 1, chunk_rows), signal=SignalHook(counters, chunk_rows), start_chunk=2, plan=plan)
     thread.join()
-    assert counters.tolist() == tiles
+    assert counters.tolist() == outputs
     assert_gemm_close(y, x, w, "ring order")
 
 

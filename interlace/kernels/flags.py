@@ -5,7 +5,12 @@ when the kernel runs: inside a captured CUDA graph each replay sees the epoch of
 a stream memory operation would replay the value it was captured with. A wait spins (acquire,
 system scope) at most ``max_spins`` times, then records ``status = [2, wait_id, value, observed]``
 (first failure wins) and returns; it also gives up at once when ``status`` already records a
-failure, so a broken call ends quickly instead of stalling every later wait.
+failure, so a broken call ends quickly instead of stalling every later wait. A write does nothing
+once ``status`` records a failure: a broken operator stops publishing, so its peers time out and
+say so instead of reading buffers it no longer guards.
+
+No int argument is specialised: one compiled variant serves every call, so a warm-up before a
+CUDA-graph capture loads everything the capture will launch.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import triton.language as tl
 FLAG_WAIT_FAILED = 2  # status[0] after a flag wait gave up (the kernel writes 2; the GEMM's waits write 1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["index", "scale", "offset", "wait_id", "max_spins"])
 def flag_kernel(flags_ptr, index, epoch_ptr, scale, offset, status_ptr, wait_id, max_spins, WAIT: tl.constexpr):
     value = tl.load(epoch_ptr) * scale + offset
     if WAIT:
@@ -28,9 +33,9 @@ def flag_kernel(flags_ptr, index, epoch_ptr, scale, offset, status_ptr, wait_id,
             failed = tl.atomic_add(status_ptr, 0, sem="relaxed")
             spins += 1
         if (seen - value) < 0:
-            if tl.atomic_cas(status_ptr, 0, 2) == 0:
+            if tl.atomic_cas(status_ptr, 0, 2) == 0:  # FLAG_WAIT_FAILED
                 tl.store(status_ptr + 1, wait_id)
                 tl.store(status_ptr + 2, value)
                 tl.store(status_ptr + 3, seen)
-    else:
+    elif tl.atomic_add(status_ptr, 0, sem="relaxed") == 0:
         tl.atomic_xchg(flags_ptr + index, value, sem="release", scope="sys")

@@ -14,9 +14,11 @@ Hooks (int32 flag arrays, one entry per chunk of ``chunk_rows`` rows of x / y):
   can advance it between replays and flags never need resetting. On a spin past ``max_spins`` it records
   ``status = [1, chunk, epoch, observed]`` (first failure wins), skips the tile, and every later
   wait gives up at once: the launch ends quickly and the wrapper raises.
-- SIGNAL: after a tile's store, a CTA barrier, then ``counters[c] += 1`` (release) for every
-  chunk c its rows touch: ``counters[c] == epoch * tiles_in_chunk(c)`` once the epoch-th call
-  has finished chunk c.
+- SIGNAL: after a tile's store, a CTA barrier, then ``counters[c] +=`` the number of outputs the
+  tile wrote in chunk c (release), for every chunk c its rows touch: ``counters[c] == epoch *
+  rows_in_chunk(c) * N`` once the epoch-th call has finished chunk c, whatever the block sizes
+  (ranks tuned apart still agree on it). Nothing is signalled once ``status`` records a failure:
+  a broken operator stops publishing, so its peers time out and say so instead of reading it.
 
 Flags compare as ``(int32)(flag - value) >= 0`` (what cuStreamWaitValue32 does), so epochs and
 counters may wrap. The hooks' atomics are system-scoped: peers on other GPUs read them over IPC.
@@ -134,5 +136,9 @@ def gemm_kernel(
             tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)
             if SIGNAL:
                 tl.debug_barrier()  # every thread's stores precede the release below
-                for chunk in range(chunk_first, chunk_last + 1):
-                    tl.atomic_add(counters_ptr + chunk, 1, sem="release", scope="sys")
+                if tl.atomic_add(status_ptr, 0, sem="relaxed") == 0:
+                    row_lo, row_hi = pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, M)
+                    cols_done = tl.minimum(N - pid_n * BLOCK_N, BLOCK_N)
+                    for chunk in range(chunk_first, chunk_last + 1):
+                        rows_done = tl.minimum(row_hi, (chunk + 1) * chunk_rows) - tl.maximum(row_lo, chunk * chunk_rows)
+                        tl.atomic_add(counters_ptr + chunk, rows_done * cols_done, sem="release", scope="sys")

@@ -19,7 +19,7 @@ from interlace.ops.describe import describe
 from interlace.ops.gemm import INTERPRETER_LOCK
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class EpochValue:
     epoch: torch.Tensor
     scale: int = 1
@@ -34,23 +34,24 @@ class EpochValue:
         return int(self.epoch.item()) * self.scale + self.offset
 
 
-def write(flags: torch.Tensor, index: int, value: EpochValue, stream: torch.cuda.Stream | None = None) -> None:
-    """``flags[index] = value`` (release, system scope), from a kernel on ``stream``."""
-    _launch(flags, index, value, stream, flags, 0, 0, wait=False)
+def write(flags: torch.Tensor, index: int, value: EpochValue, status: torch.Tensor, stream: torch.cuda.Stream | None = None) -> None:
+    """``flags[index] = value`` (release, system scope), from a kernel on ``stream``; nothing once
+    ``status`` records a failure."""
+    _launch(flags, index, value, stream, status, 0, 0, wait=False)
 
 
 def wait(flags: torch.Tensor, index: int, value: EpochValue, status: torch.Tensor, wait_id: int, max_spins: int,
          stream: torch.cuda.Stream | None = None) -> None:  # fmt: skip
     """Order ``stream`` after ``flags[index] >= value`` with a spinning one-thread kernel; after
     ``max_spins`` spins it records ``[2, wait_id, value, observed]`` in ``status`` and gives up."""
-    if status.dtype != torch.int32 or status.numel() < 4 or status.device != flags.device:
-        raise ValueError(f"flag wait: status must be >= 4 int32 on {flags.device}, got {describe(status)}")
     _launch(flags, index, value, stream, status, wait_id, max_spins, wait=True)
 
 
 def _launch(flags, index, value, stream, status, wait_id, max_spins, *, wait: bool) -> None:
     if flags.dtype != torch.int32 or flags.dim() != 1 or not 0 <= index < flags.numel():
         raise ValueError(f"flag {index} of {describe(flags)}: expected an index into a 1-D int32 vector")
+    if status.dtype != torch.int32 or status.numel() < 4 or status.device != flags.device:
+        raise ValueError(f"flag {index}: status must be >= 4 int32 on {flags.device}, got {describe(status)}")
     if value.epoch.device != flags.device:
         raise ValueError(f"flag {index}: the epoch is on {value.epoch.device}, the flags on {flags.device}")
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext(), INTERPRETER_LOCK:
@@ -58,11 +59,10 @@ def _launch(flags, index, value, stream, status, wait_id, max_spins, *, wait: bo
                                  WAIT=wait, num_warps=1)  # fmt: skip
 
 
-
 @functools.lru_cache(maxsize=None)
 def warm_up(device: torch.device) -> None:
     """Compile and load both kernels on ``device`` now: an operator switching to them while a CUDA
     graph is being captured must not compile and load modules inside the capture."""
     flags, status = torch.zeros(1, dtype=torch.int32, device=device), torch.zeros(4, dtype=torch.int32, device=device)
-    write(flags, 0, EpochValue(flags))
+    write(flags, 0, EpochValue(flags), status)
     wait(flags, 0, EpochValue(flags), status, 0, 1)

@@ -44,7 +44,7 @@ INTERPRETER_LOCK = threading.Lock() if INTERPRETING else contextlib.nullcontext(
 
 @dataclass(frozen=True)
 class Plan:
-    """Block sizes and grid of one launch; ``tiles_per_chunk`` tells a consumer what to wait for."""
+    """Block sizes and grid of one launch."""
 
     block_m: int
     block_n: int
@@ -57,15 +57,10 @@ class Plan:
     def tiles(self, m: int, n: int) -> int:
         return triton.cdiv(m, self.block_m) * triton.cdiv(n, self.block_n)
 
-    def tiles_per_chunk(self, m: int, n: int, chunk_rows: int) -> list[int]:
-        """Tiles whose rows touch each chunk (a tile straddling two chunks counts for both)."""
-        chunks = triton.cdiv(m, chunk_rows)
-        counts = [0] * chunks
-        for pid_m in range(triton.cdiv(m, self.block_m)):
-            first, last = pid_m * self.block_m, min((pid_m + 1) * self.block_m, m) - 1
-            for c in range(first // chunk_rows, last // chunk_rows + 1):
-                counts[c] += triton.cdiv(n, self.block_n)
-        return counts
+
+def chunk_outputs(m: int, n: int, chunk_rows: int) -> list[int]:
+    """What a launch adds to each chunk's signal counter: the outputs in its rows, whatever the plan."""
+    return [(min((c + 1) * chunk_rows, m) - c * chunk_rows) * n for c in range(triton.cdiv(m, chunk_rows))]
 
 
 @dataclass
@@ -99,9 +94,9 @@ class WaitHook:
 
 @dataclass
 class SignalHook:
-    """After each tile's store, ``counters[c] += 1`` (release) for every chunk ``c`` its rows
-    touch: ``counters[c] == epoch * plan.tiles_per_chunk(M, N, chunk_rows)[c]`` after the
-    epoch-th call has finished chunk ``c``."""
+    """After each tile's store, ``counters[c] +=`` the outputs it wrote in chunk ``c`` (release),
+    for every chunk its rows touch: ``counters[c] == epoch * chunk_outputs(M, N, chunk_rows)[c]``
+    after the epoch-th call has finished chunk ``c``."""
 
     counters: torch.Tensor
     chunk_rows: int
@@ -128,7 +123,7 @@ def gemm(
     y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
-    chunk_rows = _check_hooks(wait, signal, m, x.device, start_chunk)
+    chunk_rows = _check_hooks(wait, signal, m, n, x.device, start_chunk)
     plan = plan or plan_for(x, w)
     if status is None:
         status = torch.zeros(4, dtype=torch.int32, device=x.device)
@@ -236,7 +231,7 @@ def _check_operands(x, w, bias, residual, activation, out) -> tuple[int, int]:
     return m, n
 
 
-def _check_hooks(wait, signal, m, device, start_chunk) -> int:
+def _check_hooks(wait, signal, m, n, device, start_chunk) -> int:
     hooks = [h for h in (wait, signal) if h is not None]
     if not hooks:
         return 1
@@ -248,6 +243,8 @@ def _check_hooks(wait, signal, m, device, start_chunk) -> int:
         if flags is not None and (flags.dtype != torch.int32 or flags.dim() != 1 or flags.numel() < chunks
                                   or not flags.is_contiguous() or flags.device != device):  # fmt: skip
             raise ValueError(f"gemm: {name} must be a contiguous int32 vector of >= {chunks} chunks on {device}, got {describe(flags)}")
+    if signal is not None and chunk_rows * n >= 2**31:
+        raise ValueError(f"gemm: a chunk of {chunk_rows} rows x {n} columns is more outputs than an int32 counter can count per call")
     if not 0 <= start_chunk < chunks:
         raise ValueError(f"gemm: start_chunk must be in [0, {chunks}), got {start_chunk}")
     if wait is not None and isinstance(wait.epoch, int) and wait.epoch < 1:

@@ -35,7 +35,7 @@ class FlagTimeoutError(TimeoutError):
 
 
 def wrap(value: int) -> int:
-    """``value`` as the int32 a flag holds: epochs and tile counts only grow, and wrap."""
+    """``value`` as the int32 a flag holds: epochs and signal counts only grow, and wrap."""
     return (value + 2**31) % 2**32 - 2**31
 
 

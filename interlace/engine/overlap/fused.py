@@ -6,11 +6,11 @@ GEMM (a GPU, or the interpreter). Construction and ``close()`` are collective.
 | operator | this rank's shapes | how |
 |---|---|---|
 | ``FusedAllGatherMatmul`` | x_shard_m [n, K] -> y [W*n, N] | each rank publishes its rows in its own buffer (flag r = epoch); the lane pulls every peer's rows into the local gathered buffer with copy-engine chunks, a flag per chunk; ONE GEMM waits per tile on its chunk's flag, own rows first |
-| ``FusedMatmulReduceScatter`` | x [W*n, K_s] -> y_shard_m [n, N] | ONE GEMM writes its partial products into the symmetric buffer, counting finished tiles per destination block; the lane waits (stream waits, no spinning kernel) on every peer's count for this rank's block, then reduces the blocks in rank order |
+| ``FusedMatmulReduceScatter`` | x [W*n, K_s] -> y_shard_m [n, N] | ONE GEMM writes its partial products into the symmetric buffer, counting finished outputs per destination block; the lane waits (stream waits, no spinning kernel) on every peer's count for this rank's block, then reduces the blocks in rank order |
 | ``FusedMatmulAllReduce`` | x [M, K_s] -> y [M, N] | the same GEMM counting row chunks; the lane reduces each chunk over all ranks as soon as all have finished it (a one-shot all-reduce per chunk) |
 | ``FusedAllReduceResidualNorm`` | partial [M, H] -> RMSNorm(residual + sum), residual + sum | decode (small M): each rank writes its partial into symmetric memory and raises a flag; ONE kernel per rank reads every peer's rows, sums in rank order, adds the residual and normalises |
 
-Epochs: call e raises flags to e (tile counters to e * tiles), so nothing is ever reset. Before a
+Epochs: call e raises flags to e (signal counters to e * the chunk's outputs), so nothing is ever reset. Before a
 rank overwrites its buffer for call e, every peer must have finished reading it for call e-1.
 
 CUDA graphs: the epoch also lives on the device (``epoch_now``, advanced by a kernel on the caller's
@@ -37,7 +37,7 @@ from interlace.kernels.flags import FLAG_WAIT_FAILED
 from interlace.ops import flags as epoch_flags
 from interlace.ops.flags import EpochValue
 from interlace.ops.gemm import (
-    DEFAULT_MAX_SPINS, GEMM_WAIT_FAILED, INTERPRETER_LOCK, INTERPRETING, Plan, SignalHook, WaitHook, gemm, plan_for,
+    DEFAULT_MAX_SPINS, GEMM_WAIT_FAILED, INTERPRETER_LOCK, INTERPRETING, Plan, SignalHook, WaitHook, chunk_outputs, gemm, plan_for,
 )  # fmt: skip
 
 from .lane import SideLane
@@ -82,7 +82,7 @@ class _Fused:
         if failed == GEMM_WAIT_FAILED:
             raise TimeoutError(f"{who}: the GEMM's wait on chunk {where} timed out: expected flag >= {value}, observed {observed}")
         if failed == FLAG_WAIT_FAILED:
-            raise TimeoutError(f"{who}: {self.lane.wait_name(where)}flag did not reach {value} (observed {observed})")
+            raise TimeoutError(f"{self.lane.wait_name(where)} did not reach {value} (observed {observed})")
         if failed:
             raise RuntimeError(f"{who}: unknown failure record {[failed, where, value, observed]}")
 
@@ -125,13 +125,13 @@ class _Fused:
         rank's persistent GEMM is resident at once (a waiting kernel must not starve its producer).
         It leaves an SM per lane on the GPU for the lanes' kernels: graph-safe flag kernels (which a
         waiting GEMM needs, and which overlap the GEMM only if resident beside it), and, for a GEMM
-        that ``waits`` on rank threads, same-device copies, which the driver may run on SMs."""
+        that ``waits``, the copies it waits for, which the driver may run on SMs when same-device."""
         key = (tuple(x.shape), tuple(w.shape), x.dtype, waits, self.graph_safe)
         if key not in self._plans:
             plan = plan_for(x, w)
             if x.is_cuda:
                 sharing = self.world if hasattr(self.group, "share") else 1
-                lanes = sharing if self.graph_safe or (waits and sharing > 1) else 0
+                lanes = sharing if self.graph_safe or waits else 0
                 sms = torch.cuda.get_device_properties(x.device).multi_processor_count
                 plan = dataclasses.replace(plan, programs=max(1, min(plan.programs, (sms - lanes) // sharing)))
             self._plans[key] = plan
@@ -191,8 +191,8 @@ class FusedAllGatherMatmul(_Fused):
 
 
 class _MatmulThenReduce(_Fused):
-    """GEMM into the symmetric buffer counting tiles per chunk; the lane reduces chunks over ranks.
-    Flags: ``chunks`` tile counters, then DONE (this rank finished reading its peers)."""
+    """GEMM into the symmetric buffer counting finished outputs per chunk; the lane reduces chunks over ranks.
+    Flags: ``chunks`` signal counters, then DONE (this rank finished reading its peers)."""
 
     def __init__(self, group, m, n, dtype, chunks, name, *, check, max_spins, graph_safe):
         self.m, self.n, self.dtype, self.chunks = m, n, dtype, chunks
@@ -207,8 +207,8 @@ class _MatmulThenReduce(_Fused):
         capturing = self._begin()
         self._after_peers_read(self.done)  # peers finished reading my partials of the last epoch
         buf, plan = self.buffer, self._plan(x, weight)
-        tiles = plan.tiles_per_chunk(self.m, self.n, chunk_rows)
-        targets = [self._value(t) for t in tiles]
+        outputs = chunk_outputs(self.m, self.n, chunk_rows)
+        targets = [self._value(t) for t in outputs]
 
         def consume():
             reduce_chunks(targets)
@@ -216,11 +216,11 @@ class _MatmulThenReduce(_Fused):
 
         def produce():
             gemm(x, weight, out=self._partial(self.rank), signal=SignalHook(buf.flags(self.rank), chunk_rows),
-                 start_chunk=start_chunk, plan=plan, max_spins=self.max_spins)  # fmt: skip
+                 start_chunk=start_chunk, plan=plan, max_spins=self.max_spins, status=self.status)  # fmt: skip
 
         self.lane.alongside(consume, produce)
         self.lane.join()
-        self._finish([(q, c, tiles[c]) for q in range(self.world) for c in self._awaited_chunks()], capturing)
+        self._finish([(q, c, outputs[c]) for q in range(self.world) for c in self._awaited_chunks()], capturing)
 
     def _awaited_chunks(self) -> list[int]:
         return list(range(self.chunks))

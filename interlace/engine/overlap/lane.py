@@ -87,7 +87,7 @@ class SideLane:
         if self.stream is None:
             signals.host_wait(flags, index, _now(value), max(0.0, self.deadline - time.monotonic()), what=what)
         elif isinstance(value, EpochValue):
-            wait_id = self._wait_names.setdefault(what, len(self._wait_names))
+            wait_id = self._wait_names.setdefault(f"{what}flag {index}", len(self._wait_names))
             epoch_flags.wait(flags, index, value, self.status, wait_id, self.max_spins, self.stream)
         else:
             signals.wait(flags, index, value, self.stream)
@@ -98,7 +98,7 @@ class SideLane:
     def publish(self, flags: torch.Tensor, index: int, value: int | EpochValue) -> None:
         """(On the lane) ``flags[index] = value``, after everything before it on the lane."""
         if self.stream is not None and isinstance(value, EpochValue):
-            epoch_flags.write(flags, index, value, self.stream)
+            epoch_flags.write(flags, index, value, self.status, self.stream)
         else:
             signals.write(flags, index, _now(value), self.stream)
 
@@ -110,7 +110,7 @@ class SideLane:
             return
         for chunk, index in zip(chunks, indices, strict=True):
             signals.copy_chunks([chunk], stream=self.stream)
-            epoch_flags.write(flags, index, value, self.stream)
+            epoch_flags.write(flags, index, value, self.status, self.stream)
 
     def join(self) -> None:
         """The caller's stream waits for the lane (GPU), or the caller waits (CPU, with a deadline)."""
