@@ -21,21 +21,35 @@ import triton.language as tl
 FLAG_WAIT_FAILED = 2  # status[0] after a flag wait gave up (the kernel writes 2; the GEMM's waits write 1)
 
 
+@triton.jit
+def spin_until(flag_ptr, value, status_ptr, max_spins):
+    """The flag (acquire, system scope) once it reaches ``value`` (wrap-aware ``>=``), or as last seen
+    when ``max_spins`` spins passed or ``status`` records a failure. Shared by the GEMM's waits."""
+    seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
+    failed = tl.atomic_add(status_ptr, 0, sem="relaxed")
+    spins = 0
+    while ((seen - value) < 0) & (spins < max_spins) & (failed == 0):
+        seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
+        failed = tl.atomic_add(status_ptr, 0, sem="relaxed")
+        spins += 1
+    return seen
+
+
+@triton.jit
+def record_failure(status_ptr, code, where, value, seen):
+    """``status = [code, where, value, seen]`` unless a failure is recorded already (first one wins)."""
+    if tl.atomic_cas(status_ptr, 0, code) == 0:
+        tl.store(status_ptr + 1, where)
+        tl.store(status_ptr + 2, value)
+        tl.store(status_ptr + 3, seen)
+
+
 @triton.jit(do_not_specialize=["index", "scale", "offset", "wait_id", "max_spins"])
 def flag_kernel(flags_ptr, index, epoch_ptr, scale, offset, status_ptr, wait_id, max_spins, WAIT: tl.constexpr):
     value = tl.load(epoch_ptr) * scale + offset
     if WAIT:
-        seen = tl.atomic_add(flags_ptr + index, 0, sem="acquire", scope="sys")
-        failed = tl.atomic_add(status_ptr, 0, sem="relaxed")
-        spins = 0
-        while ((seen - value) < 0) & (spins < max_spins) & (failed == 0):  # wrap-aware >=
-            seen = tl.atomic_add(flags_ptr + index, 0, sem="acquire", scope="sys")
-            failed = tl.atomic_add(status_ptr, 0, sem="relaxed")
-            spins += 1
+        seen = spin_until(flags_ptr + index, value, status_ptr, max_spins)
         if (seen - value) < 0:
-            if tl.atomic_cas(status_ptr, 0, 2) == 0:  # FLAG_WAIT_FAILED
-                tl.store(status_ptr + 1, wait_id)
-                tl.store(status_ptr + 2, value)
-                tl.store(status_ptr + 3, seen)
+            record_failure(status_ptr, 2, wait_id, value, seen)  # FLAG_WAIT_FAILED
     elif tl.atomic_add(status_ptr, 0, sem="relaxed") == 0:
         tl.atomic_xchg(flags_ptr + index, value, sem="release", scope="sys")

@@ -29,6 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from interlace.kernels.flags import record_failure, spin_until
+
 ACTIVATIONS = {None: 0, "silu": 1, "gelu": 2}
 
 
@@ -61,18 +63,9 @@ def _wait_chunks(flags_ptr, status_ptr, chunk_first, chunk_last, epoch, max_spin
     """1 when every chunk in [chunk_first, chunk_last] reached ``epoch``; 0 after recording a timeout."""
     ready = 1
     for chunk in range(chunk_first, chunk_last + 1):
-        seen = tl.atomic_add(flags_ptr + chunk, 0, sem="acquire", scope="sys")
-        failed = tl.atomic_add(status_ptr, 0, sem="relaxed")
-        spins = 0
-        while ((seen - epoch) < 0) & (spins < max_spins) & (failed == 0):  # wrap-aware >=
-            seen = tl.atomic_add(flags_ptr + chunk, 0, sem="acquire", scope="sys")
-            failed = tl.atomic_add(status_ptr, 0, sem="relaxed")
-            spins += 1
+        seen = spin_until(flags_ptr + chunk, epoch, status_ptr, max_spins)
         if (seen - epoch) < 0:
-            if tl.atomic_cas(status_ptr, 0, 1) == 0:
-                tl.store(status_ptr + 1, chunk)
-                tl.store(status_ptr + 2, epoch)
-                tl.store(status_ptr + 3, seen)
+            record_failure(status_ptr, 1, chunk, epoch, seen)  # GEMM_WAIT_FAILED
             ready = 0
     return ready
 

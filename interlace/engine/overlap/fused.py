@@ -115,8 +115,8 @@ class _Fused:
 
     def _behind(self, awaited: list[tuple[int, int, int]]) -> str:
         epoch = signals.read(self.epoch_now, 0) if self.graph_safe else self.epoch
-        behind = [f"rank {q} flag {i} is {signals.read(self.buffer.flags(q), i)}, needs {signals.wrap(epoch * s)}"
-                  for q, i, s in awaited if signals.wrap(signals.read(self.buffer.flags(q), i) - epoch * s) < 0]  # fmt: skip
+        seen = [(q, i, signals.read(self.buffer.flags(q), i), signals.wrap(epoch * s)) for q, i, s in awaited]  # one read each
+        behind = [f"rank {q} flag {i} is {value}, needs {target}" for q, i, value, target in seen if signals.wrap(value - target) < 0]
         return (f"rank {self.rank}: {self.name} epoch {epoch} did not finish within {self.lane.timeout} s; "
                 f"behind: {'; '.join(behind) or 'nothing (the GPU is slow)'}")
 
