@@ -51,27 +51,32 @@ def test_no_triton_off_linux():
 
 @pytest.mark.timeout(600)
 def test_offline_setup_from_an_interpreter_that_already_has_torch(tmp_path):
-    """The GPU box: its python3 is itself a venv holding CUDA torch, and there is no network.
+    """The GPU box: its python3 may itself be a venv holding CUDA torch, and there is no network.
 
     Run the bootstrap from this test's interpreter (a venv with torch) with the package index
-    switched off: it must build a venv that imports the same torch and interlace, installing nothing.
+    switched off: it must build a venv that imports the same torch and interlace, installing
+    nothing. Then again from that venv's interpreter (this test, run by `make test` on the box):
+    each link must carry the one before it.
     """
-    source, venv = tmp_path / "checkout", tmp_path / "venv"
+    source = tmp_path / "checkout"
     tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True).stdout.split()
     for name in tracked or pytest.skip("not a git checkout"):  # a copy: the editable build must not touch this tree
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, source / name)
     env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "", "INTERLACE_CUDA": "OFF"}  # the CPU build is quicker
-    done = subprocess.run([sys.executable, str(source / "tools" / "bootstrap.py"), "--venv", str(venv)],
-                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "--no-deps --no-build-isolation -e" in done.stdout
-    assert "torch==" not in done.stdout, "the existing torch must be used, not reinstalled"
-    probe = "import torch, interlace, interlace.engine.comm; print(torch.__version__, interlace.__file__)"
-    out = subprocess.run([venv / "bin" / "python", "-c", probe], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     import torch
 
-    assert out.returncode == 0, out.stderr
-    version, location = out.stdout.split()
-    assert version == torch.__version__
-    assert Path(location).resolve().is_relative_to(source.resolve())
+    python = Path(sys.executable)
+    for venv in (tmp_path / "venv", tmp_path / "venv-from-venv"):
+        done = subprocess.run([python, str(source / "tools" / "bootstrap.py"), "--venv", str(venv)],
+                              capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "--no-deps --no-build-isolation -e" in done.stdout
+        assert "torch==" not in done.stdout, f"{venv.name}: the existing torch must be used, not reinstalled"
+        probe = "import torch, interlace, interlace.engine.comm; print(torch.__version__, interlace.__file__)"
+        python = venv / "bin" / "python"
+        out = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        version, location = out.stdout.split()
+        assert version == torch.__version__
+        assert Path(location).resolve().is_relative_to(source.resolve())

@@ -105,7 +105,8 @@ def create_venv(venv_dir: Path) -> None:
     venv.EnvBuilder(with_pip=not share, system_site_packages=share).create(venv_dir)
     if share and sys.prefix != sys.base_prefix:
         # This interpreter is itself a venv: --system-site-packages would expose its *base*
-        # interpreter, not the venv where torch lives. Link that venv's site-packages explicitly.
+        # interpreter, not the venv where torch lives. Link that venv's site-packages explicitly,
+        # with addsitedir so that their own .pth files (such as this link, one venv further) count.
         sites = [p for p in site.getsitepackages() if os.path.isdir(p)]
         target = Path(
             subprocess.check_output(
@@ -113,7 +114,7 @@ def create_venv(venv_dir: Path) -> None:
                 text=True,
             ).strip()
         )
-        (target / LINK_FILE).write_text("\n".join(sites) + "\n")
+        (target / LINK_FILE).write_text("".join(f"import site; site.addsitedir({p!r})\n" for p in sites))
 
 
 def installed_versions(python: Path, names: list[str]) -> dict[str, str | None]:
