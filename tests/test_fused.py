@@ -12,8 +12,8 @@ from interlace.engine.comm import spawn
 from interlace.ops import flags as epoch_flags
 from interlace.ops.flags import EpochValue
 from interlace.engine.overlap.fused import (
-    FusedAllGatherMatmul, FusedAllReduceResidualNorm, FusedMatmulAllReduce, FusedMatmulReduceScatter, check_workspaces,
-    close_workspaces, fused_unavailable, workspace,
+    FusedAllGatherMatmul, FusedAllReduceResidualNorm, FusedMatmulAllReduce, FusedMatmulGroupAllReduce, FusedMatmulReduceScatter,
+    check_workspaces, close_workspaces, fused_unavailable, workspace,
 )  # fmt: skip
 from reference import assert_within, matmul_tolerance, rand
 
@@ -237,5 +237,62 @@ def test_fused_says_why_it_cannot_run_or_be_timed():
     class FakeDist:  # what fused_unavailable reads off a DistGroup
         world_size, rank = 4, 0
 
-    assert "under the Triton interpreter a timing measures Python" in fused_unavailable(FakeDist(), timing=True)
-    assert "ranks may span nodes (LOCAL_WORLD_SIZE=unset, world 4)" in fused_unavailable(FakeDist())
+    assert "under the Triton interpreter a timing measures Python" in fused_unavailable(FakeDist(), "gemm_ar", timing=True)
+    for pattern in ("ag_gemm", "gemm_rs"):
+        expected = f"fused {pattern} needs memory shared by every rank: FakeDist ranks may span nodes (LOCAL_WORLD_SIZE=unset, world 4)"
+        assert fused_unavailable(FakeDist(), pattern) == expected
+    assert fused_unavailable(FakeDist(), "gemm_ar") is None  # the group's own all-reduce per chunk
+
+
+def group_all_reduce(group, seed, graph_safe=False):
+    """GEMM+AR over the group's own all-reduce, several epochs, against float64; its counters exactly."""
+    w, m, chunks = group.world_size, 3 * ROWS + 5, 3  # a short last chunk
+
+    def rand(s, shape):
+        return base_rand(s, shape).to(group.device)
+
+    with FusedMatmulGroupAllReduce(group, m, N, torch.float32, chunks, graph_safe=graph_safe) as ar:
+        assert ar.buffer is None and ar.chunks == chunks
+        for e in range(1, EPOCHS + 1):
+            xk = [rand(seed + 300 * e + q, (m, K)) * (q + 1) for q in range(w)]
+            wk = [rand(seed + 500 * e + q, (N, K)) for q in range(w)]
+            exact = sum(d64(xk[q]) @ d64(wk[q]).T for q in range(w))
+            mag = sum(d64(xk[q]).abs() @ d64(wk[q]).abs().T for q in range(w))
+            y = ar(xk[group.rank], wk[group.rank])
+            assert_within(y.cpu(), exact, matmul_tolerance(mag, torch.float32, K, w + 1), f"AR(group) e{e}")
+            step = -(-m // chunks)
+            assert ar.own_flags.tolist() == [e * min(step, m - c * step) * N for c in range(chunks)]
+    return True
+
+
+@pytest.mark.parametrize("transport,world_size,device", [
+    pytest.param("local", 1, "cpu", id="local-1"), pytest.param("local", 3, "cpu", id="local-3"),
+    pytest.param("gloo", 2, "cpu", id="gloo-2"),
+    pytest.param("local", 4, "cuda", id="local-cuda-4", marks=pytest.mark.gpu),
+    pytest.param("nccl", 2, "cuda", id="nccl-2", marks=pytest.mark.gpu),
+])  # fmt: skip
+def test_fused_all_reduce_over_the_groups_own_all_reduce(transport, world_size, device, seed):
+    """For ranks that share no memory: one GEMM, each row chunk all-reduced once this rank has it."""
+    assert spawn(group_all_reduce, world_size, transport, timeout=120, device=device, args=(seed,)) == [True] * world_size
+
+
+def fused_across_nodes(group, seed):
+    """A DistGroup that may span nodes: fused GEMM+AR runs over its all-reduce; AG and RS say why not."""
+    from interlace import OverlapConfig
+    from interlace.engine.overlap.collective_matmul import all_gather_matmul, matmul_all_reduce
+
+    fused, w = OverlapConfig(strategy="fused", chunks=2), group.world_size
+    x = [base_rand(seed + q, (2 * ROWS, K)) for q in range(w)]
+    weight = [base_rand(seed + 50 + q, (N, K)) for q in range(w)]
+    y = matmul_all_reduce(x[group.rank], weight[group.rank], group, fused)
+    exact = sum(d64(x[q]) @ d64(weight[q]).T for q in range(w))
+    assert_within(y, exact, matmul_tolerance(sum(d64(x[q]).abs() @ d64(weight[q]).abs().T for q in range(w)), torch.float32, K, w + 1), "AR across nodes")
+    assert isinstance(workspace(group, "gemm_ar", 2 * ROWS, N, torch.float32, 2), FusedMatmulGroupAllReduce)
+    with pytest.raises(RuntimeError, match=r"rank \d: overlap='fused' cannot run here: fused ag_gemm needs memory shared"):
+        all_gather_matmul(x[group.rank], weight, group, fused)
+    close_workspaces(group)
+    return True
+
+
+def test_fused_across_nodes_runs_gemm_ar_over_the_group_and_says_why_not_the_others(seed):
+    assert spawn(fused_across_nodes, 2, "gloo", timeout=120, args=(seed,)) == [True, True]

@@ -125,7 +125,7 @@ def candidates_for(group: Group, case: Case) -> tuple[dict[str, OverlapConfig], 
         configs["chunked" + (f"x{c}" if c else "")] = OverlapConfig(strategy="chunked", chunks=max(c, 1))
     from .fused import fused_unavailable  # fused imports the GEMM: only when deciding
 
-    why_not = fused_unavailable(group, timing=True)
+    why_not = fused_unavailable(group, case.pattern, timing=True)
     if why_not is None:
         configs["fused"] = OverlapConfig(strategy="fused", chunks=4)
     return configs, why_not

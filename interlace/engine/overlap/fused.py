@@ -6,8 +6,9 @@ GEMM (a GPU, or the interpreter). Construction and ``close()`` are collective.
 | operator | this rank's shapes | how |
 |---|---|---|
 | ``FusedAllGatherMatmul`` | x_shard_m [n, K] -> y [W*n, N] | each rank publishes its rows in its own buffer (flag r = epoch); the lane pulls every peer's rows into the local gathered buffer with copy-engine chunks, a flag per chunk; ONE GEMM waits per tile on its chunk's flag, own rows first |
-| ``FusedMatmulReduceScatter`` | x [W*n, K_s] -> y_shard_m [n, N] | ONE GEMM writes its partial products into the symmetric buffer, counting finished outputs per destination block; the lane waits (stream waits, no spinning kernel) on every peer's count for this rank's block, then reduces the blocks in rank order |
-| ``FusedMatmulAllReduce`` | x [M, K_s] -> y [M, N] | the same GEMM counting row chunks; the lane reduces each chunk over all ranks as soon as all have finished it (a one-shot all-reduce per chunk) |
+| ``FusedMatmulReduceScatter`` | x [W*n, K_s] -> y_shard_m [n, N] | ONE GEMM writes its partial products into the symmetric buffer, counting finished outputs per destination block (peers' blocks first); the lane waits (stream waits, no spinning kernel) on each peer's count for this rank's block and pulls it with the copy engines while the GEMMs go on; then one local reduction in rank order |
+| ``FusedMatmulAllReduce`` | x [M, K_s] -> y [M, N] | the same GEMM counting row chunks; the lane pulls every peer's chunk as soon as that peer has finished it, then reduces locally in rank order (every rank gets the same bits) |
+| ``FusedMatmulGroupAllReduce`` | x [M, K_s] -> y [M, N] | for ranks that share no memory (several nodes): the same GEMM counting row chunks in a private counter; the lane waits on each chunk's count and all-reduces it with the group's own all-reduce (NCCL) while the GEMM goes on |
 | ``FusedAllReduceResidualNorm`` | partial [M, H] -> RMSNorm(residual + sum), residual + sum | decode (small M): each rank writes its partial into symmetric memory and raises a flag; ONE kernel per rank reads every peer's rows, sums in rank order, adds the residual and normalises |
 
 Epochs: call e raises flags to e (signal counters to e * the chunk's outputs), so nothing is ever reset. Before a
@@ -44,12 +45,16 @@ from .lane import SideLane
 
 
 class _Fused:
-    """Shared machinery: the symmetric buffer, the lane, the epoch, the GEMM plan."""
+    """Shared machinery: the symmetric buffer (``nbytes`` None: none, only this rank's flags), the
+    lane, the epoch, the GEMM plan."""
 
-    def __init__(self, group: Group, nbytes: int, flags: int, name: str, *, check: bool, max_spins: int | None,
+    unseen = "the GPU is slow"  # why a call can be late with every flag it awaits raised
+
+    def __init__(self, group: Group, nbytes: int | None, flags: int, name: str, *, check: bool, max_spins: int | None,
                  graph_safe: bool):  # fmt: skip
         self.group, self.rank, self.world = group, group.rank, group.world_size
-        self.buffer = SymmetricBuffer.allocate(group, nbytes, flags)
+        self.buffer = None if nbytes is None else SymmetricBuffer.allocate(group, nbytes, flags)
+        self.own_flags = torch.zeros(flags, dtype=torch.int32, device=group.device) if nbytes is None else None
         self.epoch, self.check_calls, self.name, self.graph_safe = 0, check, name, graph_safe
         self.epoch_now = torch.zeros(1, dtype=torch.int32, device=group.device)
         self.status = torch.zeros(4, dtype=torch.int32, device=group.device)  # a wait that gave up: see check()
@@ -60,9 +65,10 @@ class _Fused:
             epoch_flags.warm_up(group.device)
 
     def close(self) -> None:
-        """Collective."""
+        """Collective when the operator has a symmetric buffer."""
         self.lane.close()
-        self.buffer.close()
+        if self.buffer is not None:
+            self.buffer.close()
 
     def __enter__(self):
         return self
@@ -72,7 +78,12 @@ class _Fused:
             self.close()
         else:  # peers may be anywhere: no collective on an error path
             self.lane.close()
-            self.buffer.abandon()
+            if self.buffer is not None:
+                self.buffer.abandon()
+
+    def _flags(self, rank: int) -> torch.Tensor:
+        """Rank ``rank``'s flags (without a symmetric buffer, this rank's own are all there is)."""
+        return self.own_flags if self.buffer is None else self.buffer.flags(rank)
 
     def check(self) -> None:
         """Raise ``TimeoutError`` if a wait of this operator gave up (synchronises). A failure stays
@@ -115,10 +126,10 @@ class _Fused:
 
     def _behind(self, awaited: list[tuple[int, int, int]]) -> str:
         epoch = signals.read(self.epoch_now, 0) if self.graph_safe else self.epoch
-        seen = [(q, i, signals.read(self.buffer.flags(q), i), signals.wrap(epoch * s)) for q, i, s in awaited]  # one read each
+        seen = [(q, i, signals.read(self._flags(q), i), signals.wrap(epoch * s)) for q, i, s in awaited]  # one read each
         behind = [f"rank {q} flag {i} is {value}, needs {target}" for q, i, value, target in seen if signals.wrap(value - target) < 0]
         return (f"rank {self.rank}: {self.name} epoch {epoch} did not finish within {self.lane.timeout} s; "
-                f"behind: {'; '.join(behind) or 'nothing (the GPU is slow)'}")
+                f"behind: {'; '.join(behind) or f'nothing this rank can see ({self.unseen})'}")
 
     def _plan(self, x: torch.Tensor, w: torch.Tensor, *, waits: bool = False) -> Plan:
         """The GEMM's plan. Rank threads sharing one GPU split its multiprocessors, so that every
@@ -191,43 +202,61 @@ class FusedAllGatherMatmul(_Fused):
 
 
 class _MatmulThenReduce(_Fused):
-    """GEMM into the symmetric buffer counting finished outputs per chunk; the lane reduces chunks over ranks.
-    Flags: ``chunks`` signal counters, then DONE (this rank finished reading its peers)."""
+    """GEMM into the symmetric buffer, counting finished outputs per row chunk; the lane pulls each
+    peer's chunk of the rows this rank reduces with the copy engines (no SMs: a persistent GEMM holds
+    them) as soon as that peer has finished it, then reduces them locally in rank order. ``staging``
+    holds the pulled rows: ``world - 1`` copies of this rank's output. Flags: one signal counter
+    per chunk, then DONE (this rank finished reading its peers)."""
 
-    def __init__(self, group, m, n, dtype, chunks, name, *, check, max_spins, graph_safe):
-        self.m, self.n, self.dtype, self.chunks = m, n, dtype, chunks
-        self.done = chunks
-        super().__init__(group, m * n * dtype.itemsize, chunks + 1, name, check=check, max_spins=max_spins, graph_safe=graph_safe)
+    def __init__(self, group, m, n, dtype, chunk_rows, reduced_rows, name, *, check, max_spins, graph_safe):
+        self.m, self.n, self.dtype, self.chunk_rows = m, n, dtype, chunk_rows
+        self.chunks = self.done = -(-m // chunk_rows)
+        super().__init__(group, m * n * dtype.itemsize, self.chunks + 1, name, check=check, max_spins=max_spins, graph_safe=graph_safe)
+        self.staging = torch.empty(self.world - 1, reduced_rows, n, dtype=dtype, device=group.device)
 
     def _partial(self, rank: int) -> torch.Tensor:
         return self.buffer.peer(rank, self.dtype, (self.m, self.n))
 
-    def _run(self, x: torch.Tensor, weight: torch.Tensor, chunk_rows: int, start_chunk: int, reduce_chunks) -> None:
+    def _staged(self, rank: int) -> torch.Tensor:
+        return self.staging[(rank - self.rank - 1) % self.world]
+
+    def _rows(self, chunk: int) -> slice:
+        return slice(chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.m))
+
+    def _run(self, x: torch.Tensor, weight: torch.Tensor, start_chunk: int, reduced: slice, pulls: list[tuple[int, int]]) -> torch.Tensor:
+        """Rows ``reduced`` of the sum over ranks of ``x @ weight.T``; ``pulls``: (peer, chunk) in
+        the order the peers are expected to finish them."""
         _expect(x, (self.m, x.shape[1]), self.dtype, self.rank, f"{self.name} x")
         capturing = self._begin()
         self._after_peers_read(self.done)  # peers finished reading my partials of the last epoch
-        buf, plan = self.buffer, self._plan(x, weight)
-        outputs = chunk_outputs(self.m, self.n, chunk_rows)
-        targets = [self._value(t) for t in outputs]
+        buf, plan, r = self.buffer, self._plan(x, weight), self.rank
+        outputs = chunk_outputs(self.m, self.n, self.chunk_rows)
+        mine = range(reduced.start // self.chunk_rows, -(-reduced.stop // self.chunk_rows))  # the chunks reduced
+        out = torch.empty(reduced.stop - reduced.start, self.n, dtype=self.dtype, device=x.device)
 
         def consume():
-            reduce_chunks(targets)
-            self.lane.publish(buf.flags(self.rank), self.done, self._value())
+            for q, c in pulls:
+                self._await(q, c, outputs[c])
+                rows = self._rows(c)
+                self.lane.move([(self._staged(q)[rows.start - reduced.start : rows.stop - reduced.start], self._partial(q)[rows])])
+            self.lane.publish(buf.flags(r), self.done, self._value())
+            for c in mine:
+                self._await(r, c, outputs[c])
+            parts = [self._partial(q)[reduced] if q == r else self._staged(q) for q in range(self.world)]
+            out.copy_(reduce_in_rank_order(parts, "sum"))
 
         def produce():
-            gemm(x, weight, out=self._partial(self.rank), signal=SignalHook(buf.flags(self.rank), chunk_rows),
+            gemm(x, weight, out=self._partial(r), signal=SignalHook(buf.flags(r), self.chunk_rows),
                  start_chunk=start_chunk, plan=plan, max_spins=self.max_spins, status=self.status)  # fmt: skip
 
         self.lane.alongside(consume, produce)
         self.lane.join()
-        self._finish([(q, c, outputs[c]) for q in range(self.world) for c in self._awaited_chunks()], capturing)
+        self._finish([(q, c, outputs[c]) for q in range(self.world) for c in mine], capturing)
+        return out
 
-    def _awaited_chunks(self) -> list[int]:
-        return list(range(self.chunks))
-
-    def _await_chunk(self, chunk: int, target: int | EpochValue) -> None:
-        for q in range(self.world):
-            self.lane.wait_flag(self.buffer.flags(q), chunk, target, f"{self.name} rank {self.rank}: rank {q}'s tiles of chunk {chunk}: ")
+    def _await(self, rank: int, chunk: int, outputs: int) -> None:
+        what = f"{self.name} rank {self.rank}: rank {rank}'s tiles of chunk {chunk}: "
+        self.lane.wait_flag(self.buffer.flags(rank), chunk, self._value(outputs), what)
 
 
 class FusedMatmulReduceScatter(_MatmulThenReduce):
@@ -235,47 +264,66 @@ class FusedMatmulReduceScatter(_MatmulThenReduce):
 
     def __init__(self, group: Group, rows: int, n: int, dtype: torch.dtype, *, check: bool = True, max_spins: int | None = None,
                  graph_safe: bool = False):  # fmt: skip
-        self.rows = rows
-        super().__init__(group, group.world_size * rows, n, dtype, group.world_size, "GEMM+RS", check=check, max_spins=max_spins,
+        super().__init__(group, group.world_size * rows, n, dtype, rows, rows, "GEMM+RS", check=check, max_spins=max_spins,
                          graph_safe=graph_safe)  # fmt: skip
 
-    def _awaited_chunks(self) -> list[int]:
-        return [self.rank]
-
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        r, n = self.rank, self.rows
-        out = torch.empty(n, self.n, dtype=self.dtype, device=x.device)
-
-        def reduce_mine(targets: list[int | EpochValue]) -> None:
-            self._await_chunk(r, targets[r])
-            out.copy_(reduce_in_rank_order([self._partial(q)[r * n : (r + 1) * n] for q in range(self.world)], "sum"))
-
-        # Destination blocks are produced starting after this rank's own, so peers' blocks finish first.
-        self._run(x, weight, n, (r + 1) % self.world, reduce_mine)
-        return out
+        r, w = self.rank, self.world
+        # Rank q produces blocks from q + 1 on, around the ring: rank r - 1 finishes block r first,
+        # and every rank finishes its own block last.
+        ready = [((r - 1 - p) % w, r) for p in range(w - 1)]
+        return self._run(x, weight, (r + 1) % w, self._rows(r), ready)
 
 
 class FusedMatmulAllReduce(_MatmulThenReduce):
-    """``y = all_reduce(x @ w.T)``: x ``[m, k_shard]``, y ``[m, n]``, reduced in ``chunks`` row chunks."""
+    """``y = all_reduce(x @ w.T)``: x ``[m, k_shard]``, y ``[m, n]``, pulled in ``chunks`` row chunks."""
 
     def __init__(self, group: Group, m: int, n: int, dtype: torch.dtype, chunks: int = 4, *, check: bool = True,
                  max_spins: int | None = None, graph_safe: bool = False):  # fmt: skip
-        self.chunk_rows = -(-m // max(1, min(chunks, m)))
-        super().__init__(group, m, n, dtype, -(-m // self.chunk_rows), "GEMM+AR", check=check, max_spins=max_spins,
+        super().__init__(group, m, n, dtype, -(-m // max(1, min(chunks, m))), m, "GEMM+AR", check=check, max_spins=max_spins,
                          graph_safe=graph_safe)  # fmt: skip
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(self.m, self.n, dtype=self.dtype, device=x.device)
-        step = self.chunk_rows
+        pulls = [(q, c) for c in range(self.chunks) for q in ring(self.rank, self.world)]  # every rank goes chunk by chunk
+        return self._run(x, weight, 0, slice(0, self.m), pulls)
 
-        def reduce_each(targets: list[int | EpochValue]) -> None:
+
+class FusedMatmulGroupAllReduce(_Fused):
+    """``y = all_reduce(x @ w.T)`` where ranks share no memory (several nodes): x ``[m, k_shard]``,
+    y ``[m, n]``. ONE GEMM counts finished outputs per row chunk; the lane all-reduces each chunk
+    with the group's own all-reduce (NCCL on GPUs) once this rank has finished it, while the GEMM
+    goes on with the next. Every rank goes chunk by chunk, so the all-reduces pair up."""
+
+    unseen = "the GPU is slow, or a peer has not joined the group's all-reduce of a chunk"
+
+    def __init__(self, group: Group, m: int, n: int, dtype: torch.dtype, chunks: int = 4, *, check: bool = True,
+                 max_spins: int | None = None, graph_safe: bool = False):  # fmt: skip
+        self.m, self.n, self.dtype = m, n, dtype
+        self.chunk_rows = -(-m // max(1, min(chunks, m)))
+        self.chunks = -(-m // self.chunk_rows)
+        super().__init__(group, None, self.chunks, "GEMM+AR(group)", check=check, max_spins=max_spins, graph_safe=graph_safe)
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        _expect(x, (self.m, x.shape[1]), self.dtype, self.rank, f"{self.name} x")
+        capturing = self._begin()
+        outputs, plan = chunk_outputs(self.m, self.n, self.chunk_rows), self._plan(x, weight)
+        y = torch.empty(self.m, self.n, dtype=self.dtype, device=x.device)
+
+        def all_reduce_chunks():
             for c in range(self.chunks):
-                self._await_chunk(c, targets[c])
-                rows = slice(c * step, min((c + 1) * step, self.m))
-                out[rows] = reduce_in_rank_order([self._partial(q)[rows] for q in range(self.world)], "sum")
+                what = f"{self.name} rank {self.rank}: its own tiles of chunk {c}: "
+                self.lane.wait_flag(self.own_flags, c, self._value(outputs[c]), what)
+                rows = y[c * self.chunk_rows : (c + 1) * self.chunk_rows]
+                self.group.all_reduce(rows, out=rows)
 
-        self._run(x, weight, step, 0, reduce_each)
-        return out
+        def produce():
+            gemm(x, weight, out=y, signal=SignalHook(self.own_flags, self.chunk_rows), plan=plan, max_spins=self.max_spins,
+                 status=self.status)  # fmt: skip
+
+        self.lane.alongside(all_reduce_chunks, produce)
+        self.lane.join()
+        self._finish([(self.rank, c, outputs[c]) for c in range(self.chunks)], capturing)
+        return y
 
 
 class FusedAllReduceResidualNorm(_Fused):
@@ -323,7 +371,8 @@ class FusedAllReduceResidualNorm(_Fused):
         return out, h
 
 
-_KINDS = {"ag_gemm": FusedAllGatherMatmul, "gemm_rs": FusedMatmulReduceScatter, "gemm_ar": FusedMatmulAllReduce}
+_SHARED = {"ag_gemm": FusedAllGatherMatmul, "gemm_rs": FusedMatmulReduceScatter, "gemm_ar": FusedMatmulAllReduce}
+_UNSHARED = {"gemm_ar": FusedMatmulGroupAllReduce}  # what runs where ranks share no memory
 
 
 def workspace(group: Group, pattern: str, *shape, check: bool = True) -> _Fused:
@@ -332,10 +381,11 @@ def workspace(group: Group, pattern: str, *shape, check: bool = True) -> _Fused:
     table = group.__dict__.setdefault("_fused_workspaces", {})
     key = (pattern, *shape, check)
     if key not in table:
-        reason = fused_unavailable(group)
+        reason = fused_unavailable(group, pattern)
         if reason is not None:
             raise RuntimeError(f"rank {group.rank}: overlap='fused' cannot run here: {reason}")
-        table[key] = _KINDS[pattern](group, *shape, check=check)
+        kind = _SHARED[pattern] if _no_shared_memory(group) is None else _UNSHARED[pattern]
+        table[key] = kind(group, *shape, check=check)
     return table[key]
 
 
@@ -353,19 +403,24 @@ def close_workspaces(group: Group) -> None:
         table[key].close()
 
 
-def fused_unavailable(group: Group, *, timing: bool = False) -> str | None:
-    """Why fused overlap cannot run (or, with ``timing``, cannot be timed meaningfully) on ``group``."""
+def fused_unavailable(group: Group, pattern: str, *, timing: bool = False) -> str | None:
+    """Why fused ``pattern`` cannot run (or, with ``timing``, cannot be timed meaningfully) on ``group``."""
     if not (INTERPRETING or torch.cuda.is_available()):
         return "Triton needs a GPU (TRITON_INTERPRET=1 runs kernels on CPU, for tests)"
     if timing and INTERPRETING:
         return "under the Triton interpreter a timing measures Python, not a kernel"
+    reason = _no_shared_memory(group)
+    return None if reason is None or pattern in _UNSHARED else f"fused {pattern} needs memory shared by every rank: {reason}"
+
+
+def _no_shared_memory(group: Group) -> str | None:
+    """Why ``group``'s ranks may not share memory, or None when they do."""
     if hasattr(group, "share") or type(group).__name__ == "SymmetricGroup":
         return None
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
     if local == group.world_size:
         return None
-    return (f"{type(group).__name__} ranks may span nodes (LOCAL_WORLD_SIZE={local or 'unset'}, world {group.world_size}); "
-            "fused needs memory shared by every rank")  # fmt: skip
+    return f"{type(group).__name__} ranks may span nodes (LOCAL_WORLD_SIZE={local or 'unset'}, world {group.world_size})"
 
 
 def _expect(t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, rank: int, what: str) -> None:

@@ -4,7 +4,7 @@ On a GPU a ``SideLane`` is a CUDA stream: work is enqueued (stream waits on flag
 chunks, small reductions) and ``join()`` orders the caller's stream after it. On a CPU it is a
 thread that does the work while the caller runs the GEMM (under the Triton interpreter a kernel
 sees flags a host thread raises); ``join()`` waits for it with a deadline and re-raises its
-error. Operators write one program against ``wait_flag``, ``copy``, ``run`` and ``publish``.
+error. Operators write one program against ``wait_flag``, ``copy``, ``move``, ``run`` and ``publish``.
 
 Flag values are ints (stream memory operations on a GPU: no kernel, value fixed when enqueued) or
 ``EpochValue``s (one-thread kernels reading the epoch when they run: what a CUDA graph replays). A
@@ -111,6 +111,10 @@ class SideLane:
         for chunk, index in zip(chunks, indices, strict=True):
             signals.copy_chunks([chunk], stream=self.stream)
             epoch_flags.write(flags, index, value, self.status, self.stream)
+
+    def move(self, chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """(On the lane) copy-engine chunks, raising no flag."""
+        signals.copy_chunks(chunks, stream=self.stream)
 
     def join(self) -> None:
         """The caller's stream waits for the lane (GPU), or the caller waits (CPU, with a deadline)."""
