@@ -159,6 +159,18 @@ void copy_chunks_async(uintptr_t stream, const std::vector<uintptr_t>& dst, cons
   }
 }
 
+uintptr_t stream_create(int device) {
+  DeviceGuard guard(device);
+  cudaStream_t s = nullptr;
+  check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "creating a stream on device " + std::to_string(device));
+  return reinterpret_cast<uintptr_t>(s);
+}
+
+void stream_destroy(uintptr_t stream, int device) {
+  DeviceGuard guard(device);
+  check(cudaStreamDestroy(reinterpret_cast<cudaStream_t>(stream)), "destroying a stream");
+}
+
 int32_t device_load(uintptr_t address, int device) {
   DeviceGuard guard(device);
   cudaStream_t s = private_stream(device);

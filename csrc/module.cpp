@@ -9,6 +9,66 @@
 namespace py = pybind11;
 using namespace interlace;
 
+namespace {
+
+// DLPack's ABI (dlpack.h, v0.8 "dltensor" capsules), declared here: the GPU box builds offline.
+struct DLDevice {
+  int32_t device_type;  // 1: CPU, 2: CUDA
+  int32_t device_id;
+};
+struct DLDataType {
+  uint8_t code;  // 1: unsigned int
+  uint8_t bits;
+  uint16_t lanes;
+};
+struct DLTensor {
+  void* data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t* shape;
+  int64_t* strides;  // null: compact row-major
+  uint64_t byte_offset;
+};
+struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensor*);
+};
+
+struct ByteView {
+  DLManagedTensor managed;
+  int64_t shape[1];
+};
+
+void delete_view(DLManagedTensor* managed) { delete static_cast<ByteView*>(managed->manager_ctx); }
+
+void delete_unconsumed(PyObject* capsule) {
+  if (PyCapsule_IsValid(capsule, "dltensor")) {  // a consumer renames the capsule and owns the view
+    auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
+    managed->deleter(managed);
+  }
+}
+
+// A DLPack capsule viewing `nbytes` bytes at `address` as uint8 on the given device, which it
+// states rather than asks the pointer: CUDA reports IPC-mapped memory as its owner's device, and
+// torch would then copy a peer's buffer to ours instead of viewing it. The memory is not owned.
+py::capsule byte_view(uintptr_t address, int64_t nbytes, int32_t device_type, int32_t device_id) {
+  auto* view = new ByteView{};
+  view->shape[0] = nbytes;
+  view->managed.dl_tensor = {reinterpret_cast<void*>(address), {device_type, device_id}, 1, {1, 8, 1}, view->shape, nullptr, 0};
+  view->managed.manager_ctx = view;
+  view->managed.deleter = delete_view;
+  PyObject* capsule = PyCapsule_New(&view->managed, "dltensor", delete_unconsumed);
+  if (capsule == nullptr) {
+    delete view;
+    throw py::error_already_set();
+  }
+  return py::reinterpret_steal<py::capsule>(capsule);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "interlace native primitives: shared memory, flags, CUDA IPC, stream memory operations";
   m.def("build_info", [] {
@@ -41,6 +101,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("copy_chunks", &copy_chunks, py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("flags"),
         py::arg("values"), py::call_guard<py::gil_scoped_release>());
 
+  m.def("byte_view", &byte_view, py::arg("address"), py::arg("nbytes"), py::arg("device_type"), py::arg("device_id"));
+
   m.def("device_malloc", &device_malloc, py::arg("nbytes"), py::arg("device"));
   m.def("device_free", &device_free, py::arg("address"), py::arg("device"));
   m.def("ipc_handle", [](uintptr_t address, int device) { return py::bytes(ipc_handle(address, device)); },
@@ -52,5 +114,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("stream_wait_value", &stream_wait_value, py::arg("stream"), py::arg("address"), py::arg("value"));
   m.def("copy_chunks_async", &copy_chunks_async, py::arg("stream"), py::arg("dst"), py::arg("src"),
         py::arg("nbytes"), py::arg("flags"), py::arg("values"));
+  m.def("stream_create", &stream_create, py::arg("device"));
+  m.def("stream_destroy", &stream_destroy, py::arg("stream"), py::arg("device"));
   m.def("device_load", &device_load, py::arg("address"), py::arg("device"), py::call_guard<py::gil_scoped_release>());
 }

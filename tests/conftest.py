@@ -2,7 +2,8 @@
 
 Without a GPU, Triton kernels run under the interpreter: TRITON_INTERPRET must be set before any
 @triton.jit decorator runs, so it is set here, before any test module imports a kernel. With a
-GPU the same kernel tests run on the GPU. GPU-only tests carry the `gpu` marker and skip cleanly.
+GPU the same kernel tests run on the GPU. GPU-only tests carry the `gpu` marker and skip cleanly;
+tests of Triton kernels on CPU tensors carry the `interpreter` marker and skip on a GPU machine.
 """
 
 import os
@@ -20,10 +21,13 @@ os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
 
 
 def pytest_collection_modifyitems(config, items):
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    skip_interpreter = pytest.mark.skip(reason="Triton kernels on CPU tensors need the interpreter, which is off where a GPU runs them")
     for item in items:
         if "gpu" in item.keywords and not HAS_GPU:
-            item.add_marker(skip)
+            item.add_marker(skip_gpu)
+        if "interpreter" in item.keywords and HAS_GPU:
+            item.add_marker(skip_interpreter)
 
 
 @pytest.fixture

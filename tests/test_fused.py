@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from interlace.engine.comm import spawn
+from interlace.engine.device import new_stream
 from interlace.ops import flags as epoch_flags
+from interlace.ops.gemm import INTERPRETING
 from interlace.ops.flags import EpochValue
 from interlace.engine.overlap.fused import (
     FusedAllGatherMatmul, FusedAllReduceResidualNorm, FusedMatmulAllReduce, FusedMatmulGroupAllReduce, FusedMatmulReduceScatter,
@@ -20,9 +22,10 @@ from reference import assert_within, matmul_tolerance, rand
 base_rand = rand
 
 ROWS, K, N, EPOCHS = 8, 24, 40, 3
+CPU = pytest.mark.interpreter
 TRANSPORTS = (
-    [pytest.param("local", w, "cpu", id=f"local-{w}") for w in (1, 2, 3)]
-    + [pytest.param("symmetric", w, "cpu", id=f"symmetric-{w}") for w in (2, 3)]
+    [pytest.param("local", w, "cpu", id=f"local-{w}", marks=CPU) for w in (1, 2, 3)]
+    + [pytest.param("symmetric", w, "cpu", id=f"symmetric-{w}", marks=CPU) for w in (2, 3)]
     + [pytest.param("local", w, "cuda", id=f"local-cuda-{w}", marks=pytest.mark.gpu) for w in (2, 4, 8)]
     + [pytest.param("symmetric", 2, "cuda", id="cuda-ipc-2", marks=pytest.mark.gpu)]
 )
@@ -70,7 +73,7 @@ def test_fused_all_gather_reduce_scatter_all_reduce(transport, world_size, devic
 
 
 @pytest.mark.parametrize("transport,world_size,device", [
-    pytest.param("local", 2, "cpu", id="local-2"), pytest.param("symmetric", 2, "cpu", id="symmetric-2"),
+    pytest.param("local", 2, "cpu", id="local-2", marks=CPU), pytest.param("symmetric", 2, "cpu", id="symmetric-2", marks=CPU),
     pytest.param("local", 4, "cuda", id="local-cuda-4", marks=pytest.mark.gpu),
     pytest.param("symmetric", 2, "cuda", id="cuda-ipc-2", marks=pytest.mark.gpu),
 ])  # fmt: skip
@@ -114,7 +117,7 @@ def replayed(group, seed):
         graph = torch.cuda.CUDAGraph()
         for turn in range(w):  # rank threads take turns: one capture at a time in a process
             if turn == r:
-                with torch.cuda.graph(graph, stream=torch.cuda.Stream(dev), capture_error_mode="thread_local"):
+                with torch.cuda.graph(graph, stream=new_stream(dev), capture_error_mode="thread_local"):
                     outs = step()
             group.barrier()  # no replay before every rank has captured: a capture synchronises the device
         assert all(op.graph_safe for op in (ag, rs, ar, norm))
@@ -160,7 +163,7 @@ def fused_norm(group, seed, graph_safe):
         for e in range(EPOCHS):
             parts = [rand(seed + 10 * e + q, (3, hidden)) for q in range(w)]
             residual, weight = rand(seed + 99 * e, (3, hidden)), rand(seed + 98 * e, (hidden,)).abs() + 0.5
-            out, h = op(residual, weight, parts[r])
+            out, h = (t.cpu() for t in op(*(t.to(group.device) for t in (residual, weight, parts[r]))))
             h64 = d64(residual) + sum(d64(p) for p in parts)
             ref = h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + 1e-5) * d64(weight)
             assert_within(h, h64, 4 * w * torch.finfo(torch.float32).eps * (d64(residual).abs() + sum(d64(p).abs() for p in parts)), "h")
@@ -169,14 +172,18 @@ def fused_norm(group, seed, graph_safe):
     return outs
 
 
-@pytest.mark.parametrize("transport,world_size,graph_safe", [("local", 3, False), ("symmetric", 2, False), ("local", 2, True)])
-def test_fused_all_reduce_residual_norm_gives_every_rank_the_same_bits(transport, world_size, graph_safe, seed):
-    per_rank = spawn(fused_norm, world_size, transport, timeout=120, args=(seed, graph_safe))
+@pytest.mark.parametrize("transport,world_size,device,graph_safe", [
+    pytest.param("local", 3, "cpu", False, marks=CPU), pytest.param("symmetric", 2, "cpu", False, marks=CPU),
+    pytest.param("local", 2, "cpu", True, marks=CPU), pytest.param("local", 4, "cuda", False, marks=pytest.mark.gpu),
+    pytest.param("local", 2, "cuda", True, marks=pytest.mark.gpu), pytest.param("symmetric", 2, "cuda", False, marks=pytest.mark.gpu),
+])  # fmt: skip
+def test_fused_all_reduce_residual_norm_gives_every_rank_the_same_bits(transport, world_size, device, graph_safe, seed):
+    per_rank = spawn(fused_norm, world_size, transport, timeout=120, device=device, args=(seed, graph_safe))
     for outs in per_rank[1:]:
         assert all(torch.equal(a, b) and torch.equal(ha, hb) for (a, ha), (b, hb) in zip(outs, per_rank[0]))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=CPU), pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_epoch_flag_kernels_write_and_wait_at_the_device_epoch(device, seed):
     g = torch.Generator().manual_seed(seed)
     epoch_value, scale, offset = (torch.randint(1, 1000, (3,), generator=g) - torch.tensor([0, 0, 500])).tolist()
@@ -227,6 +234,7 @@ def late_peer(group, pattern, delay):
     ("ag", 1.0, r"rank 0: AG\+GEMM: the GEMM's wait on chunk 1 timed out: expected flag >= 1, observed 0"),
     ("rs", None, r"GEMM\+RS rank 0: rank 1's tiles of chunk 0: flag 0 did not reach \d+ within [\d.]+ s \(observed 0\)"),
 ], ids=["ag-silent", "ag-late-gemm-spin-bound", "rs-silent"])  # fmt: skip
+@CPU  # on a GPU an eager stream wait has no bound: a silent peer leaves the lane's stream blocked
 def test_a_silent_or_late_peer_is_named_not_waited_for_forever(pattern, delay, message):
     elapsed, text = spawn(late_peer, 2, "local", timeout=2.0, args=(pattern, delay))[0]
     assert re.search(message, text), text
@@ -234,10 +242,17 @@ def test_a_silent_or_late_peer_is_named_not_waited_for_forever(pattern, delay, m
 
 
 def test_fused_says_why_it_cannot_run_or_be_timed():
-    class FakeDist:  # what fused_unavailable reads off a DistGroup
-        world_size, rank = 4, 0
+    class FakeDist:  # what fused_unavailable reads off a DistGroup, on the device Triton runs on here
+        world_size, rank, device = 4, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    assert "under the Triton interpreter a timing measures Python" in fused_unavailable(FakeDist(), "gemm_ar", timing=True)
+    class CpuDist(FakeDist):
+        device = torch.device("cpu")
+
+    if INTERPRETING:
+        assert "under the Triton interpreter a timing measures Python" in fused_unavailable(FakeDist(), "gemm_ar", timing=True)
+    else:
+        assert fused_unavailable(FakeDist(), "gemm_ar", timing=True) is None
+        assert "the group's tensors are on cpu and Triton runs kernels on the GPU" in fused_unavailable(CpuDist(), "gemm_ar")
     for pattern in ("ag_gemm", "gemm_rs"):
         expected = f"fused {pattern} needs memory shared by every rank: FakeDist ranks may span nodes (LOCAL_WORLD_SIZE=unset, world 4)"
         assert fused_unavailable(FakeDist(), pattern) == expected
@@ -266,8 +281,8 @@ def group_all_reduce(group, seed, graph_safe=False):
 
 
 @pytest.mark.parametrize("transport,world_size,device", [
-    pytest.param("local", 1, "cpu", id="local-1"), pytest.param("local", 3, "cpu", id="local-3"),
-    pytest.param("gloo", 2, "cpu", id="gloo-2"),
+    pytest.param("local", 1, "cpu", id="local-1", marks=CPU), pytest.param("local", 3, "cpu", id="local-3", marks=CPU),
+    pytest.param("gloo", 2, "cpu", id="gloo-2", marks=CPU),
     pytest.param("local", 4, "cuda", id="local-cuda-4", marks=pytest.mark.gpu),
     pytest.param("nccl", 2, "cuda", id="nccl-2", marks=pytest.mark.gpu),
 ])  # fmt: skip
@@ -294,5 +309,6 @@ def fused_across_nodes(group, seed):
     return True
 
 
+@CPU
 def test_fused_across_nodes_runs_gemm_ar_over_the_group_and_says_why_not_the_others(seed):
     assert spawn(fused_across_nodes, 2, "gloo", timeout=120, args=(seed,)) == [True, True]

@@ -190,6 +190,7 @@ def test_wait_for_a_flag_raised_by_a_host_thread_during_the_run(seed):
     m, n, k, chunk_rows = 64, 40, 33, 32
     x, w = operands(seed, m, n, k, torch.float32)
     flags = torch.tensor([1, 0], dtype=torch.int32, device=DEVICE)
+    gemm(x, w, wait=WaitHook(torch.ones_like(flags), 1, chunk_rows))  # tunes and compiles first: the wait must be mid-run
     raised = {}
 
     def raise_later():

@@ -86,6 +86,7 @@ def row_body(group, seed, sequence_parallel, strategy, dtype_name):
     return True
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "sp"])
 @pytest.mark.parametrize("body", [column_body, row_body], ids=["column", "row"])

@@ -80,6 +80,7 @@ def test_reference_model(world_size, sequence_parallel, strategy, seed):
     assert spawn(tp_body, world_size, "local", args=(ref, sequence_parallel, strategy, seed)) == [True] * world_size
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "sp"])
 def test_reference_model_fused(sequence_parallel, seed):
     """overlap='fused': one Triton GEMM per collective, over symmetric memory (interpreted here)."""

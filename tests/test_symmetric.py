@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from interlace.engine.comm import SymmetricBuffer, spawn
+from interlace.engine.device import new_stream
 from interlace.engine.comm import signals
 from interlace.engine.comm.native import build_info, native
 
@@ -46,6 +47,23 @@ def test_extension_imports_without_a_driver_and_says_why_cuda_is_unusable():
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_byte_views_alias_the_memory_on_the_device_they_name(device, seed):
+    """What SymmetricBuffer builds its tensors from: a view, never a copy, on the stated device."""
+    owner = torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)).to(device)
+    kind, index = (1, 0) if device == "cpu" else (2, owner.device.index)
+    view = torch.from_dlpack(native().byte_view(owner.data_ptr() + 16, 1024, kind, index))
+    assert view.device == owner.device and view.dtype == torch.uint8 and view.shape == (1024,)
+    assert view.data_ptr() == owner.data_ptr() + 16 and torch.equal(view, owner[16:1040])
+    view.fill_(7)  # writes land in the owner's memory
+    assert owner[16:1040].eq(7).all() and not owner[:16].eq(7).all()
+    for _ in range(100):  # a capsule nobody consumed frees its view; a consumed one leaves it to the tensor
+        native().byte_view(owner.data_ptr(), 8, kind, index)
+        del view
+        view = torch.from_dlpack(native().byte_view(owner.data_ptr(), 8, kind, index))
+    assert view.tolist() == owner[:8].tolist()
+
+
 def test_cpu_only_build_offers_the_same_api(tmp_path):
     """INTERLACE_CUDA=OFF builds and imports; its device functions say why they cannot work."""
     import pybind11
@@ -203,7 +221,7 @@ def test_cuda_ipc_between_processes_on_one_gpu():
 def test_stream_wait_orders_a_second_stream_after_a_write_on_the_first():
     flags = torch.zeros(1, dtype=torch.int32, device="cuda")
     src, out = torch.zeros(1 << 20, device="cuda"), torch.zeros(1 << 20, device="cuda")
-    producer, consumer = torch.cuda.Stream(), torch.cuda.Stream()
+    producer, consumer = new_stream(torch.device("cuda")), new_stream(torch.device("cuda"))
     with torch.cuda.stream(consumer):
         signals.wait(flags, 0, 1)  # queued first: must hold the copy below
         out.copy_(src)
@@ -213,6 +231,31 @@ def test_stream_wait_orders_a_second_stream_after_a_write_on_the_first():
         signals.write(flags, 0, 1)
     torch.cuda.synchronize()
     assert torch.equal(out, torch.full_like(out, 7.0))
+
+
+@pytest.mark.gpu
+def test_own_streams_are_distinct_and_one_blocked_by_a_stream_wait_holds_back_no_other():
+    """torch's pool hands out at most 32 streams per priority (round-robin); ``new_stream`` makes
+    one each time. 24 streams (more than LocalGroup at world 8 uses: a stream per rank, a lane per
+    rank, its engine) each get a hardware queue (CUDA_DEVICE_MAX_CONNECTIONS=32, set by conftest)."""
+    device = torch.device("cuda")
+    assert len({torch.cuda.Stream().cuda_stream for _ in range(40)}) <= 32
+    streams = [new_stream(device) for _ in range(24)]
+    assert len({s.cuda_stream for s in streams}) == len(streams)
+    flags = torch.zeros(1, dtype=torch.int32, device=device)
+    signals.wait(flags, 0, 1, streams[0])  # never raised until every other stream has finished
+    done = []
+    for s in streams[1:]:
+        with torch.cuda.stream(s):
+            torch.cuda._sleep(1_000_000)
+            done.append(s.record_event())
+    deadline = time.monotonic() + 10
+    while not all(e.query() for e in done) and time.monotonic() < deadline:
+        time.sleep(1e-3)
+    stuck = [i + 1 for i, e in enumerate(done) if not e.query()]
+    signals.write(flags, 0, 1, streams[1])
+    torch.cuda.synchronize()
+    assert not stuck, f"streams {stuck} waited behind stream 0's stream wait"
 
 
 @pytest.mark.gpu

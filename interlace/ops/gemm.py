@@ -12,7 +12,8 @@ synchronisation this needs (CUDA graphs, streams): call ``hook.check()`` later i
 record a timeout in ``status`` (int32[4]), fresh per launch unless one is passed: a kept one
 lets the replays of a CUDA graph be checked afterwards (the first failure stays recorded).
 
-Tuning runs kernels and synchronises: call ``gemm`` once per shape before capturing a CUDA graph.
+Tuning runs and times kernels (waiting on its own stream only): call ``gemm`` once per shape before
+capturing a CUDA graph.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import functools
 import math
 import os
 import threading
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 import triton
 
+from interlace.engine.device import new_stream
 from interlace.kernels import gemm as kernel
 from interlace.ops.describe import describe
 
@@ -125,8 +128,8 @@ def gemm(
         return y
     chunk_rows = _check_hooks(wait, signal, m, n, x.device, start_chunk)
     plan = plan or plan_for(x, w)
-    if status is None:
-        status = torch.zeros(4, dtype=torch.int32, device=x.device)
+    if status is None:  # only a wait writes it: without one, a shared zero (no allocation and fill per call)
+        status = torch.zeros(4, dtype=torch.int32, device=x.device) if wait else _unwritten_status(x.device)
     elif status.dtype != torch.int32 or status.numel() < 4 or status.device != x.device:
         raise ValueError(f"gemm: status must be >= 4 int32 on {x.device}, got {describe(status)}")
     epoch = _epoch_tensor(wait, x.device) if wait else status
@@ -151,6 +154,11 @@ def gemm(
     return y
 
 
+@functools.lru_cache(maxsize=None)
+def _unwritten_status(device: torch.device) -> torch.Tensor:
+    return torch.zeros(4, dtype=torch.int32, device=device)
+
+
 def chunk_major_group(plan: Plan, m: int, chunk_rows: int) -> int:
     """The largest L2-reuse group that never straddles a chunk, so chunks complete one by one.
 
@@ -167,13 +175,31 @@ def plan_for(x: torch.Tensor, w: torch.Tensor) -> Plan:
     return _plan(x.shape[0], w.shape[0], x.shape[1], x.dtype, x.device.type, _sms(x.device))
 
 
-@functools.lru_cache(maxsize=None)
+def leave_sms(plan: Plan, device: torch.device, spare: int, sharing: int = 1) -> Plan:
+    """``plan`` with at most ``(SMs - spare) // sharing`` programs: room for ``spare`` blocks of other
+    kernels beside the persistent GEMM, for ``sharing`` GEMMs at once (rank threads on one GPU)."""
+    if device.type != "cuda":
+        return plan
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return dataclasses.replace(plan, programs=max(1, min(plan.programs, (sms - spare) // sharing)))
+
+
+_PLANS: dict[tuple, Plan] = {}
+# One tuning at a time: rank threads tuning side by side on one GPU would time each other's kernels.
+_TUNING = threading.Lock()
+
+
 def _plan(m: int, n: int, k: int, dtype: torch.dtype, device_type: str, sms: int) -> Plan:
-    configs = kernel.configs(INTERPRETING)
-    best = configs[0] if len(configs) == 1 else _autotune(m, n, k, dtype, configs)
-    b = best.kwargs
-    tiles = triton.cdiv(m, b["BLOCK_M"]) * triton.cdiv(n, b["BLOCK_N"])
-    return Plan(b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"], b["GROUP_M"], best.num_warps, best.num_stages, max(1, min(sms, tiles)))
+    key = (m, n, k, dtype, device_type, sms)
+    with _TUNING:
+        if key not in _PLANS:
+            configs = kernel.configs(INTERPRETING)
+            best = configs[0] if len(configs) == 1 else _autotune(m, n, k, dtype, configs)
+            b = best.kwargs
+            tiles = triton.cdiv(m, b["BLOCK_M"]) * triton.cdiv(n, b["BLOCK_N"])
+            _PLANS[key] = Plan(b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"], b["GROUP_M"], best.num_warps, best.num_stages,
+                               max(1, min(sms, tiles)))  # fmt: skip
+        return _PLANS[key]
 
 
 def _autotune(m: int, n: int, k: int, dtype: torch.dtype, configs: list) -> triton.Config:
@@ -181,19 +207,35 @@ def _autotune(m: int, n: int, k: int, dtype: torch.dtype, configs: list) -> trit
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError(f"gemm: the first call for shape M={m} N={n} K={k} {dtype} tunes (it runs and times kernels): "
                            "make it once before capturing a CUDA graph")  # fmt: skip
-    x = torch.randn(m, k, device="cuda", dtype=dtype)
-    w = torch.randn(n, k, device="cuda", dtype=dtype)
-    sms = _sms(x.device)
-    timings = {}
-    for cfg in configs:
-        b = cfg.kwargs
-        plan = Plan(b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"], b["GROUP_M"], cfg.num_warps, cfg.num_stages,
-                    max(1, min(sms, triton.cdiv(m, b["BLOCK_M"]) * triton.cdiv(n, b["BLOCK_N"]))))  # fmt: skip
-        try:
-            timings[cfg] = triton.testing.do_bench(lambda p=plan: gemm(x, w, plan=p), warmup=5, rep=20)
-        except triton.runtime.errors.OutOfResources:  # too much shared memory for this GPU
-            continue
+    stream = new_stream(torch.device("cuda", torch.cuda.current_device()))
+    with torch.cuda.stream(stream):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        w = torch.randn(n, k, device="cuda", dtype=dtype)
+        sms = _sms(x.device)
+        timings = {}
+        for cfg in configs:
+            b = cfg.kwargs
+            plan = Plan(b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"], b["GROUP_M"], cfg.num_warps, cfg.num_stages,
+                        max(1, min(sms, triton.cdiv(m, b["BLOCK_M"]) * triton.cdiv(n, b["BLOCK_N"]))))  # fmt: skip
+            try:
+                timings[cfg] = _time_on(stream, lambda p=plan: gemm(x, w, plan=p))
+            except triton.runtime.errors.OutOfResources:  # too much shared memory for this GPU
+                continue
     return min(timings, key=timings.get)
+
+
+def _time_on(stream: torch.cuda.Stream, fn, reps: int = 20) -> float:
+    """Milliseconds per ``fn()`` on ``stream``, waiting on that stream's events only: a device-wide
+    synchronize would also wait for work queued on other streams, which (rank threads sharing a
+    GPU, or a fused operator's lanes) may wait in turn on a peer that is tuning right now."""
+    fn()  # compiles
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record(stream)
+    for _ in range(reps):
+        fn()
+    end.record(stream)
+    end.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 @functools.lru_cache(maxsize=None)

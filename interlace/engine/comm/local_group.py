@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..device import record_event
+from ..device import new_stream, record_event
 from .calls import Call, check_agreement, check_pair, label
 from .errors import CommTimeoutError, PeerFailedError, root_cause
 from .group import Group, ThreadWork, Work
@@ -76,7 +76,7 @@ class _Hub:
         self.lock = threading.Lock()
         self.rounds: dict[tuple, _Round] = {}  # rounds still waiting for participants
         self.gone: dict[int, str] = {}  # rank -> why it will never join another round
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.stream = new_stream(device) if device.type == "cuda" else None
         self.complete: queue.SimpleQueue[_Round | None] = queue.SimpleQueue()
         self.shared: dict[tuple, dict[int, Any]] = {}
         self.shared_cond = threading.Condition(self.lock)
@@ -289,7 +289,7 @@ def _rank_stream(device: torch.device) -> Iterator[None]:
         yield
         return
     torch.cuda.set_device(device)
-    stream = torch.cuda.Stream(device)
+    stream = new_stream(device)
     with torch.cuda.stream(stream):
         yield
     stream.synchronize()

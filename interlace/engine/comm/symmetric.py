@@ -152,7 +152,7 @@ class _HostMemory(_Memory):
             raise
 
     def tensor(self, address: int, nbytes: int) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(_HostArray(address, nbytes)))
+        return torch.from_dlpack(native().byte_view(address, nbytes, _DL_CPU, 0))
 
     def release_peer(self, address: int) -> None:
         native().unmap(address, self.nbytes)
@@ -179,7 +179,7 @@ class _DeviceMemory(_Memory):
             raise
 
     def tensor(self, address: int, nbytes: int) -> torch.Tensor:
-        return torch.as_tensor(_DeviceArray(address, nbytes), device=self.device)
+        return torch.from_dlpack(native().byte_view(address, nbytes, _DL_CUDA, self.index))
 
     def release_peer(self, address: int) -> None:
         native().ipc_close(address, self.index)
@@ -217,18 +217,7 @@ def _memory_for(group: Group) -> _Memory:
     return _DeviceMemory(group) if group.device.type == "cuda" else _HostMemory(group)
 
 
-class _HostArray:
-    """numpy's view of raw host memory (the array keeps this object alive)."""
-
-    def __init__(self, address: int, nbytes: int):
-        self.__array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (address, False), "version": 3}
-
-
-class _DeviceArray:
-    """torch's view of raw device memory through ``__cuda_array_interface__``."""
-
-    def __init__(self, address: int, nbytes: int):
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (address, False), "version": 2}
+_DL_CPU, _DL_CUDA = 1, 2  # DLPack device types of native().byte_view: views on the device they name, never copies
 
 
 def _agree_on_sizes(group: Group, nbytes: int, num_flags: int) -> None:

@@ -37,7 +37,7 @@ import torch
 from . import signals
 from .calls import SIGNATURE_LEN, Call, check_agreement, check_pair, label
 from .errors import CommTimeoutError
-from ..device import record_event
+from ..device import new_stream, record_event
 from .group import Group, ThreadWork, Work, ring
 from .reduce import reduce_in_rank_order, rows
 from .symmetric import SymmetricBuffer
@@ -96,7 +96,7 @@ class SymmetricGroup(Group):
         with self._lock:
             if key not in self._lanes:
                 tasks = queue.SimpleQueue()
-                stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+                stream = new_stream(self.device) if self.device.type == "cuda" else None
                 thread = threading.Thread(target=_run_lane, args=(tasks, stream), daemon=True, name=f"interlace symmetric r{self.rank} {key}")
                 thread.start()
                 self._lanes[key] = (tasks, thread)

@@ -23,6 +23,8 @@ Chunked schedules:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from interlace.engine.comm import Group
@@ -97,7 +99,7 @@ def _resolve(config: OverlapConfig, group: Group, pattern: str, m: int, n: int, 
         return config
     from .dispatch import Case, default_dispatcher
 
-    return default_dispatcher().config_for(group, Case.of(pattern, group, m, n, k, dtype))
+    return dataclasses.replace(default_dispatcher().config_for(group, Case.of(pattern, group, m, n, k, dtype)), check=config.check)
 
 
 def _fused(group: Group, config: OverlapConfig, pattern: str, *shape):

@@ -24,7 +24,6 @@ good: after replays only the device knows the epoch. A replayed wait that gives 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 
@@ -33,12 +32,14 @@ import torch
 from interlace.engine.comm import Group, SymmetricBuffer, signals
 from interlace.engine.comm.group import ring
 from interlace.engine.comm.reduce import reduce_in_rank_order
+from interlace.engine.device import new_stream
 from interlace.kernels import allreduce_norm
 from interlace.kernels.flags import FLAG_WAIT_FAILED
 from interlace.ops import flags as epoch_flags
 from interlace.ops.flags import EpochValue
 from interlace.ops.gemm import (
-    DEFAULT_MAX_SPINS, GEMM_WAIT_FAILED, INTERPRETER_LOCK, INTERPRETING, Plan, SignalHook, WaitHook, chunk_outputs, gemm, plan_for,
+    DEFAULT_MAX_SPINS, GEMM_WAIT_FAILED, INTERPRETER_LOCK, INTERPRETING, Plan, SignalHook, WaitHook, chunk_outputs, gemm, leave_sms,
+    plan_for,
 )  # fmt: skip
 
 from .lane import SideLane
@@ -59,7 +60,7 @@ class _Fused:
         self.epoch_now = torch.zeros(1, dtype=torch.int32, device=group.device)
         self.status = torch.zeros(4, dtype=torch.int32, device=group.device)  # a wait that gave up: see check()
         self.max_spins = max_spins if max_spins is not None else DEFAULT_MAX_SPINS
-        self.lane = SideLane(group.device, group.timeout, f"{name} r{group.rank}", self.status, self.max_spins)
+        self.lane = SideLane(group.device, group.timeout, f"{name} r{group.rank}", self.status, self.max_spins, _lane_stream(group))
         self._plans: dict[tuple, Plan] = {}
         if group.device.type == "cuda":
             epoch_flags.warm_up(group.device)
@@ -131,21 +132,23 @@ class _Fused:
         return (f"rank {self.rank}: {self.name} epoch {epoch} did not finish within {self.lane.timeout} s; "
                 f"behind: {'; '.join(behind) or f'nothing this rank can see ({self.unseen})'}")
 
-    def _plan(self, x: torch.Tensor, w: torch.Tensor, *, waits: bool = False) -> Plan:
+    def _plan(self, x: torch.Tensor, w: torch.Tensor, *, waits: bool = False, spare: int = 0) -> Plan:
         """The GEMM's plan. Rank threads sharing one GPU split its multiprocessors, so that every
         rank's persistent GEMM is resident at once (a waiting kernel must not starve its producer).
         It leaves an SM per lane on the GPU for the lanes' kernels: graph-safe flag kernels (which a
         waiting GEMM needs, and which overlap the GEMM only if resident beside it), and, for a GEMM
-        that ``waits``, the copies it waits for, which the driver may run on SMs when same-device."""
-        key = (tuple(x.shape), tuple(w.shape), x.dtype, waits, self.graph_safe)
+        that ``waits``, the copies it waits for, which the driver may run on SMs when same-device;
+        and ``spare`` more (a collective's kernels).
+        Made before the call queues anything; on a GPU the first for a shape (an eager call: it
+        tunes) ends in a barrier, so that no rank's kernels run while a peer times its own."""
+        shape = (tuple(x.shape), tuple(w.shape), x.dtype)
+        key = (*shape, waits, spare, self.graph_safe)
         if key not in self._plans:
-            plan = plan_for(x, w)
-            if x.is_cuda:
-                sharing = self.world if hasattr(self.group, "share") else 1
-                lanes = sharing if self.graph_safe or waits else 0
-                sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-                plan = dataclasses.replace(plan, programs=max(1, min(plan.programs, (sms - lanes) // sharing)))
-            self._plans[key] = plan
+            sharing = self.world if hasattr(self.group, "share") else 1
+            lanes = sharing if self.graph_safe or waits else 0
+            self._plans[key] = leave_sms(plan_for(x, w), x.device, lanes + spare, sharing)
+            if x.is_cuda and not any(k[:3] == shape for k in self._plans if k != key):
+                self.group.barrier()
         return self._plans[key]
 
     def _after_peers_read(self, index: int) -> None:
@@ -161,6 +164,18 @@ class _Fused:
         self.lane.after_current_stream()
         self.lane.run(wait)
         self.lane.join()
+
+
+def _lane_stream(group: Group) -> torch.cuda.Stream | None:
+    """One lane stream per rank, shared by its fused operators (their calls never interleave): with
+    a lane per operator, rank threads on one GPU would soon have more streams than the device has
+    hardware queues (CUDA_DEVICE_MAX_CONNECTIONS, at most 32), and streams sharing a queue wait for
+    each other's stream waits."""
+    if group.device.type != "cuda":
+        return None
+    if "_fused_lane" not in group.__dict__:
+        group.__dict__["_fused_lane"] = new_stream(group.device)
+    return group.__dict__["_fused_lane"]
 
 
 class FusedAllGatherMatmul(_Fused):
@@ -181,8 +196,10 @@ class FusedAllGatherMatmul(_Fused):
         _expect(x_shard_m, (self.rows, self.k), self.dtype, self.rank, "AG+GEMM x_shard_m")
         r, buf = self.rank, self.buffer
         capturing = self._begin()
-        self._after_peers_read(r)  # peers hold copies of my rows of the last epoch before I overwrite them
         value, mine = self._value(), self._gathered(r)
+        x = mine.view(self.world * self.rows, self.k)
+        plan = self._plan(x, weights[0], waits=True)
+        self._after_peers_read(r)  # peers hold copies of my rows of the last epoch before I overwrite them
 
         def publish_and_pull():
             self.lane.copy([(mine[r], x_shard_m.contiguous())], buf.flags(r), [r], value)
@@ -192,9 +209,7 @@ class FusedAllGatherMatmul(_Fused):
 
         self.lane.after_current_stream()
         self.lane.run(publish_and_pull)  # queued before the GEMM: the GEMM spins on these copies' flags
-        x = mine.view(self.world * self.rows, self.k)
         hook = WaitHook(buf.flags(r), self.epoch_now, self.rows, label=f"AG+GEMM rank {r}")
-        plan = self._plan(x, weights[0], waits=True)
         ys = [gemm(x, weights[0], wait=hook, start_chunk=r, plan=plan, max_spins=self.max_spins, check=False, status=self.status)]
         self.lane.join()
         self._finish([(q, q, 1) for q in range(self.world)], capturing)
@@ -228,8 +243,8 @@ class _MatmulThenReduce(_Fused):
         the order the peers are expected to finish them."""
         _expect(x, (self.m, x.shape[1]), self.dtype, self.rank, f"{self.name} x")
         capturing = self._begin()
-        self._after_peers_read(self.done)  # peers finished reading my partials of the last epoch
         buf, plan, r = self.buffer, self._plan(x, weight), self.rank
+        self._after_peers_read(self.done)  # peers finished reading my partials of the last epoch
         outputs = chunk_outputs(self.m, self.n, self.chunk_rows)
         mine = range(reduced.start // self.chunk_rows, -(-reduced.stop // self.chunk_rows))  # the chunks reduced
         out = torch.empty(reduced.stop - reduced.start, self.n, dtype=self.dtype, device=x.device)
@@ -297,8 +312,11 @@ class FusedMatmulGroupAllReduce(_Fused):
     unseen = "the GPU is slow, or a peer has not joined the group's all-reduce of a chunk"
 
     def __init__(self, group: Group, m: int, n: int, dtype: torch.dtype, chunks: int = 4, *, check: bool = True,
-                 max_spins: int | None = None, graph_safe: bool = False):  # fmt: skip
-        self.m, self.n, self.dtype = m, n, dtype
+                 max_spins: int | None = None, graph_safe: bool = False, collective_sms: int = 8):  # fmt: skip
+        """``collective_sms``: SMs the persistent GEMM leaves free, where the group's all-reduce
+        kernels (NCCL's, a block per channel) run beside it; with none they would wait for the
+        GEMM to end. 8 is a starting point, not yet measured."""
+        self.m, self.n, self.dtype, self.collective_sms = m, n, dtype, collective_sms
         self.chunk_rows = -(-m // max(1, min(chunks, m)))
         self.chunks = -(-m // self.chunk_rows)
         super().__init__(group, None, self.chunks, "GEMM+AR(group)", check=check, max_spins=max_spins, graph_safe=graph_safe)
@@ -306,7 +324,7 @@ class FusedMatmulGroupAllReduce(_Fused):
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         _expect(x, (self.m, x.shape[1]), self.dtype, self.rank, f"{self.name} x")
         capturing = self._begin()
-        outputs, plan = chunk_outputs(self.m, self.n, self.chunk_rows), self._plan(x, weight)
+        outputs, plan = chunk_outputs(self.m, self.n, self.chunk_rows), self._plan(x, weight, spare=self.collective_sms)
         y = torch.empty(self.m, self.n, dtype=self.dtype, device=x.device)
 
         def all_reduce_chunks():
@@ -377,15 +395,17 @@ _UNSHARED = {"gemm_ar": FusedMatmulGroupAllReduce}  # what runs where ranks shar
 
 def workspace(group: Group, pattern: str, *shape, check: bool = True) -> _Fused:
     """The fused operator for ``pattern`` and this shape on ``group``, made (collectively: every rank
-    reaches it with the same shape) on first use and kept with the group."""
+    reaches it with the same shape) on first use and kept with the group; ``check`` applies to the
+    calls that follow."""
     table = group.__dict__.setdefault("_fused_workspaces", {})
-    key = (pattern, *shape, check)
+    key = (pattern, *shape)
     if key not in table:
         reason = fused_unavailable(group, pattern)
         if reason is not None:
             raise RuntimeError(f"rank {group.rank}: overlap='fused' cannot run here: {reason}")
         kind = _SHARED[pattern] if _no_shared_memory(group) is None else _UNSHARED[pattern]
         table[key] = kind(group, *shape, check=check)
+    table[key].check_calls = check
     return table[key]
 
 
@@ -407,6 +427,9 @@ def fused_unavailable(group: Group, pattern: str, *, timing: bool = False) -> st
     """Why fused ``pattern`` cannot run (or, with ``timing``, cannot be timed meaningfully) on ``group``."""
     if not (INTERPRETING or torch.cuda.is_available()):
         return "Triton needs a GPU (TRITON_INTERPRET=1 runs kernels on CPU, for tests)"
+    if group.device.type != "cuda" and not INTERPRETING:
+        return (f"the group's tensors are on {group.device} and Triton runs kernels on the GPU "
+                "(TRITON_INTERPRET=1, set before Triton is imported, runs them on CPU, for tests)")  # fmt: skip
     if timing and INTERPRETING:
         return "under the Triton interpreter a timing measures Python, not a kernel"
     reason = _no_shared_memory(group)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from interlace.engine.comm import signals
+from interlace.engine.device import new_stream
 from interlace.ops import flags as epoch_flags
 from interlace.ops.flags import EpochValue
 
@@ -29,11 +30,13 @@ from interlace.ops.flags import EpochValue
 class SideLane:
     grace = 1.0  # seconds join() allows beyond the deadline for the lane to report its own timeout
 
-    def __init__(self, device: torch.device, timeout: float, name: str, status: torch.Tensor, max_spins: int):
+    def __init__(self, device: torch.device, timeout: float, name: str, status: torch.Tensor, max_spins: int,
+                 stream: torch.cuda.Stream | None = None):  # fmt: skip
+        """``stream``: the CUDA stream to queue on (made if None; see ``new_stream``); ignored on CPUs."""
         self.device, self.timeout, self.status, self.max_spins = device, timeout, status, max_spins
         self._wait_names: dict[str, int] = {}
         self.deadline = time.monotonic() + timeout
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.stream = (stream if stream is not None else new_stream(device)) if device.type == "cuda" else None
         if self.stream is None:
             self._tasks: queue.SimpleQueue = queue.SimpleQueue()
             threading.Thread(target=self._serve, daemon=True, name=f"interlace lane {name}").start()
