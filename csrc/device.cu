@@ -166,11 +166,6 @@ uintptr_t stream_create(int device) {
   return reinterpret_cast<uintptr_t>(s);
 }
 
-void stream_destroy(uintptr_t stream, int device) {
-  DeviceGuard guard(device);
-  check(cudaStreamDestroy(reinterpret_cast<cudaStream_t>(stream)), "destroying a stream");
-}
-
 int32_t device_load(uintptr_t address, int device) {
   DeviceGuard guard(device);
   cudaStream_t s = private_stream(device);

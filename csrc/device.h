@@ -30,9 +30,8 @@ void copy_chunks_async(uintptr_t stream, const std::vector<uintptr_t>& dst, cons
                        const std::vector<int32_t>& values);
 // A stream of our own (non-blocking), not one of torch's pool, which hands out 32 per priority
 // round-robin: two "new" torch streams can be one CUDA stream, and a lane's stream wait would then
-// hold back a peer's kernels. Destroying a stream with queued work is safe (CUDA frees it later).
+// hold back a peer's kernels. Never destroyed (see interlace.engine.device.new_stream).
 uintptr_t stream_create(int device);
-void stream_destroy(uintptr_t stream, int device);
 // Read one int32 of device memory through a private non-blocking stream (a copy engine), so a
 // host can watch a flag while kernels hold the device's other streams.
 int32_t device_load(uintptr_t address, int device);

@@ -28,7 +28,6 @@ void copy_chunks_async(uintptr_t, const std::vector<uintptr_t>&, const std::vect
   unavailable();
 }
 uintptr_t stream_create(int) { unavailable(); }
-void stream_destroy(uintptr_t, int) { unavailable(); }
 int32_t device_load(uintptr_t, int) { unavailable(); }
 
 }  // namespace interlace

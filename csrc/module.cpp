@@ -115,6 +115,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("copy_chunks_async", &copy_chunks_async, py::arg("stream"), py::arg("dst"), py::arg("src"),
         py::arg("nbytes"), py::arg("flags"), py::arg("values"));
   m.def("stream_create", &stream_create, py::arg("device"));
-  m.def("stream_destroy", &stream_destroy, py::arg("stream"), py::arg("device"));
   m.def("device_load", &device_load, py::arg("address"), py::arg("device"), py::call_guard<py::gil_scoped_release>());
 }

@@ -1,6 +1,7 @@
 """The native extension, symmetric buffers, flags and copy-engine chunks; CPU processes at world
 sizes 2-4 (and a GPU with one). After every test nothing of ours may remain in /dev/shm."""
 
+import gc
 import glob
 import os
 import shutil
@@ -49,7 +50,8 @@ def test_extension_imports_without_a_driver_and_says_why_cuda_is_unusable():
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_byte_views_alias_the_memory_on_the_device_they_name(device, seed):
-    """What SymmetricBuffer builds its tensors from: a view, never a copy, on the stated device."""
+    """What SymmetricBuffer builds its tensors from: a view, never a copy, on the stated device.
+    (That a peer GPU's IPC memory is not copied to ours, what the stated device is for, needs two GPUs.)"""
     owner = torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)).to(device)
     kind, index = (1, 0) if device == "cpu" else (2, owner.device.index)
     view = torch.from_dlpack(native().byte_view(owner.data_ptr() + 16, 1024, kind, index))
@@ -235,13 +237,22 @@ def test_stream_wait_orders_a_second_stream_after_a_write_on_the_first():
 
 @pytest.mark.gpu
 def test_own_streams_are_distinct_and_one_blocked_by_a_stream_wait_holds_back_no_other():
-    """torch's pool hands out at most 32 streams per priority (round-robin); ``new_stream`` makes
-    one each time. 24 streams (more than LocalGroup at world 8 uses: a stream per rank, a lane per
-    rank, its engine) each get a hardware queue (CUDA_DEVICE_MAX_CONNECTIONS=32, set by conftest)."""
+    """torch's pool hands out at most 32 streams per priority (round-robin); no two live
+    ``new_stream``s share a handle, however many (collected ones are handed out again). 24 streams
+    (more than LocalGroup at world 8 uses: a stream per rank, a lane per rank, its engine) each get
+    a hardware queue (CUDA_DEVICE_MAX_CONNECTIONS=32, set by conftest)."""
     device = torch.device("cuda")
     assert len({torch.cuda.Stream().cuda_stream for _ in range(40)}) <= 32
+    many = [new_stream(device) for _ in range(40)]
+    assert len({s.cuda_stream for s in many}) == 40
+    del many[:20]
+    gc.collect()
+    again = [new_stream(device) for _ in range(20)]
+    handles = [s.cuda_stream for s in many + again]
+    assert len(set(handles)) == 40, "a handed-out-again stream must not be one still alive"
+    del many, again
+    gc.collect()
     streams = [new_stream(device) for _ in range(24)]
-    assert len({s.cuda_stream for s in streams}) == len(streams)
     flags = torch.zeros(1, dtype=torch.int32, device=device)
     signals.wait(flags, 0, 1, streams[0])  # never raised until every other stream has finished
     done = []

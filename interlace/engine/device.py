@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -24,15 +25,29 @@ def record_event(device: torch.device, stream: torch.cuda.Stream | None = None) 
     return event
 
 
+# Handles of streams whose wrappers were collected, per device, for new_stream to hand out again.
+# They are never destroyed: torch keeps raw handles (record_stream, the caching allocator's
+# per-stream pools) beyond the wrapper's life. RLock: a collection can run inside new_stream.
+_FREE_STREAMS: dict[int, list[int]] = {}
+_FREE_LOCK = threading.RLock()
+
+
 def new_stream(device: torch.device) -> torch.cuda.Stream:
-    """A CUDA stream of its own. ``torch.cuda.Stream()`` hands out pooled streams round-robin (32
-    per priority), so two of those can be one CUDA stream, and a stream wait queued on one would
-    hold back the other's work: every stream that waits on a peer, or that a peer waits on, comes
-    from here. Destroyed when the returned object is collected (CUDA lets queued work finish)."""
+    """A CUDA stream no live wrapper shares. ``torch.cuda.Stream()`` hands out pooled streams
+    round-robin (32 per priority), so two of those can be one CUDA stream, and a stream wait queued
+    on one would hold back the other's work: every stream that waits on a peer, or that a peer
+    waits on, comes from here. A reused handle may still run its last owner's queued work first."""
     from interlace.engine.comm.native import native
 
     index = device.index if device.index is not None else torch.cuda.current_device()
-    handle = native().stream_create(index)
+    with _FREE_LOCK:
+        free = _FREE_STREAMS.setdefault(index, [])
+        handle = free.pop() if free else native().stream_create(index)
     stream = torch.cuda.ExternalStream(handle, device=torch.device("cuda", index))
-    weakref.finalize(stream, native().stream_destroy, handle, index)
+    weakref.finalize(stream, _release, index, handle)
     return stream
+
+
+def _release(index: int, handle: int) -> None:
+    with _FREE_LOCK:
+        _FREE_STREAMS[index].append(handle)

@@ -129,7 +129,8 @@ def gemm(
     chunk_rows = _check_hooks(wait, signal, m, n, x.device, start_chunk)
     plan = plan or plan_for(x, w)
     if status is None:  # only a wait writes it: without one, a shared zero (no allocation and fill per call)
-        status = torch.zeros(4, dtype=torch.int32, device=x.device) if wait else _unwritten_status(x.device)
+        shared = not wait and not (x.is_cuda and torch.cuda.is_current_stream_capturing())  # a graph's zero fill waits for replay
+        status = _unwritten_status(x.device) if shared else torch.zeros(4, dtype=torch.int32, device=x.device)
     elif status.dtype != torch.int32 or status.numel() < 4 or status.device != x.device:
         raise ValueError(f"gemm: status must be >= 4 int32 on {x.device}, got {describe(status)}")
     epoch = _epoch_tensor(wait, x.device) if wait else status
@@ -191,6 +192,8 @@ _TUNING = threading.Lock()
 
 def _plan(m: int, n: int, k: int, dtype: torch.dtype, device_type: str, sms: int) -> Plan:
     key = (m, n, k, dtype, device_type, sms)
+    if key in _PLANS:  # without the lock: rank threads need not queue behind one that is tuning
+        return _PLANS[key]
     with _TUNING:
         if key not in _PLANS:
             configs = kernel.configs(INTERPRETING)
@@ -207,7 +210,7 @@ def _autotune(m: int, n: int, k: int, dtype: torch.dtype, configs: list) -> trit
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError(f"gemm: the first call for shape M={m} N={n} K={k} {dtype} tunes (it runs and times kernels): "
                            "make it once before capturing a CUDA graph")  # fmt: skip
-    stream = new_stream(torch.device("cuda", torch.cuda.current_device()))
+    stream = _tuning_stream(torch.cuda.current_device())
     with torch.cuda.stream(stream):
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         w = torch.randn(n, k, device="cuda", dtype=dtype)
@@ -222,6 +225,11 @@ def _autotune(m: int, n: int, k: int, dtype: torch.dtype, configs: list) -> trit
             except triton.runtime.errors.OutOfResources:  # too much shared memory for this GPU
                 continue
     return min(timings, key=timings.get)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuning_stream(index: int) -> torch.cuda.Stream:
+    return new_stream(torch.device("cuda", index))
 
 
 def _time_on(stream: torch.cuda.Stream, fn, reps: int = 20) -> float:

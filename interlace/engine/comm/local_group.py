@@ -290,6 +290,8 @@ def _rank_stream(device: torch.device) -> Iterator[None]:
         return
     torch.cuda.set_device(device)
     stream = new_stream(device)
-    with torch.cuda.stream(stream):
-        yield
-    stream.synchronize()
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:
+        stream.synchronize()

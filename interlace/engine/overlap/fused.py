@@ -98,14 +98,16 @@ class _Fused:
         if failed:
             raise RuntimeError(f"{who}: unknown failure record {[failed, where, value, observed]}")
 
-    def _begin(self) -> bool:
-        """Start a call on the caller's stream; True when it is being captured in a CUDA graph."""
+    def _begin(self, x: torch.Tensor | None = None, w: torch.Tensor | None = None, **plan: int) -> tuple[bool, Plan | None]:
+        """Start a call on the caller's stream: whether it is being captured in a CUDA graph, and
+        the plan of the GEMM of ``x`` and ``w`` (made first: tuning counts against no deadline)."""
         capturing = self.group.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         self.graph_safe |= capturing
+        chosen = self._plan(x, w, capturing=capturing, **plan) if x is not None else None
         self.lane.start_call()
         self.epoch += 1
         self.epoch_now.add_(1)  # before everything this call enqueues, on the caller's stream
-        return capturing
+        return capturing, chosen
 
     def _value(self, scale: int = 1, offset: int = 0) -> int | EpochValue:
         """``scale * epoch + offset`` for this call's flags: host-side, or read on the device."""
@@ -132,22 +134,22 @@ class _Fused:
         return (f"rank {self.rank}: {self.name} epoch {epoch} did not finish within {self.lane.timeout} s; "
                 f"behind: {'; '.join(behind) or f'nothing this rank can see ({self.unseen})'}")
 
-    def _plan(self, x: torch.Tensor, w: torch.Tensor, *, waits: bool = False, spare: int = 0) -> Plan:
+    def _plan(self, x: torch.Tensor, w: torch.Tensor, *, capturing: bool, waits: bool = False, spare: int = 0) -> Plan:
         """The GEMM's plan. Rank threads sharing one GPU split its multiprocessors, so that every
         rank's persistent GEMM is resident at once (a waiting kernel must not starve its producer).
         It leaves an SM per lane on the GPU for the lanes' kernels: graph-safe flag kernels (which a
         waiting GEMM needs, and which overlap the GEMM only if resident beside it), and, for a GEMM
         that ``waits``, the copies it waits for, which the driver may run on SMs when same-device;
         and ``spare`` more (a collective's kernels).
-        Made before the call queues anything; on a GPU the first for a shape (an eager call: it
-        tunes) ends in a barrier, so that no rank's kernels run while a peer times its own."""
+        On a GPU the first for a shape (eager: it may tune) ends in a barrier, so that no rank's
+        kernels run while a peer times its own; never under capture (tuning cannot be captured)."""
         shape = (tuple(x.shape), tuple(w.shape), x.dtype)
         key = (*shape, waits, spare, self.graph_safe)
         if key not in self._plans:
             sharing = self.world if hasattr(self.group, "share") else 1
             lanes = sharing if self.graph_safe or waits else 0
             self._plans[key] = leave_sms(plan_for(x, w), x.device, lanes + spare, sharing)
-            if x.is_cuda and not any(k[:3] == shape for k in self._plans if k != key):
+            if x.is_cuda and not capturing and not any(k[:3] == shape for k in self._plans if k != key):
                 self.group.barrier()
         return self._plans[key]
 
@@ -195,10 +197,10 @@ class FusedAllGatherMatmul(_Fused):
         the others reuse the gathered rows."""
         _expect(x_shard_m, (self.rows, self.k), self.dtype, self.rank, "AG+GEMM x_shard_m")
         r, buf = self.rank, self.buffer
-        capturing = self._begin()
-        value, mine = self._value(), self._gathered(r)
+        mine = self._gathered(r)
         x = mine.view(self.world * self.rows, self.k)
-        plan = self._plan(x, weights[0], waits=True)
+        capturing, plan = self._begin(x, weights[0], waits=True)
+        value = self._value()
         self._after_peers_read(r)  # peers hold copies of my rows of the last epoch before I overwrite them
 
         def publish_and_pull():
@@ -242,8 +244,8 @@ class _MatmulThenReduce(_Fused):
         """Rows ``reduced`` of the sum over ranks of ``x @ weight.T``; ``pulls``: (peer, chunk) in
         the order the peers are expected to finish them."""
         _expect(x, (self.m, x.shape[1]), self.dtype, self.rank, f"{self.name} x")
-        capturing = self._begin()
-        buf, plan, r = self.buffer, self._plan(x, weight), self.rank
+        capturing, plan = self._begin(x, weight)
+        buf, r = self.buffer, self.rank
         self._after_peers_read(self.done)  # peers finished reading my partials of the last epoch
         outputs = chunk_outputs(self.m, self.n, self.chunk_rows)
         mine = range(reduced.start // self.chunk_rows, -(-reduced.stop // self.chunk_rows))  # the chunks reduced
@@ -323,8 +325,8 @@ class FusedMatmulGroupAllReduce(_Fused):
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         _expect(x, (self.m, x.shape[1]), self.dtype, self.rank, f"{self.name} x")
-        capturing = self._begin()
-        outputs, plan = chunk_outputs(self.m, self.n, self.chunk_rows), self._plan(x, weight, spare=self.collective_sms)
+        capturing, plan = self._begin(x, weight, spare=self.collective_sms)
+        outputs = chunk_outputs(self.m, self.n, self.chunk_rows)
         y = torch.empty(self.m, self.n, dtype=self.dtype, device=x.device)
 
         def all_reduce_chunks():
@@ -360,7 +362,7 @@ class FusedAllReduceResidualNorm(_Fused):
         for name, t in (("residual", residual), ("partial", partial)):
             _expect(t, (self.rows, self.hidden), self.dtype, self.rank, f"AR+norm {name}")
         ready, done, buf = 0, 1, self.buffer
-        capturing = self._begin()
+        capturing, _ = self._begin()
         self._after_peers_read(done)  # peers finished reading my partial of the last epoch
         value = self._value()
         peers = [self.buffer.peer(q, self.dtype, (self.rows, self.hidden)) for q in range(self.world)]
