@@ -66,6 +66,21 @@ def _time_inner(fn, iters: int) -> float:
     return statistics.median(samples)
 
 
+def _between(start, end, launch):
+    """``launch()`` between ``start`` and ``end`` events when given (the GEMM inside a fused run)."""
+    if start is not None:
+        start.record()
+    result = launch()
+    if end is not None:
+        end.record()
+    return result
+
+
+def _variants(reference, triton_gemm, comm, bulk, chunked, fused) -> dict:
+    return {"gemm": reference, "gemm_triton": triton_gemm, "comm": comm, "bulk": bulk, "chunked": chunked, "fused": fused,
+            "fused_gemm": fused}  # fmt: skip
+
+
 def _peers(count: int, rows: int, cols: int, dtype: torch.dtype, regime: str) -> list[torch.Tensor]:
     """Buffers standing in for peers: device memory (d2d) or pinned host memory (host, over PCIe)."""
     if regime == "d2d":
@@ -116,16 +131,12 @@ def _all_gather(shape: dict, regime: str, world: int, dtype: torch.dtype, status
         signals.write(flags, 0, e)
         copy.wait_stream(cur)
         signals.copy_chunks(chunks, flags, list(range(1, world)), e, stream=copy)
-        if start is not None:
-            start.record()
-        y = gemm(gathered, w, wait=WaitHook(flags, e, n), start_chunk=0, plan=waiting_plan, check=False, status=status)
-        if end is not None:
-            end.record()
+        y = _between(start, end, lambda: gemm(gathered, w, wait=WaitHook(flags, e, n), start_chunk=0, plan=waiting_plan, check=False,
+                                              status=status))  # fmt: skip
         cur.wait_stream(copy)
         return y
 
-    return {"gemm": lambda: gathered @ w.T, "gemm_triton": lambda: gemm(gathered, w, plan=plan), "comm": comm,
-            "bulk": bulk, "chunked": chunked, "fused": fused, "fused_gemm": fused}  # fmt: skip
+    return _variants(lambda: gathered @ w.T, lambda: gemm(gathered, w, plan=plan), comm, bulk, chunked, fused)
 
 
 def _reduce_scatter(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor) -> dict:
@@ -169,11 +180,7 @@ def _reduce_scatter(shape: dict, regime: str, world: int, dtype: torch.dtype, st
 
     def fused(start=None, end=None):
         e, before = next(epochs), cur.record_event()
-        if start is not None:
-            start.record()
-        gemm(x, w, out=partial, signal=SignalHook(counters, n), start_chunk=1, plan=plan, status=status)
-        if end is not None:
-            end.record()
+        _between(start, end, lambda: gemm(x, w, out=partial, signal=SignalHook(counters, n), start_chunk=1, plan=plan, status=status))
         copy.wait_event(before)  # waits queued after the GEMM they wait for (shared hardware queues)
         pull_in()
         for q in range(1, world):
@@ -182,8 +189,7 @@ def _reduce_scatter(shape: dict, regime: str, world: int, dtype: torch.dtype, st
         cur.wait_stream(copy)
         return reduce()
 
-    return {"gemm": lambda: x @ w.T, "gemm_triton": lambda: gemm(x, w, plan=plan), "comm": comm, "bulk": bulk,
-            "chunked": chunked, "fused": fused, "fused_gemm": fused}  # fmt: skip
+    return _variants(lambda: x @ w.T, lambda: gemm(x, w, plan=plan), comm, bulk, chunked, fused)
 
 
 def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor, chunks: int = 4) -> dict:
@@ -224,11 +230,7 @@ def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status
 
     def fused(start=None, end=None):
         e, before = next(epochs), cur.record_event()
-        if start is not None:
-            start.record()
-        gemm(x, w, out=partial, signal=SignalHook(counters, step), plan=plan, status=status)
-        if end is not None:
-            end.record()
+        _between(start, end, lambda: gemm(x, w, out=partial, signal=SignalHook(counters, step), plan=plan, status=status))
         copy.wait_event(before)
         for c, span in enumerate(spans):
             signals.wait(counters, c, e * outputs[c], copy)
@@ -236,5 +238,4 @@ def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status
         cur.wait_stream(copy)
         return reduce()
 
-    return {"gemm": lambda: x @ w.T, "gemm_triton": lambda: gemm(x, w, plan=plan), "comm": comm, "bulk": bulk,
-            "chunked": chunked, "fused": fused, "fused_gemm": fused}  # fmt: skip
+    return _variants(lambda: x @ w.T, lambda: gemm(x, w, plan=plan), comm, bulk, chunked, fused)

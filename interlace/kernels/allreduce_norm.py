@@ -3,6 +3,8 @@
 Each program takes one row: it reads every rank's partial row from symmetric memory (``p0`` ..
 ``p7``, the first ``WORLD`` used), sums them in rank order in fp32 (so every rank computes the same
 bits), adds the residual, writes the new residual, and writes ``RMSNorm(new residual) * weight``.
+Peers are separate typed pointer arguments, summed by an unrolled chain guarded by the constexpr
+``WORLD``: a loop would need pointers loaded from memory, untyped, for one add per peer.
 """
 
 from __future__ import annotations

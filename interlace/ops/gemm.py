@@ -19,11 +19,11 @@ capturing a CUDA graph.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
 import threading
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch

@@ -168,6 +168,11 @@ class _Fused:
         self.lane.join()
 
 
+def _chunk_rows(m: int, chunks: int) -> int:
+    """Rows per chunk for at most ``chunks`` chunks of ``m`` rows (the last may be shorter)."""
+    return -(-m // max(1, min(chunks, m)))
+
+
 def _lane_stream(group: Group) -> torch.cuda.Stream | None:
     """One lane stream per rank, shared by its fused operators (their calls never interleave): with
     a lane per operator, rank threads on one GPU would soon have more streams than the device has
@@ -297,7 +302,7 @@ class FusedMatmulAllReduce(_MatmulThenReduce):
 
     def __init__(self, group: Group, m: int, n: int, dtype: torch.dtype, chunks: int = 4, *, check: bool = True,
                  max_spins: int | None = None, graph_safe: bool = False):  # fmt: skip
-        super().__init__(group, m, n, dtype, -(-m // max(1, min(chunks, m))), m, "GEMM+AR", check=check, max_spins=max_spins,
+        super().__init__(group, m, n, dtype, _chunk_rows(m, chunks), m, "GEMM+AR", check=check, max_spins=max_spins,
                          graph_safe=graph_safe)  # fmt: skip
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -319,7 +324,7 @@ class FusedMatmulGroupAllReduce(_Fused):
         kernels (NCCL's, a block per channel) run beside it; with none they would wait for the
         GEMM to end. 8 is a starting point, not yet measured."""
         self.m, self.n, self.dtype, self.collective_sms = m, n, dtype, collective_sms
-        self.chunk_rows = -(-m // max(1, min(chunks, m)))
+        self.chunk_rows = _chunk_rows(m, chunks)
         self.chunks = -(-m // self.chunk_rows)
         super().__init__(group, None, self.chunks, "GEMM+AR(group)", check=check, max_spins=max_spins, graph_safe=graph_safe)
 
