@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")  # rank streams must not share hardware queues (README)
@@ -15,7 +16,7 @@ os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")  # rank streams must 
 import torch  # noqa: E402
 
 from . import collectives, gemm, layers, pipeline, rank_slice, report
-from .common import parse_bytes, write_result
+from .common import parse_bytes, result_path, write_result
 
 GPU = torch.cuda.is_available()
 
@@ -125,15 +126,23 @@ BENCHMARKS = {"collectives": (collectives, _add_collectives, _collectives_config
               "rank_slice": (rank_slice, _add_rank_slice, _rank_slice_config)}  # fmt: skip
 
 
-def run_benchmark(name: str, config, out: Path | None) -> Path:
-    module = BENCHMARKS[name][0]
+# Long GPU runs write their rows as they go (marked "complete": false): a run cut off keeps them.
+CHECKPOINTED = ("gemm", "rank_slice")
+
+
+def run_benchmark(name: str, config, out: Path | None) -> tuple[Path, list[dict]]:
+    """Run, print, write; returns the path and the rows that failed (each with its ``failed`` (why))."""
+    module, path = BENCHMARKS[name][0], result_path(name, out)
     print(f"{name}: measuring (rank processes start in about a second)...", file=sys.stderr, flush=True)
-    result = module.run(config)
+    if name in CHECKPOINTED:
+        result = module.run(config, checkpoint=lambda rows: write_result(name, asdict(config), rows, path, complete=False))
+    else:
+        result = module.run(config)
     print(module.table(result))
     extra = {k: v for k, v in result.items() if k not in ("rows", "config")}
-    path = write_result(name, result["config"], result["rows"], out, **extra)
+    write_result(name, result["config"], result["rows"], path, **extra)
     print(f"wrote {path}\n")
-    return path
+    return path, [r for r in result["rows"] if "failed" in r]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,10 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {report.main(args.result, args.out_dir)}")
         return 0
     names = list(BENCHMARKS) if args.command == "demo" else [args.command]
+    failed = []
     for name in names:
         bench_args = parser.parse_args([name]) if args.command == "demo" else args
-        run_benchmark(name, BENCHMARKS[name][2](bench_args), bench_args.out)
-    return 0
+        failed += run_benchmark(name, BENCHMARKS[name][2](bench_args), bench_args.out)[1]
+    for row in failed:
+        print(f"FAILED {row['name']}: {row['failed']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

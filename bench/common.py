@@ -20,10 +20,15 @@ OUT_DIR = Path(__file__).resolve().parent / "out"
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
+def result_path(name: str, out: Path | None = None) -> Path:
+    """``out``, or ``bench/out/<name>-<time>.json``."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(out) if out is not None else OUT_DIR / f"{name}-{stamp}.json"
+
+
 def write_result(name: str, config: dict[str, Any], rows: list[dict[str, Any]], out: Path | None = None, **extra: Any) -> Path:
     """Write ``{"benchmark", "envelope", "config", "rows", ...}`` as JSON and return the path."""
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = Path(out) if out is not None else OUT_DIR / f"{name}-{stamp}.json"
+    path = result_path(name, out)
     path.parent.mkdir(parents=True, exist_ok=True)
     command = "python -m bench " + " ".join(sys.argv[1:])
     payload = {"benchmark": name, "command": command, "envelope": envelope(), "config": config, "rows": rows, **extra}
@@ -43,10 +48,13 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
 
 
 def report_table(head: str, result: dict[str, Any], columns: Sequence[tuple[str, str, str]]) -> str:
-    """A benchmark's printed result: how it was measured, what was skipped and why, the rows."""
+    """A benchmark's printed result: how it was measured, what was skipped and why, the rows, and
+    the rows that failed (those with ``failed``, saying why)."""
     lines = [head] + [f"skipped {s['backend']}: {s['why']}" for s in result.get("skipped", [])]
-    if result["rows"]:
-        lines.append(format_table(result["rows"], columns))
+    measured = [r for r in result["rows"] if "failed" not in r]
+    if measured:
+        lines.append(format_table(measured, columns))
+    lines += [f"FAILED {r['name']}{' [' + r['regime'] + ']' if 'regime' in r else ''}: {r['failed']}" for r in result["rows"] if "failed" in r]
     return "\n".join(lines)
 
 

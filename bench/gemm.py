@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -46,7 +47,9 @@ def geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
-def run(config: Config) -> dict:
+def run(config: Config, checkpoint: Callable[[list[dict]], None] | None = None) -> dict:
+    """Every shape, ``checkpoint(rows)`` after each; a shape whose result is wrong becomes a row
+    with its ``failed`` (why)."""
     if not torch.cuda.is_available():
         why = "needs a GPU: under the Triton interpreter a timing measures Python, not a kernel"
         return {"rows": [], "skipped": [{"backend": "gemm", "why": why}], "config": asdict(config), "summary": {}}
@@ -59,9 +62,15 @@ def run(config: Config) -> dict:
     for name in config.shapes:
         m, n, k = shapes()[name]
         print(f"  {name}", file=sys.stderr, flush=True)
-        rows.append(_measure(name, m, n, k, dtype, config.chunks, peak, copy_bps, plan_for))
-    big = [r["ratio"] for r in rows if r["M"] >= 2048]
-    summary = {"geomean_ratio_m_ge_2048": geomean(big), "max_hook_cost": max((r["hook_cost"] for r in rows), default=None),
+        try:
+            rows.append(_measure(name, m, n, k, dtype, config.chunks, peak, copy_bps, plan_for))
+        except AssertionError as error:  # a wrong result: named, and the next shape still runs
+            rows.append({"name": name, "M": m, "N": n, "K": k, "failed": str(error)})
+        if checkpoint is not None:
+            checkpoint(rows)
+    measured = [r for r in rows if "failed" not in r]
+    big = [r["ratio"] for r in measured if r["M"] >= 2048]
+    summary = {"geomean_ratio_m_ge_2048": geomean(big), "max_hook_cost": max((r["hook_cost"] for r in measured), default=None),
                "peak_tflops_measured": peak / 1e12, "copy_GBps_measured": copy_bps / 1e9}  # fmt: skip
     return {"rows": rows, "skipped": [], "config": asdict(config), "summary": summary}
 
@@ -126,7 +135,7 @@ COLUMNS = [
 def table(result: dict) -> str:
     head = f"gemm: {result['config']['dtype']}, interlace Triton GEMM vs torch.matmul (cuBLAS), do_bench medians"
     s = result["summary"]
-    if s:
+    if s and s["max_hook_cost"] is not None:
         head += (f"\ngeomean ratio over M >= 2048: {s['geomean_ratio_m_ge_2048']:.3f}; max hook cost {s['max_hook_cost']:+.1%}; "
                  f"measured peak {s['peak_tflops_measured']:.0f} TF/s, copy {s['copy_GBps_measured']:.0f} GB/s")  # fmt: skip
     return report_table(head, result, COLUMNS)

@@ -22,6 +22,7 @@ labelled with its regime.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -61,7 +62,10 @@ def shapes(config: Config) -> list[dict]:
     return out
 
 
-def run(config: Config) -> dict:
+def run(config: Config, checkpoint: Callable[[list[dict]], None] | None = None) -> dict:
+    """Every shape in every regime; ``checkpoint(rows)`` after each. A shape whose overlapped result
+    differs from bulk's, or whose fused wait gave up, becomes a row with its ``failed`` (why) (the next
+    shape still runs)."""
     if not torch.cuda.is_available():
         why = "needs a GPU: the harness times copy engines and kernels on one device"
         return {"rows": [], "skipped": [{"backend": "rank_slice", "why": why}], "config": asdict(config)}
@@ -71,11 +75,17 @@ def run(config: Config) -> dict:
     for shape in shapes(config):
         for regime in config.regimes:
             print(f"  {shape['name']} [{regime}]", file=sys.stderr, flush=True)
-            times = rank_slice_gpu.measure(shape, regime, config.world_size, getattr(torch, config.dtype), config.iters)
-            derived = overlap_metrics(times)
-            derived["ideal_us"] = derived.pop("ideal") * 1e6
-            rows.append({**shape, "regime": regime, "world_size": config.world_size,
-                         **{f"{k}_us": v * 1e6 for k, v in times.items()}, **derived})  # fmt: skip
+            row = {**shape, "regime": regime, "world_size": config.world_size}
+            try:
+                times = rank_slice_gpu.measure(shape, regime, config.world_size, getattr(torch, config.dtype), config.iters)
+            except AssertionError as error:
+                rows.append({**row, "failed": str(error)})
+            else:
+                derived = overlap_metrics(times)
+                derived["ideal_us"] = derived.pop("ideal") * 1e6
+                rows.append({**row, **{f"{k}_us": v * 1e6 for k, v in times.items()}, **derived})
+            if checkpoint is not None:
+                checkpoint(rows)
     return {"rows": rows, "skipped": [], "config": asdict(config)}
 
 

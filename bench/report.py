@@ -66,8 +66,9 @@ def targets(rows: list[dict]) -> list[str]:
 
 
 def render(result: dict) -> tuple[str, dict[str, str]]:
-    """(markdown, {file name: svg})."""
-    env, c, rows = result["envelope"], result["config"], result["rows"]
+    """(markdown, {file name: svg}). Rows that failed are listed, and left out of targets and plots."""
+    env, c = result["envelope"], result["config"]
+    rows, failed = [r for r in result["rows"] if "failed" not in r], [r for r in result["rows"] if "failed" in r]
     gpus = ", ".join(g["name"] for g in env.get("gpus", [])) or "no GPU"
     git = env["interlace"]
     lines = [f"# Rank-slice report: TP={c['world_size']}, {c['dtype']}", "",
@@ -75,7 +76,7 @@ def render(result: dict) -> tuple[str, dict[str, str]]:
              f"interlace {git['version']} at {git['commit']}{' (local changes)' if git.get('dirty') else ''}; {env['timestamp']}.",
              "", "One rank's real GEMM with its real per-rank communication volume moved by copy engines from buffers standing "
              "in for peers: d2d = device memory (HBM, faster than NVLink), host = pinned host memory (PCIe). CUDA events, "
-             f"median of {c['iters']}.", "", "## Targets", "", *targets(rows)]  # fmt: skip
+             f"median of {c['iters']}.", *_incomplete(result, failed), "", "## Targets", "", *targets(rows)]  # fmt: skip
     svgs = {}
     for pattern in sorted({r["pattern"] for r in rows}):
         mine = [r for r in rows if r["pattern"] == pattern]
@@ -92,6 +93,17 @@ def render(result: dict) -> tuple[str, dict[str, str]]:
             svgs[name] = svg_plot(f"{pattern} ({regime}): time per layer", [r["name"] for r in subset], series)
             lines += ["", f"![{pattern} {regime}]({name})"]
     return "\n".join(lines) + "\n", svgs
+
+
+def _incomplete(result: dict, failed: list[dict]) -> list[str]:
+    """What the report lacks: a run cut off before its last shape, and shapes that failed."""
+    lines = []
+    if not result.get("complete", True):
+        lines += ["", f"**Partial:** the run was cut off after {len(result['rows'])} of its shapes; the rest were never measured."]
+    if failed:
+        lines += ["", f"**Failed ({len(failed)}):** not measured, and left out below.", ""]
+        lines += [f"- {r['name']} [{r['regime']}]: {r['failed']}" for r in failed]
+    return lines
 
 
 def main(result_path: Path, out_dir: Path) -> Path:

@@ -165,6 +165,31 @@ def test_report_checks_the_targets_and_draws_one_plot_per_pattern_and_regime(tmp
     root = ET.parse(tmp_path / "out" / "rank_slice_gemm_rs_d2d.svg").getroot()
     assert len(root.findall("{http://www.w3.org/2000/svg}polyline")) == 4  # bulk, chunked, fused, ideal
     assert f"({svgs[1]})" in text
+    assert "Partial" not in text and "Failed" not in text
+
+
+def test_report_names_a_cut_off_run_and_failed_shapes_and_leaves_them_out(tmp_path):
+    from bench import report
+
+    result = synthetic_rank_slice()
+    error = "rank slice a/tp8/mlp-up/m2048 [d2d]: fused differs from bulk by 0.5 (relative)"
+    result["rows"].insert(1, {"name": "a/tp8/mlp-up/m2048", "pattern": "gemm_rs", "regime": "d2d", "M": 2048, "N": 1, "K": 1,
+                              "world_size": 8, "failed": error})  # fmt: skip
+    result["complete"] = False
+    (tmp_path / "r.json").write_text(json.dumps(result))
+    text = report.main(tmp_path / "r.json", tmp_path / "out").read_text()
+    assert "**Partial:** the run was cut off after 5 of its shapes" in text
+    assert f"**Failed (1):** not measured, and left out below.\n\n- a/tp8/mlp-up/m2048 [d2d]: {error}" in text
+    assert "| a/tp8/mlp-up/m2048 |" not in text
+    assert "fused within 1.1x the ideal on compute-bound d2d shapes: 1 of 3" in text  # as without the failed row
+
+
+def test_printed_tables_list_failed_rows_after_the_measured_ones():
+    from bench.common import report_table
+
+    rows = [{"name": "ok", "t": 1.0}, {"name": "bad", "regime": "host", "failed": "fused differs"}, {"name": "bad2", "failed": "wrong"}]
+    text = report_table("head", {"rows": rows}, [("name", "name", ""), ("t", "t", ".1f")])
+    assert text.splitlines() == ["head", "name    t", "----  ---", "  ok  1.0", "FAILED bad [host]: fused differs", "FAILED bad2: wrong"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip on machines without a GPU")
@@ -187,3 +212,15 @@ def test_rank_slice_measures_every_variant_on_a_gpu(pattern, regime):
     times = rank_slice_gpu.measure({"pattern": pattern, "M": 256, "N": 512, "K": 512}, regime, 2, torch.bfloat16, 2)
     assert set(times) == {"gemm", "gemm_triton", "comm", "bulk", "chunked", "fused", "fused_gemm"}
     assert all(math.isfinite(t) and t > 0 for t in times.values())
+
+
+@pytest.mark.gpu
+def test_rank_slice_writes_its_rows_as_it_goes():
+    from bench import rank_slice
+
+    seen = []
+    config = rank_slice.Config(world_size=2, models=["llama3-8b"], tokens=[256], patterns=["gemm_ar"], regimes=["d2d"], iters=2)
+    result = rank_slice.run(config, checkpoint=lambda rows: seen.append([r["name"] for r in rows]))
+    names = [r["name"] for r in result["rows"]]
+    assert len(names) == 2 and seen == [names[:1], names]
+    assert not any("failed" in r for r in result["rows"])

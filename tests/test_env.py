@@ -2,12 +2,15 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import interlace
 from interlace.engine.planner.topology import probe
 
 
@@ -28,6 +31,19 @@ def test_env_json_is_valid_and_complete():
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__))
     if head.returncode == 0:  # a checkout with commits: the envelope names the exact commit
         assert env["interlace"]["commit"] == head.stdout.strip()
+
+
+def test_a_copy_without_git_records_the_commit_it_is_told(tmp_path):
+    """A lent GPU gets the working tree without ``.git``: INTERLACE_COMMIT names what was sent."""
+    shutil.copytree(Path(interlace.__file__).parent, tmp_path / "interlace", ignore=shutil.ignore_patterns("__pycache__"))
+    commit = os.urandom(20).hex()
+    probe_git = "from interlace.engine.telemetry.envelope import REPO_ROOT, _git_state; print(REPO_ROOT, _git_state()['commit'])"
+    for told, expected in ((commit, commit), (None, "None")):
+        env = {k: v for k, v in os.environ.items() if k != "INTERLACE_COMMIT"} | ({"INTERLACE_COMMIT": told} if told else {})
+        done = subprocess.run([sys.executable, "-c", probe_git], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                              env={**env, "PYTHONPATH": str(tmp_path)})  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == [str(tmp_path), expected]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU driver")

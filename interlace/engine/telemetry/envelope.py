@@ -93,9 +93,10 @@ def _extension() -> dict[str, Any]:
 
 
 def _git_state() -> dict[str, Any]:
-    """Commit and dirtiness of the checkout interlace runs from, when it is one."""
+    """Commit and dirtiness of the checkout interlace runs from, when it is one; else the commit
+    that ``INTERLACE_COMMIT`` names (a copy of a checkout without ``.git``, e.g. on a lent GPU)."""
     if not (REPO_ROOT / ".git").exists():
-        return {"commit": None, "dirty": None}
+        return {"commit": os.environ.get("INTERLACE_COMMIT"), "dirty": None}
     try:
         commit = _git("rev-parse", "HEAD")
         dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))

@@ -1,0 +1,81 @@
+"""tools/gpu_session.py: every step under a deadline that the whole session's budget bounds."""
+
+import json
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import gpu_session  # noqa: E402
+from gpu_session import Step  # noqa: E402
+
+PY = sys.executable
+
+
+def test_a_step_past_its_limit_is_killed_with_its_children_and_the_next_still_runs(tmp_path):
+    marker = tmp_path / "child-survived"
+    child = tmp_path / "child.py"  # outlives its parent unless the whole process group is killed
+    child.write_text(f"import time; time.sleep(4); open({str(marker)!r}, 'w')")
+    stuck = f"import subprocess, sys, time; subprocess.Popen([sys.executable, {str(child)!r}]); time.sleep(60)"
+    steps = [Step("stuck", [PY, "-c", stuck], limit=1.5), Step("after", [PY, "-c", "print('after ran')"], limit=30)]
+    start = time.monotonic()
+    stuck_out, after = gpu_session.run_plan(steps, tmp_path, budget=120, reserve=0)
+    assert time.monotonic() - start < 30
+    assert stuck_out.timed_out and stuck_out.rc != 0 and 1.5 <= stuck_out.seconds < 15
+    assert after.rc == 0 and not after.timed_out and after.tail == ["after ran"]
+    time.sleep(4.5)
+    assert not marker.exists()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [(s["name"], s["timed_out"], s["rc"]) for s in summary] == [("stuck", True, stuck_out.rc), ("after", False, 0)]
+    log = (tmp_path / "session.log").read_text()
+    assert "===== stuck: killed after 2 s" in log and "after ran" in log
+
+
+def test_a_failed_required_step_skips_the_rest_and_says_why(tmp_path):
+    steps = [Step("setup", [PY, "-c", "raise SystemExit(3)"], 30, required=True), Step("tests", [PY, "-c", "pass"], 30)]
+    setup, tests = gpu_session.run_plan(steps, tmp_path, budget=120, reserve=0)
+    assert setup.rc == 3 and tests.rc is None and tests.skipped == "setup failed"
+
+
+def test_the_budget_cuts_limits_and_skips_what_no_longer_fits(tmp_path):
+    steps = [Step("long", [PY, "-c", "import time; time.sleep(60)"], limit=600), Step("late", [PY, "-c", "pass"], 30)]
+    long, late = gpu_session.run_plan(steps, tmp_path, budget=5, reserve=0, least=2)
+    assert long.timed_out and long.seconds < 15  # cut to the budget, not its own 600 s
+    assert late.rc is None and late.skipped.endswith("s of budget left")
+
+
+def test_pack_keeps_paths_relative_to_the_root(tmp_path):
+    results = tmp_path / "bench" / "results" / "h100"
+    (results / "report").mkdir(parents=True)
+    (results / "gemm.json").write_text("{}")
+    (results / "report" / "README.md").write_text("# report")
+    gpu_session.pack(results, tmp_path / "r.tar.gz", root=tmp_path)
+    with tarfile.open(tmp_path / "r.tar.gz") as tar:
+        names = {m.name for m in tar.getmembers() if m.isfile()}
+    assert names == {"bench/results/h100/gemm.json", "bench/results/h100/report/README.md"}
+
+
+@pytest.mark.parametrize("name", ["test-fused-2", "test-fused"])
+def test_the_planned_test_selections_select_tests(name):
+    """A renamed test id or file must not turn a GPU step into a silent no-op."""
+    step = next(s for s in gpu_session.plans("x")["all"] if s.name == name)
+    argv = [PY if a == gpu_session.PY else a for a in step.argv]
+    done = subprocess.run([*argv, "--collect-only"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert " collected" in done.stdout or "tests collected" in done.stdout, done.stdout[-500:]
+
+
+def test_every_planned_file_and_benchmark_exists():
+    from bench.__main__ import BENCHMARKS
+
+    for step in gpu_session.plans("x")["all"]:
+        for arg in step.argv:
+            if arg.startswith(("tests/", "--ignore=tests/")):
+                assert (REPO / arg.removeprefix("--ignore=")).exists(), (step.name, arg)
+        if step.argv[1:3] == ["-m", "bench"]:
+            assert step.argv[3] in {*BENCHMARKS, "report"}, step.name

@@ -1,0 +1,177 @@
+"""One lent-GPU session in one command: set up, test file by file, measure, pack the results.
+
+A lent GPU comes for minutes, one command of at most ten minutes at a time, on a fresh machine
+with no network; a stuck CUDA stream wait can wedge a process for good. So every step here is
+its own process group with its own time limit, cut to what the session's budget has left, and
+a step that overruns is killed (a killed process frees its CUDA context) and named; the steps
+after it still run. Standard library only.
+
+    python3 tools/gpu_session.py --plan check   --out $OUT --budget 560   # set-up, env, GPU tests
+    python3 tools/gpu_session.py --plan measure --out $OUT --budget 560   # set-up, env, benchmarks, report
+
+Under ``--out``: ``session.log`` (every step's output, headed by its command), ``summary.json``
+(per step: command, exit code, seconds, whether it was cut off or skipped and why) and
+``results.tar.gz`` (``bench/results/<machine>/``, to unpack at the repository root and commit).
+The device copy of the repository has no ``.git``: set ``INTERLACE_COMMIT`` to the commit sent,
+and the result envelopes record it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PY = ".venv/bin/python"
+PYTEST = [PY, "-m", "pytest", "-q", "-o", "timeout_method=thread"]  # a stuck test dumps every thread's stack
+LEAST = 30.0  # seconds a step needs at least to be worth starting
+FIRST = ("test_symmetric.py", "test_gemm.py", "test_fused.py")  # run alone, in this order, before the rest
+LAYERS = ["--backends", "local", "--world-sizes", "2,4,8"]  # one process, a stream per rank: timeable on one GPU
+
+
+@dataclass
+class Step:
+    name: str
+    argv: list[str]
+    limit: float
+    required: bool = False  # the session stops if it fails (set-up)
+
+
+@dataclass
+class Outcome:
+    name: str
+    command: str
+    rc: int | None = None
+    seconds: float = 0.0
+    timed_out: bool = False
+    skipped: str = ""
+    tail: list[str] = field(default_factory=list)
+
+
+def plans(results: str) -> dict[str, list[Step]]:
+    """Named step lists; ``results`` is the folder (under bench/results) for this machine's JSON."""
+    setup = [Step("setup", ["make", "PYTHON=python3", ".venv/.interlace-installed"], 300, required=True),
+             Step("env", [PY, "-m", "interlace", "env"], 60)]  # fmt: skip
+    tests = [
+        Step("test-symmetric", [*PYTEST, "--timeout=60", "tests/test_symmetric.py"], 150),  # cheapest first
+        Step("test-gemm", [*PYTEST, "--timeout=120", "tests/test_gemm.py"], 240),
+        Step("test-fused-2", [*PYTEST, "--timeout=90", "tests/test_fused.py", "-k", "cuda-ipc-2 or local-cuda-2"], 180),
+        Step("test-fused", [*PYTEST, "--timeout=120", "tests/test_fused.py", "-k", "not (cuda-ipc-2 or local-cuda-2)"], 300),
+        Step("test-rest", [*PYTEST, "--timeout=120", "tests", *(f"--ignore=tests/{f}" for f in FIRST)], 420),
+    ]
+    out = f"bench/results/{results}"
+    measure = [  # the rank slice first: the issue's numbers; each benchmark keeps its rows if cut off
+        Step("bench-rank-slice", [PY, "-m", "bench", "rank_slice", "--out", f"{out}/rank_slice.json"], 330),
+        Step("report", [PY, "-m", "bench", "report", f"{out}/rank_slice.json", "--out-dir", f"{out}/report"], 60),
+        Step("bench-gemm", [PY, "-m", "bench", "gemm", "--out", f"{out}/gemm.json"], 240),
+        Step("bench-layers", [PY, "-m", "bench", "layers", *LAYERS, "--out", f"{out}/layers.json"], 240),
+    ]
+    return {"check": setup + tests, "measure": setup + measure, "all": setup + tests + measure}
+
+
+def machine_name() -> str:
+    """``h100-80gb-hbm3`` from the GPU's name (``cpu`` without one): the results folder."""
+    probe = "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+    try:
+        name = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        name = ""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-")
+    return slug or "unknown-machine"
+
+
+def run_step(step: Step, limit: float, log) -> Outcome:
+    """Run ``step`` in its own process group; kill the group at ``limit`` seconds."""
+    outcome = Outcome(step.name, " ".join(step.argv))
+    log.write(f"\n===== {step.name}: {outcome.command} (limit {limit:.0f} s)\n")
+    log.flush()
+    start = time.monotonic()
+    proc = subprocess.Popen(step.argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        outcome.timed_out = True
+        _kill_group(proc)
+        output, _ = proc.communicate()
+    outcome.rc, outcome.seconds = proc.returncode, round(time.monotonic() - start, 1)
+    log.write(output)
+    if outcome.timed_out:
+        log.write(f"\n===== {step.name}: killed after {limit:.0f} s\n")
+    outcome.tail = output.splitlines()[-8:]
+    return outcome
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_plan(steps: list[Step], out: Path, budget: float, reserve: float = 20.0, least: float = LEAST) -> list[Outcome]:
+    """Each step under ``min(its limit, budget left - reserve)``; skipped when less than ``least``
+    seconds are left, or when a required step before it failed. Progress goes to stderr."""
+    out.mkdir(parents=True, exist_ok=True)
+    end, outcomes, stop = time.monotonic() + budget, [], ""
+    with open(out / "session.log", "w") as log:
+        for step in steps:
+            left = end - time.monotonic() - reserve
+            if stop or left < least:
+                outcomes.append(Outcome(step.name, " ".join(step.argv), skipped=stop or f"{max(left, 0):.0f} s of budget left"))
+                continue
+            outcome = run_step(step, min(step.limit, left), log)
+            outcomes.append(outcome)
+            print(f"{step.name:>18}: {_verdict(outcome)} in {outcome.seconds:.0f} s", file=sys.stderr, flush=True)
+            if step.required and outcome.rc != 0:
+                stop = f"{step.name} failed"
+    (out / "summary.json").write_text(json.dumps([asdict(o) for o in outcomes], indent=2) + "\n")
+    return outcomes
+
+
+def _verdict(outcome: Outcome) -> str:
+    if outcome.skipped:
+        return f"skipped ({outcome.skipped})"
+    if outcome.timed_out:
+        return "CUT OFF"
+    return "ok" if outcome.rc == 0 else f"FAILED (exit {outcome.rc})"
+
+
+def pack(results: Path, archive: Path, root: Path = REPO) -> None:
+    """``results`` (a folder under ``root``) as a gzipped tar with paths relative to ``root``."""
+    with tarfile.open(archive, "w:gz") as tar:
+        if results.exists():
+            tar.add(results, arcname=str(results.relative_to(root)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plan", choices=["check", "measure", "all"], default="check")
+    parser.add_argument("--out", type=Path, required=True, help="folder for session.log, summary.json, results.tar.gz")
+    parser.add_argument("--budget", type=float, default=560.0, help="seconds for every step together")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+    machine = machine_name()
+    outcomes = run_plan(plans(machine)[args.plan], args.out, args.budget)
+    pack(REPO / "bench" / "results" / machine, args.out / "results.tar.gz")
+    print("\n".join(f"{o.name:>18}: {_verdict(o)}" + "".join(f"\n{'':>20}{line}" for line in o.tail[-3:]) for o in outcomes))
+    return 0 if all(o.rc == 0 for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
