@@ -241,6 +241,63 @@ def test_a_silent_or_late_peer_is_named_not_waited_for_forever(pattern, delay, m
     assert elapsed < 30
 
 
+def unchecked_late_peer(group):
+    """check=False on a GPU: rank 0's call returns at once, its streams waiting on rank 1, which
+    calls only after the deadline. The watchdog names what rank 0 waits on; rank 1's call releases
+    rank 0's streams; rank 0's operator stays failed."""
+    w = group.world_size
+    op = FusedMatmulReduceScatter(group, ROWS, N, torch.float32, check=False)
+    x, weight = rand(group.rank, (w * ROWS, K)).cuda(), rand(9, (N, K)).cuda()
+    op(x, weight)  # together: the first call of a shape tunes, then meets at a barrier
+    torch.cuda.current_stream().synchronize()
+    group.barrier()
+    if group.rank == 1:
+        time.sleep(group.timeout + 3)
+        op(x, weight)
+        torch.cuda.current_stream().synchronize()
+        return None
+    start = time.monotonic()
+    op(x, weight)
+    returned = time.monotonic() - start
+    while op.late is None and time.monotonic() - start < 30:
+        time.sleep(0.05)
+    reported, late = time.monotonic() - start, op.late
+    torch.cuda.current_stream().synchronize()  # released by rank 1's call
+    with pytest.raises(TimeoutError) as raised:
+        op(x, weight)
+    return returned, reported, late, str(raised.value)
+
+
+@pytest.mark.gpu
+def test_an_unchecked_call_whose_peer_is_late_is_named_by_the_watchdog():
+    returned, reported, late, raised = spawn(unchecked_late_peer, 2, "local", device="cuda", timeout=2.0)[0]
+    assert returned < 1.0 and 2.0 <= reported < 10
+    assert re.search(r"rank 0: GEMM\+RS epoch 2 did not finish within 2(\.0)? s; behind: rank 1 flag 0 is \d+, needs \d+", late), late
+    assert late.endswith("(a call made with check=False, reported by the watchdog)") and raised == late
+
+
+def reported_late(group):
+    with FusedMatmulReduceScatter(group, ROWS, N, torch.float32, check=False) as op:
+        x, weight = rand(0, (ROWS, K)), rand(1, (N, K))
+        op(x, weight)
+        op._report_late([(0, 0, 1)], epoch=10**6)  # what the watchdog calls for a GPU call past its deadline
+        first = op.late
+        op._report_late([(0, 0, 1)], epoch=7)  # later late calls wait behind the first: not reported again
+        assert op.late == first
+        for call in (lambda: op(x, weight), op.check):
+            with pytest.raises(TimeoutError) as raised:
+                call()
+            assert str(raised.value) == first
+        return first
+
+
+@CPU
+def test_a_late_call_stays_recorded_and_every_later_call_raises_it():
+    text = spawn(reported_late, 1, "local", timeout=5.0)[0]
+    assert re.fullmatch(r"rank 0: GEMM\+RS epoch 1000000 did not finish within 5(\.0)? s; behind: rank 0 flag 0 is \d+, needs 1000000 "
+                        r"\(a call made with check=False, reported by the watchdog\)", text), text
+
+
 def test_fused_says_why_it_cannot_run_or_be_timed():
     class FakeDist:  # what fused_unavailable reads off a DistGroup, on the device Triton runs on here
         world_size, rank, device = 4, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -43,6 +43,7 @@ from interlace.ops.gemm import (
 )  # fmt: skip
 
 from .lane import SideLane
+from .watchdog import WATCHDOG, log
 
 
 class _Fused:
@@ -57,6 +58,7 @@ class _Fused:
         self.buffer = None if nbytes is None else SymmetricBuffer.allocate(group, nbytes, flags)
         self.own_flags = torch.zeros(flags, dtype=torch.int32, device=group.device) if nbytes is None else None
         self.epoch, self.check_calls, self.name, self.graph_safe = 0, check, name, graph_safe
+        self.late: str | None = None  # a call the watchdog found past its deadline (check=False)
         self.epoch_now = torch.zeros(1, dtype=torch.int32, device=group.device)
         self.status = torch.zeros(4, dtype=torch.int32, device=group.device)  # a wait that gave up: see check()
         self.max_spins = max_spins if max_spins is not None else DEFAULT_MAX_SPINS
@@ -87,8 +89,10 @@ class _Fused:
         return self.own_flags if self.buffer is None else self.buffer.flags(rank)
 
     def check(self) -> None:
-        """Raise ``TimeoutError`` if a wait of this operator gave up (synchronises). A failure stays
-        recorded: the operator's ranks no longer agree on epochs, so every later call fails too."""
+        """Raise ``TimeoutError`` if a wait of this operator gave up, or a call was late (synchronises).
+        A failure stays recorded: the operator's ranks no longer agree on epochs, so every later
+        call fails too."""
+        self._raise_late()
         failed, where, value, observed = self.status.tolist()
         who = f"rank {self.rank}: {self.name}"
         if failed == GEMM_WAIT_FAILED:
@@ -101,6 +105,7 @@ class _Fused:
     def _begin(self, x: torch.Tensor | None = None, w: torch.Tensor | None = None, **plan: int) -> tuple[bool, Plan | None]:
         """Start a call on the caller's stream: whether it is being captured in a CUDA graph, and
         the plan of the GEMM of ``x`` and ``w`` (made first: tuning counts against no deadline)."""
+        self._raise_late()
         capturing = self.group.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         self.graph_safe |= capturing
         chosen = self._plan(x, w, capturing=capturing, **plan) if x is not None else None
@@ -114,21 +119,37 @@ class _Fused:
         return EpochValue(self.epoch_now, scale, offset) if self.graph_safe else self.epoch * scale + offset
 
     def _finish(self, awaited: list[tuple[int, int, int]], capturing: bool) -> None:
-        """With ``check``, eagerly: block the host until this call's work is done (a GPU's stream waits
-        have no deadline of their own), or raise naming every awaited (rank, flag, scale) still below
-        ``scale * epoch``; then raise what ``status`` records."""
-        if capturing or not self.check_calls:
+        """Eagerly on a GPU, where stream waits have no deadline of their own: with ``check``, block
+        the host until this call's work is done, or raise naming every awaited (rank, flag, scale)
+        still below ``scale * epoch``, then raise what ``status`` records; without, have the
+        watchdog say the same if the work is not done by the deadline (the next call raises it)."""
+        if capturing:
             return
-        if self.group.device.type == "cuda":
-            done = torch.cuda.current_stream(self.group.device).record_event()
-            while not done.query():
-                if time.monotonic() > self.lane.deadline:
-                    raise TimeoutError(self._behind(awaited))
-                time.sleep(1e-4)
+        gpu, epoch = self.group.device.type == "cuda", self.epoch
+        done = torch.cuda.current_stream(self.group.device).record_event() if gpu else None
+        if not self.check_calls:
+            if gpu:
+                WATCHDOG.watch(done.query, self.lane.deadline, lambda: self._report_late(awaited, epoch))
+            return
+        while gpu and not done.query():
+            if time.monotonic() > self.lane.deadline:
+                raise TimeoutError(self._behind(awaited, epoch))
+            time.sleep(1e-4)
         self.check()
 
-    def _behind(self, awaited: list[tuple[int, int, int]]) -> str:
-        epoch = signals.read(self.epoch_now, 0) if self.graph_safe else self.epoch
+    def _report_late(self, awaited: list[tuple[int, int, int]], epoch: int) -> None:
+        """(The watchdog's thread) log and record the first late call; later ones wait behind it."""
+        if self.late is None:
+            self.late = self._behind(awaited, epoch) + " (a call made with check=False, reported by the watchdog)"
+            log.error(self.late)
+
+    def _raise_late(self) -> None:
+        if self.late is not None:
+            raise TimeoutError(self.late)
+
+    def _behind(self, awaited: list[tuple[int, int, int]], epoch: int) -> str:
+        """What call ``epoch`` (host-side; graph-safe operators read the device's) waits for."""
+        epoch = signals.read(self.epoch_now, 0) if self.graph_safe else epoch
         seen = [(q, i, signals.read(self._flags(q), i), signals.wrap(epoch * s)) for q, i, s in awaited]  # one read each
         behind = [f"rank {q} flag {i} is {value}, needs {target}" for q, i, value, target in seen if signals.wrap(value - target) < 0]
         return (f"rank {self.rank}: {self.name} epoch {epoch} did not finish within {self.lane.timeout} s; "
