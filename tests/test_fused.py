@@ -183,6 +183,30 @@ def test_fused_all_reduce_residual_norm_gives_every_rank_the_same_bits(transport
         assert all(torch.equal(a, b) and torch.equal(ha, hb) for (a, ha), (b, hb) in zip(outs, per_rank[0]))
 
 
+def bf16_norm(group, seed):
+    """bf16 on a GPU: the new residual is the fp32 sum in rank order, rounded once; the output is
+    what an RMSNorm module computes from it, rounding where Hugging Face's does."""
+    w, hidden, rows = group.world_size, 4096, 4
+    parts = [rand(seed + q, (rows, hidden)).cuda().bfloat16() for q in range(w)]
+    residual, weight = (3 * rand(seed + 50, (rows, hidden))).cuda().bfloat16(), rand(seed + 51, (hidden,)).cuda().bfloat16()
+    with FusedAllReduceResidualNorm(group, rows, hidden, torch.bfloat16, 1e-6) as op:
+        out, h = op(residual, weight, parts[group.rank])
+    acc = parts[0].float()
+    for p in parts[1:]:
+        acc = acc + p.float()
+    assert torch.equal(h, (acc + residual.float()).bfloat16())
+    h32 = h.float()
+    expected = weight * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
+    diff, ulp = (out.float() - expected.float()).abs(), expected.float().abs() * 2.0**-7
+    assert bool((diff <= ulp).all()) and (diff == 0).float().mean().item() > 0.99
+    return True
+
+
+@pytest.mark.gpu  # the Triton interpreter truncates fp32 -> bf16 where a GPU rounds to nearest
+def test_fused_residual_norm_rounds_bf16_as_the_unfused_norm_does(seed):
+    assert spawn(bf16_norm, 2, "local", device="cuda", timeout=120, args=(seed,)) == [True, True]
+
+
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=CPU), pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_epoch_flag_kernels_write_and_wait_at_the_device_epoch(device, seed):
     g = torch.Generator().manual_seed(seed)

@@ -88,6 +88,56 @@ def test_reference_model_fused(sequence_parallel, seed):
     assert spawn(tp_body, 2, "local", timeout=120, args=(ref, sequence_parallel, "fused", seed)) == [True, True]
 
 
+def epilogue_body(group, ref, seed):
+    """overlap='fused' without sequence parallelism: every decoder layer fuses decode's attention
+    all-reduce, residual add and RMSNorm; prefill (2 x 7 rows) and decode (2 rows) both use it."""
+    assert tp_body(group, ref, False, "fused", seed)
+    model = parallelize(copy.deepcopy(ref), group, overlap="fused")
+    assert {layer.fused_epilogue for layer in model.model.layers} == {"on: calls of at most 16 token rows without autograd"}
+    return sorted(key[1] for key in group.__dict__["_fused_workspaces"] if key[0] == "ar_norm")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("make", [hf_model, reference_model], ids=["hugging-face", "reference"])
+def test_decoder_layers_fuse_the_decode_epilogue(make, seed):
+    assert spawn(epilogue_body, 2, "local", timeout=120, args=(make(seed), seed)) == [[2, 14]] * 2
+
+
+class OnePlusRMSNorm(nn.Module):
+    """Gemma's norm: ``x * rsqrt(mean(x^2) + eps) * (1 + weight)``, not the one the kernel computes."""
+
+    def __init__(self, hidden, eps=1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.randn(hidden) * 0.1), eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight)
+
+
+def unfusable_body(group, ref, seed):
+    model = parallelize(copy.deepcopy(ref), group, overlap="fused")
+    ids = torch.randint(0, 256, (2, 3), generator=torch.Generator().manual_seed(seed))
+    with torch.enable_grad():  # autograd on: no layer fuses its epilogue
+        grad_logits = logits_of(model, ids)
+    assert not any(key[0] == "ar_norm" for key in group.__dict__.get("_fused_workspaces", {}))
+    with torch.no_grad():
+        exact = logits_of(copy.deepcopy(ref).double(), ids)
+        assert_no_worse(logits_of(model, ids), logits_of(ref, ids), exact, "no-grad")
+        assert_no_worse(grad_logits.detach(), logits_of(ref, ids), exact, "with autograd")
+    return [layer.fused_epilogue for layer in model.model.layers]
+
+
+@pytest.mark.interpreter
+def test_layers_that_cannot_fuse_the_epilogue_say_why_and_stay_exact(seed):
+    ref = reference_model(seed, num_hidden_layers=3)
+    ref.model.layers[1].post_attention_layernorm = OnePlusRMSNorm(64)
+    ref.model.layers[2].self_attn.o_proj = nn.Linear(64, 64, bias=True)
+    states = spawn(unfusable_body, 2, "local", timeout=120, args=(ref, seed))[0]
+    assert states == ["on: calls of at most 16 token rows without autograd",
+                      "off: post_attention_layernorm (OnePlusRMSNorm) does not compute weight * x * rsqrt(mean(x^2) + eps)",
+                      "off: self_attn.o_proj is not a RowParallelLinear without bias that all-reduces"]  # fmt: skip
+
+
 def tied_body(group, ref, seed):
     model = parallelize(copy.deepcopy(ref), group)
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -187,3 +237,5 @@ def test_overlap_config_is_validated():
         OverlapConfig(strategy="ring")
     with pytest.raises(ValueError, match="chunks must be a positive int, got 0"):
         OverlapConfig(strategy="chunked", chunks=0)
+    with pytest.raises(ValueError, match="norm_rows must be a non-negative int, got -1"):
+        OverlapConfig(strategy="fused", norm_rows=-1)

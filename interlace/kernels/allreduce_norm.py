@@ -3,6 +3,8 @@
 Each program takes one row: it reads every rank's partial row from symmetric memory (``p0`` ..
 ``p7``, the first ``WORLD`` used), sums them in rank order in fp32 (so every rank computes the same
 bits), adds the residual, writes the new residual, and writes ``RMSNorm(new residual) * weight``.
+It rounds where Hugging Face's and interlace.models' RMSNorm do after a residual add: the new
+residual to the output dtype before it is normalised, and the normalised row before the weight.
 Peers are separate typed pointer arguments, summed by an unrolled chain guarded by the constexpr
 ``WORLD``: a loop would need pointers loaded from memory, untyped, for one add per peer.
 """
@@ -45,9 +47,12 @@ def allreduce_residual_rmsnorm_kernel(
     if WORLD > 7:
         acc += _row(p7, row, stride_p, cols, mask)
     acc += _row(residual_ptr, row, stride_r, cols, mask)
-    tl.store(new_residual_ptr + row * stride_r + cols, acc.to(new_residual_ptr.dtype.element_ty), mask=mask)
-    var = tl.sum(acc * acc, axis=0) / hidden
-    normed = acc * (1.0 / tl.sqrt(var + eps)) * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    h = acc.to(new_residual_ptr.dtype.element_ty)
+    tl.store(new_residual_ptr + row * stride_r + cols, h, mask=mask)
+    h = h.to(tl.float32)
+    var = tl.sum(h * h, axis=0) / hidden
+    normed = (h * (1.0 / tl.sqrt(var + eps))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    normed = normed * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, normed.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -10,6 +10,7 @@ layer all-reduces. ``overlap`` picks how each collective meets its GEMM (Overlap
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -121,9 +122,21 @@ class RowParallelLinear(_ParallelLinear):
                 layer.bias.copy_(linear.bias)
         return layer
 
+    @contextlib.contextmanager
+    def returning_partial(self):
+        """Within it, forward returns this rank's partial product ``x_shard_k @ weight.T``, neither
+        reduced nor biased: the caller reduces it (a decoder layer's fused epilogue, decoder.py)."""
+        self._partial = True
+        try:
+            yield
+        finally:
+            self._partial = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.weight.shape[1]
         self._check_width(x, k, f"in_features/world_size ({self.in_features}/{self.group.world_size})")
+        if getattr(self, "_partial", False):
+            return F.linear(x, self.weight)
         if self.sequence_parallel:
             y = tp.matmul_reduce_scatter(pad_rows(x.reshape(-1, k), self.group.world_size), self.weight, self.group, self.overlap)
         else:

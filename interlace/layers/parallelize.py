@@ -7,6 +7,7 @@ from torch import nn
 from interlace.engine.comm import Group
 from interlace.engine.overlap import OverlapConfig, as_config
 
+from .decoder import fuse_epilogue
 from .embedding import ParallelLMHead, VocabParallelEmbedding
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .mlp import ParallelMLP
@@ -32,7 +33,10 @@ def parallelize(
     parallel, logits gathered). Query heads are split over ranks; key/value heads are split when
     their count is divisible by the world size and replicated when the world size is a multiple
     of it. ``sequence_parallel`` shards the token stream between blocks (see
-    sequence_parallel.py); ``overlap`` picks bulk or chunked collective/GEMM overlap for every layer.
+    sequence_parallel.py); ``overlap`` picks how every layer overlaps its collective with its GEMM.
+    With ``"fused"`` (and no sequence parallelism), decoder layers also fuse decode's attention
+    all-reduce with the residual add and RMSNorm where they can (decoder.py; each layer's
+    ``fused_epilogue`` says whether and why).
 
     Every module with parameters must be one of those, a norm, or named in ``replicate`` (kept
     whole on every rank, deliberately): anything else raises before the model is touched.
@@ -47,6 +51,8 @@ def parallelize(
     for layer, attn, (q_heads, kv_shards, kv_index) in zip(body.layers, attentions, heads):
         _convert_attention(attn, group, q_heads, kv_shards, kv_index, **kw)
         layer.mlp = ParallelMLP.from_mlp(layer.mlp, group, **kw)
+        if config.strategy == "fused" and config.norm_rows and not sequence_parallel:
+            fuse_epilogue(layer, group, config)
     _convert_ends(model, body, group, config)
     if sequence_parallel:
         _add_sequence_parallel(body, attentions, group)

@@ -23,6 +23,12 @@ class OverlapConfig:
     """Pieces per call for ``"chunked"`` GEMM+RS and GEMM+AR (fewer when there are fewer rows).
     AG+GEMM always uses one chunk per rank, passed around a ring (see collective_matmul.py)."""
 
+    norm_rows: int = 16
+    """``"fused"`` in ``parallelize()``d decoder layers: a call of at most this many token rows
+    (decode), without autograd, all-reduces the attention output projection, adds the residual and
+    applies the post-attention RMSNorm in ONE kernel (``FusedAllReduceResidualNorm``); 0: never.
+    16 is a starting point, not yet measured."""
+
     check: bool = True
     """``"fused"`` on a GPU: block the host after each call until it finished, raising with the
     lagging peers named past the group's deadline (stream waits have none of their own). Turn off
@@ -33,6 +39,8 @@ class OverlapConfig:
             raise ValueError(f"OverlapConfig.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if not isinstance(self.chunks, int) or self.chunks < 1:
             raise ValueError(f"OverlapConfig.chunks must be a positive int, got {self.chunks!r}")
+        if not isinstance(self.norm_rows, int) or self.norm_rows < 0:
+            raise ValueError(f"OverlapConfig.norm_rows must be a non-negative int, got {self.norm_rows!r}")
 
 
 def bulk() -> OverlapConfig:

@@ -376,7 +376,7 @@ class FusedAllReduceResidualNorm(_Fused):
     """Decode's row-parallel epilogue: ``h = residual + all_reduce(partial)``, ``out = RMSNorm(h) * weight``.
     Returns ``(out, h)``; every rank gets the same bits."""
 
-    def __init__(self, group: Group, rows: int, hidden: int, dtype: torch.dtype, *, eps: float = 1e-5, check: bool = True,
+    def __init__(self, group: Group, rows: int, hidden: int, dtype: torch.dtype, eps: float = 1e-5, *, check: bool = True,
                  graph_safe: bool = False):  # fmt: skip
         if group.world_size > allreduce_norm.MAX_WORLD:
             raise ValueError(f"rank {group.rank}: the fused all-reduce reads at most {allreduce_norm.MAX_WORLD} peers, "
@@ -417,7 +417,8 @@ class FusedAllReduceResidualNorm(_Fused):
         return out, h
 
 
-_SHARED = {"ag_gemm": FusedAllGatherMatmul, "gemm_rs": FusedMatmulReduceScatter, "gemm_ar": FusedMatmulAllReduce}
+_SHARED = {"ag_gemm": FusedAllGatherMatmul, "gemm_rs": FusedMatmulReduceScatter, "gemm_ar": FusedMatmulAllReduce,
+           "ar_norm": FusedAllReduceResidualNorm}  # fmt: skip
 _UNSHARED = {"gemm_ar": FusedMatmulGroupAllReduce}  # what runs where ranks share no memory
 
 
@@ -460,6 +461,8 @@ def fused_unavailable(group: Group, pattern: str, *, timing: bool = False) -> st
                 "(TRITON_INTERPRET=1, set before Triton is imported, runs them on CPU, for tests)")  # fmt: skip
     if timing and INTERPRETING:
         return "under the Triton interpreter a timing measures Python, not a kernel"
+    if pattern == "ar_norm" and group.world_size > allreduce_norm.MAX_WORLD:
+        return f"the fused all-reduce + RMSNorm reads at most {allreduce_norm.MAX_WORLD} ranks, the group has {group.world_size}"
     reason = _no_shared_memory(group)
     return None if reason is None or pattern in _UNSHARED else f"fused {pattern} needs memory shared by every rank: {reason}"
 
