@@ -97,6 +97,7 @@ def _all_gather(shape: dict, regime: str, world: int, dtype: torch.dtype, status
     rows = [gathered[q * n : (q + 1) * n] for q in range(world)]
     chunks = [(rows[q + 1], peers[q]) for q in range(world - 1)]
     flags, epochs = torch.zeros(world, dtype=torch.int32, device="cuda"), itertools.count(1)
+    epoch = torch.zeros(1, dtype=torch.int32, device="cuda")  # a tensor: an int would be filled into one inside the timing
     plan = plan_for(gathered, w)
     waiting_plan = leave_sms(plan, gathered.device, 1)  # as the library's AG+GEMM: an SM for the copies it waits on
 
@@ -127,12 +128,13 @@ def _all_gather(shape: dict, regime: str, world: int, dtype: torch.dtype, status
 
     def fused(start=None, end=None):
         e = next(epochs)
+        epoch.fill_(e)
         rows[0].copy_(own)
         signals.write(flags, 0, e)
         copy.wait_stream(cur)
         signals.copy_chunks(chunks, flags, list(range(1, world)), e, stream=copy)
-        y = _between(start, end, lambda: gemm(gathered, w, wait=WaitHook(flags, e, n), start_chunk=0, plan=waiting_plan, check=False,
-                                              status=status))  # fmt: skip
+        y = _between(start, end, lambda: gemm(gathered, w, wait=WaitHook(flags, epoch, n), start_chunk=0, plan=waiting_plan,
+                                              check=False, status=status))  # fmt: skip
         cur.wait_stream(copy)
         return y
 

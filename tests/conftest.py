@@ -10,14 +10,19 @@ import os
 import random
 
 import pytest
-import torch
+
+# LocalGroup on one GPU runs a compute stream and a lane per rank: with CUDA's default 8 hardware
+# queues they would alias, and a stream wait could block unrelated work. Set before CUDA starts
+# (torch.cuda.is_available() initialises the driver).
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+
+import torch  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# LocalGroup on one GPU runs a compute stream and a lane per rank: with CUDA's default 8 hardware
-# queues they would alias, and a stream wait could block unrelated work. Set before CUDA starts.
-os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+# Tests check results, not speed: two GEMM candidates to compile per shape instead of eight.
+os.environ.setdefault("INTERLACE_TUNE", "quick")
 
 
 def pytest_collection_modifyitems(config, items):

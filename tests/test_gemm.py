@@ -5,6 +5,7 @@ widened by 1.13 (the largest slope of SiLU and GELU) for activations; bf16 and f
 fp32 under the interpreter only (its bf16 arithmetic is wrong), never on a GPU.
 """
 
+import functools
 import threading
 import time
 
@@ -12,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from interlace.engine.comm import signals
+from interlace.engine.device import new_stream
 from interlace.ops.gemm import SignalHook, WaitHook, chunk_outputs, gemm, plan_for
 from reference import assert_within, matmul_tolerance
 
@@ -164,26 +167,24 @@ def test_wait_with_flags_set_beforehand(seed):
 
 
 def host_write(t, index, value):
-    """Set t[index] while a kernel runs. On a GPU through a side stream's copy engine: the current
-    stream is busy with the spinning GEMM, and a plain setitem would queue behind it."""
+    """Set flag t[index] while a kernel runs. On a GPU a stream write from the extension's own
+    non-blocking stream: the current stream is busy with the spinning GEMM, and a setitem or a
+    pinned allocation (an implicitly synchronising call) would queue behind it."""
     if t.device.type != "cuda":
         t[index] = value
         return
-    side = torch.cuda.Stream(t.device)
-    with torch.cuda.stream(side):
-        t[index : index + 1].copy_(torch.tensor([value], dtype=t.dtype).pin_memory(), non_blocking=True)
-    side.synchronize()
+    signals.write(t, index, value, side_stream(t.device))
+    side_stream(t.device).synchronize()
 
 
 def host_read(t, index):
-    """t[index] while a kernel runs (see host_write)."""
-    if t.device.type != "cuda":
-        return t[index].item()
-    side, out = torch.cuda.Stream(t.device), torch.empty(1, dtype=t.dtype).pin_memory()
-    with torch.cuda.stream(side):
-        out.copy_(t[index : index + 1], non_blocking=True)
-    side.synchronize()
-    return out.item()
+    """Flag t[index] while a kernel runs (the extension's private stream; see host_write)."""
+    return t[index].item() if t.device.type != "cuda" else signals.read(t, index)
+
+
+@functools.lru_cache(maxsize=None)
+def side_stream(device):
+    return new_stream(device)
 
 
 def test_wait_for_a_flag_raised_by_a_host_thread_during_the_run(seed):
@@ -262,3 +263,17 @@ def test_bad_arguments_are_named(call, error, message):
     x, w = operands(0, 4, 6, 8, torch.float32)
     with pytest.raises(error, match=message):
         call(x, w)
+
+
+def test_quick_tuning_is_two_of_the_full_candidates_and_bad_modes_are_named(monkeypatch):
+    from interlace.kernels import gemm as kernels
+    from interlace.ops import gemm as ops
+
+    full, quick = kernels.configs(False), kernels.configs(False, quick=True)
+    assert len(quick) == 2 and all(str(c) in {str(f) for f in full} for c in quick)
+    for mode, expected in (("quick", True), ("full", False)):
+        monkeypatch.setenv("INTERLACE_TUNE", mode)
+        assert ops._quick_tuning() is expected
+    monkeypatch.setenv("INTERLACE_TUNE", "fast")
+    with pytest.raises(ValueError, match="INTERLACE_TUNE must be 'full' or 'quick', got 'fast'"):
+        ops._quick_tuning()

@@ -87,27 +87,34 @@ def test_cpu_only_build_offers_the_same_api(tmp_path):
 # --- buffers shared both ways ----------------------------------------------------------------------
 
 
-def share_both_ways(group, device):
+def device_barrier(group):
+    """A host barrier after this rank's queued GPU writes have landed, so peers read them."""
+    if group.device.type == "cuda":
+        torch.cuda.synchronize()
+    group.barrier()
+
+
+def share_both_ways(group):
     w, r = group.world_size, group.rank
     with SymmetricBuffer.allocate(group, 64 * 4, 2 * w) as buf:
         assert torch.equal(buf.flags(r), torch.zeros(2 * w, dtype=torch.int32, device=buf.device))
-        buf.peer(r, torch.float32)[:8] = float(r)  # write my own
+        buf.peer(r, torch.float32)[:8] = float(r + 1)  # write my own (never 0: the buffer starts zeroed)
         for q in range(w):  # and a slot in every peer's: slot 8 + r
             buf.peer(q, torch.float32)[8 + r] = 100.0 + r
-        group.barrier()
+        device_barrier(group)
         for q in range(w):
             signals.write(buf.flags(q), w + r, 1)  # raise my flag in every peer's pad
         signals.host_wait(buf.flags(r), 2 * w - 1, 1, 10.0, rank=r)  # the last rank's flag in my pad
-        group.barrier()
+        device_barrier(group)
         mine = buf.peer(r, torch.float32)
         seen = [buf.peer(q, torch.float32)[:8].tolist() for q in range(w)]
-        return seen == [[float(q)] * 8 for q in range(w)] and mine[8 : 8 + w].tolist() == [100.0 + q for q in range(w)] \
+        return seen == [[float(q + 1)] * 8 for q in range(w)] and mine[8 : 8 + w].tolist() == [100.0 + q for q in range(w)] \
             and buf.flags(r)[w:].tolist() == [1] * w  # fmt: skip
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_buffers_are_shared_both_ways_between_processes(world_size):
-    assert spawn(share_both_ways, world_size, "gloo", timeout=30, args=("cpu",)) == [True] * world_size
+    assert spawn(share_both_ways, world_size, "gloo", timeout=30) == [True] * world_size
 
 
 def flags_and_timeouts(group):
@@ -211,7 +218,7 @@ def test_a_rank_killed_mid_run_leaves_nothing_in_dev_shm():
 
 def gpu_ipc(group):
     """Processes sharing one GPU read and write each other's buffers through CUDA IPC."""
-    return share_both_ways(group, "cuda")
+    return share_both_ways(group)
 
 
 @pytest.mark.gpu
@@ -274,7 +281,8 @@ def test_copy_engine_chunks_raise_their_flags_in_order():
     srcs = [torch.full((1 << 18,), float(i), device="cuda") for i in range(4)]
     dst = torch.empty(4, 1 << 18, device="cuda")
     flags = torch.zeros(4, dtype=torch.int32, device="cuda")
-    stream = torch.cuda.Stream()
+    stream = new_stream(torch.device("cuda"))
+    stream.wait_stream(torch.cuda.current_stream())  # the sources' fills first
     signals.copy_chunks([(dst[i], srcs[i]) for i in range(4)], flags, [0, 1, 2, 3], value=2, stream=stream)
     for i in range(4):
         signals.host_wait(flags, i, 2, 10.0)

@@ -59,7 +59,8 @@ class Outcome:
 
 def plans(results: str) -> dict[str, list[Step]]:
     """Named step lists; ``results`` is the folder (under bench/results) for this machine's JSON."""
-    setup = [Step("setup", ["make", "PYTHON=python3", ".venv/.interlace-installed"], 300, required=True),
+    # INTERLACE_CUDA=ON: a build that finds no nvcc fails here, instead of a CPU-only extension failing every test later
+    setup = [Step("setup", ["env", "INTERLACE_CUDA=ON", "make", "PYTHON=python3", ".venv/.interlace-installed"], 300, required=True),
              Step("env", [PY, "-m", "interlace", "env"], 60)]  # fmt: skip
     tests = [
         Step("test-symmetric", [*PYTEST, "--timeout=60", "tests/test_symmetric.py"], 150),  # cheapest first

@@ -196,7 +196,7 @@ def _plan(m: int, n: int, k: int, dtype: torch.dtype, device_type: str, sms: int
         return _PLANS[key]
     with _TUNING:
         if key not in _PLANS:
-            configs = kernel.configs(INTERPRETING)
+            configs = kernel.configs(INTERPRETING, quick=_quick_tuning())
             best = configs[0] if len(configs) == 1 else _autotune(m, n, k, dtype, configs)
             b = best.kwargs
             tiles = triton.cdiv(m, b["BLOCK_M"]) * triton.cdiv(n, b["BLOCK_N"])
@@ -225,6 +225,14 @@ def _autotune(m: int, n: int, k: int, dtype: torch.dtype, configs: list) -> trit
             except triton.runtime.errors.OutOfResources:  # too much shared memory for this GPU
                 continue
     return min(timings, key=timings.get)
+
+
+def _quick_tuning() -> bool:
+    """``INTERLACE_TUNE=quick``: two candidate configs instead of all (the GPU tests set it)."""
+    mode = os.environ.get("INTERLACE_TUNE", "full")
+    if mode not in ("full", "quick"):
+        raise ValueError(f"INTERLACE_TUNE must be 'full' or 'quick', got {mode!r}")
+    return mode == "quick"
 
 
 @functools.lru_cache(maxsize=None)

@@ -253,14 +253,17 @@ def run_threads(
     On a GPU each rank thread runs on a stream of its own. If a rank raises, waiting peers fail
     at once (:class:`PeerFailedError`) and the first root-cause exception is re-raised here.
     """
-    hub = _Hub(world_size, torch.device(device), timeout)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # torch.cuda.set_device needs an index
+        device = torch.device("cuda", torch.cuda.current_device())
+    hub = _Hub(world_size, device, timeout)
     results: list[Any] = [None] * world_size
     failures: list[tuple[int, BaseException]] = []
     lock = threading.Lock()
 
     def rank_main(rank: int) -> None:
         try:
-            with _rank_stream(hub.device):
+            with _rank_stream(hub.device, rank, timeout):
                 results[rank] = fn(LocalGroup(hub, rank), *args)
         except BaseException as error:
             with lock:
@@ -284,7 +287,9 @@ def run_threads(
 
 
 @contextlib.contextmanager
-def _rank_stream(device: torch.device) -> Iterator[None]:
+def _rank_stream(device: torch.device, rank: int, timeout: float) -> Iterator[None]:
+    """On a GPU: the rank's own stream, drained when the rank's function ends, for at most
+    ``timeout`` seconds (a stream wait on a peer that never comes has no deadline of its own)."""
     if device.type != "cuda":
         yield
         return
@@ -294,4 +299,9 @@ def _rank_stream(device: torch.device) -> Iterator[None]:
         with torch.cuda.stream(stream):
             yield
     finally:
-        stream.synchronize()
+        done, end = stream.record_event(), time.monotonic() + timeout
+        while not done.query() and time.monotonic() < end:
+            time.sleep(1e-3)
+    if not done.query():  # only after a function that returned: an error on the way out stays the error
+        raise TimeoutError(f"rank {rank}: its GPU stream had not finished {timeout} s after its function returned "
+                           "(work queued behind a stream wait on a peer that never raised its flag?)")  # fmt: skip
