@@ -166,6 +166,11 @@ uintptr_t stream_create(int device) {
   return reinterpret_cast<uintptr_t>(s);
 }
 
+void relax_capture_mode() {
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  check(cudaThreadExchangeStreamCaptureMode(&mode), "setting this thread's capture mode to relaxed");
+}
+
 int32_t device_load(uintptr_t address, int device) {
   DeviceGuard guard(device);
   cudaStream_t s = private_stream(device);

@@ -35,5 +35,9 @@ uintptr_t stream_create(int device);
 // Read one int32 of device memory through a private non-blocking stream (a copy engine), so a
 // host can watch a flag while kernels hold the device's other streams.
 int32_t device_load(uintptr_t address, int device);
+// Let the calling thread make CUDA calls (event queries, flag reads) while another thread
+// captures a CUDA graph in the default global mode, without invalidating that capture
+// (cudaThreadExchangeStreamCaptureMode to relaxed, for this thread only).
+void relax_capture_mode();
 
 }  // namespace interlace

@@ -116,4 +116,5 @@ PYBIND11_MODULE(_C, m) {
         py::arg("nbytes"), py::arg("flags"), py::arg("values"));
   m.def("stream_create", &stream_create, py::arg("device"));
   m.def("device_load", &device_load, py::arg("address"), py::arg("device"), py::call_guard<py::gil_scoped_release>());
+  m.def("relax_capture_mode", &relax_capture_mode);
 }

@@ -135,7 +135,28 @@ def test_layers_that_cannot_fuse_the_epilogue_say_why_and_stay_exact(seed):
     states = spawn(unfusable_body, 2, "local", timeout=120, args=(ref, seed))[0]
     assert states == ["on: calls of at most 16 token rows without autograd",
                       "off: post_attention_layernorm (OnePlusRMSNorm) does not compute weight * x * rsqrt(mean(x^2) + eps)",
-                      "off: self_attn.o_proj is not a RowParallelLinear without bias that all-reduces"]  # fmt: skip
+                      "off: self_attn.o_proj is not a linear layer without bias"]  # fmt: skip
+
+
+def checkpointed_body(group, ref, seed):
+    """Calls the fused epilogue does not take (under autograd) go to the layer's own forward:
+    Hugging Face's gradient checkpointing still runs, and no fused all-reduce + norm is made."""
+    model = parallelize(copy.deepcopy(ref), group, overlap="fused")
+    model.gradient_checkpointing_enable()
+    model.train()
+    checkpointed = []
+    for layer in model.model.layers:
+        inner = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda *a, inner=inner, **k: checkpointed.append(1) or inner(*a, **k)
+    ids = torch.randint(0, 128, (2, 3), generator=torch.Generator().manual_seed(seed))
+    model(ids).logits.sum().backward()
+    made = [key for key in group.__dict__.get("_fused_workspaces", {}) if key[0] == "ar_norm"]
+    return len(checkpointed), made
+
+
+@pytest.mark.interpreter
+def test_calls_the_epilogue_does_not_take_keep_the_layers_own_forward(seed):
+    assert spawn(checkpointed_body, 2, "local", timeout=120, args=(hf_model(seed), seed)) == [(2, [])] * 2
 
 
 def tied_body(group, ref, seed):

@@ -1,4 +1,5 @@
-"""The watchdog: a call still running past its deadline is reported once; finished calls are forgotten."""
+"""The watchdog: a call still running past its deadline is reported once; finished calls are
+forgotten; the thread runs only while calls are pending and survives what it cannot read."""
 
 import logging
 import threading
@@ -18,8 +19,8 @@ def test_a_late_call_is_reported_once_after_its_deadline_and_a_timely_one_never(
     dog, reports = Watchdog(poll=0.01), []
     timely, late = threading.Event(), threading.Event()
     start = time.monotonic()
-    dog.watch(timely.is_set, start + 0.3, lambda: reports.append(("timely", time.monotonic() - start)))
-    dog.watch(late.is_set, start + 0.5, lambda: reports.append(("late", time.monotonic() - start)))
+    dog.watch("a", timely.is_set, start + 0.3, lambda: reports.append(("timely", time.monotonic() - start)))
+    dog.watch("b", late.is_set, start + 0.5, lambda: reports.append(("late", time.monotonic() - start)))
     time.sleep(0.1)
     timely.set()
     assert wait_until(lambda: reports)
@@ -29,24 +30,44 @@ def test_a_late_call_is_reported_once_after_its_deadline_and_a_timely_one_never(
     late.set()
 
 
-def test_finished_calls_are_forgotten():
+def test_calls_behind_a_late_one_are_not_reported_again_and_other_keys_go_on():
+    dog, reports = Watchdog(poll=0.01), []
+    now = time.monotonic()
+    for i in range(3):  # one operator's calls: the first is late, the others wait behind it
+        dog.watch("op", lambda: False, now + 0.1 * i, lambda i=i: reports.append(("op", i)))
+    other = threading.Event()
+    dog.watch("other", other.is_set, now + 0.6, lambda: reports.append(("other", 0)))
+    assert wait_until(lambda: ("other", 0) in reports)
+    assert reports == [("op", 0), ("other", 0)]
+
+
+def test_finished_calls_are_forgotten_and_the_thread_stops_when_none_is_pending():
     dog, done = Watchdog(poll=0.01), threading.Event()
-    for _ in range(100):
-        dog.watch(done.is_set, time.monotonic() + 60, lambda: None)
+    for i in range(100):
+        dog.watch(i % 3, done.is_set, time.monotonic() + 60, lambda: None)
     assert dog.pending() == 100
     done.set()
-    assert wait_until(lambda: dog.pending() == 0)
+    assert wait_until(lambda: dog.pending() == 0 and dog._thread is None)
+    reports = []
+    dog.watch("again", lambda: False, time.monotonic(), lambda: reports.append(1))  # a new thread
+    assert wait_until(lambda: reports == [1])
 
 
-def test_a_report_that_fails_is_logged_and_the_watchdog_goes_on(caplog):
-    dog, reports = Watchdog(poll=0.01), []
+def test_what_fails_in_the_watchdog_is_logged_and_it_goes_on(caplog):
+    dog, reports = Watchdog(poll=0.01, setup=lambda: 1 / 0), []
 
-    def broken():
+    def broken_report():
         raise RuntimeError("cannot read the flags")
 
+    def broken_query():
+        raise RuntimeError("CUDA error: an illegal memory access")
+
     with caplog.at_level(logging.ERROR, logger="interlace.overlap"):
-        dog.watch(lambda: False, time.monotonic(), broken)
-        assert wait_until(lambda: "reporting a late call failed" in caplog.text)
-        dog.watch(lambda: False, time.monotonic(), lambda: reports.append("second"))
-        assert wait_until(lambda: reports == ["second"])
-    assert "cannot read the flags" in caplog.text
+        dog.watch("a", lambda: False, time.monotonic(), broken_report)
+        dog.watch("b", broken_query, time.monotonic() + 60, lambda: reports.append("b"))
+        assert wait_until(lambda: "reporting a late call failed" in caplog.text and dog.pending() == 0)
+        dog.watch("c", lambda: False, time.monotonic(), lambda: reports.append("c"))
+        assert wait_until(lambda: reports == ["c"])
+    for text in ("setting up the watchdog's thread failed", "ZeroDivisionError", "cannot read the flags",
+                 "cannot tell whether a call finished", "an illegal memory access"):  # fmt: skip
+        assert text in caplog.text, text

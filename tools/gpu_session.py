@@ -83,37 +83,43 @@ def machine_name() -> str:
     """``h100-80gb-hbm3`` from the GPU's name (``cpu`` without one): the results folder."""
     probe = "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
     try:
-        name = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120).stdout.strip()
+        name = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         name = ""
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-")
     return slug or "unknown-machine"
 
 
-def run_step(step: Step, limit: float, log) -> Outcome:
-    """Run ``step`` in its own process group; kill the group at ``limit`` seconds."""
+def run_step(step: Step, limit: float, log_path: Path) -> Outcome:
+    """Run ``step`` in its own process group, its output going straight to ``log_path`` (kept if
+    this script is killed); kill the group at ``limit`` seconds."""
     outcome = Outcome(step.name, " ".join(step.argv))
-    log.write(f"\n===== {step.name}: {outcome.command} (limit {limit:.0f} s)\n")
-    log.flush()
-    start = time.monotonic()
-    proc = subprocess.Popen(step.argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
-    try:
-        output, _ = proc.communicate(timeout=limit)
-    except subprocess.TimeoutExpired:
-        outcome.timed_out = True
-        _kill_group(proc)
-        output, _ = proc.communicate()
-    outcome.rc, outcome.seconds = proc.returncode, round(time.monotonic() - start, 1)
-    log.write(output)
-    if outcome.timed_out:
-        log.write(f"\n===== {step.name}: killed after {limit:.0f} s\n")
-    outcome.tail = output.splitlines()[-8:]
+    with open(log_path, "a") as log:
+        log.write(f"\n===== {step.name}: {outcome.command} (limit {limit:.0f} s)\n")
+        log.flush()
+        begin = log.tell()
+        start = time.monotonic()
+        proc = subprocess.Popen(step.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+        try:
+            proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            outcome.timed_out = True
+            _kill_group(proc)
+        outcome.rc, outcome.seconds = proc.returncode, round(time.monotonic() - start, 1)
+        if outcome.timed_out:
+            log.write(f"\n===== {step.name}: killed after {limit:.0f} s\n")
+    with open(log_path) as log:
+        log.seek(begin)
+        outcome.tail = log.read().splitlines()[-8:]
     return outcome
 
 
+KILL_GRACE = (5, 30)  # seconds after SIGTERM, then after SIGKILL
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
-    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
+    for sig, grace in zip((signal.SIGTERM, signal.SIGKILL), KILL_GRACE):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -125,23 +131,23 @@ def _kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
-def run_plan(steps: list[Step], out: Path, budget: float, reserve: float = 20.0, least: float = LEAST) -> list[Outcome]:
-    """Each step under ``min(its limit, budget left - reserve)``; skipped when less than ``least``
-    seconds are left, or when a required step before it failed. Progress goes to stderr."""
+def run_plan(steps: list[Step], out: Path, budget: float, reserve: float = sum(KILL_GRACE) + 10, least: float = LEAST) -> list[Outcome]:
+    """Each step under ``min(its limit, budget left - reserve)`` (``reserve`` covers killing a step
+    and packing); skipped when less than ``least`` seconds are left, or when a required step
+    before it failed. ``summary.json`` is rewritten after every step. Progress goes to stderr."""
     out.mkdir(parents=True, exist_ok=True)
     end, outcomes, stop = time.monotonic() + budget, [], ""
-    with open(out / "session.log", "w") as log:
-        for step in steps:
-            left = end - time.monotonic() - reserve
-            if stop or left < least:
-                outcomes.append(Outcome(step.name, " ".join(step.argv), skipped=stop or f"{max(left, 0):.0f} s of budget left"))
-                continue
-            outcome = run_step(step, min(step.limit, left), log)
-            outcomes.append(outcome)
-            print(f"{step.name:>18}: {_verdict(outcome)} in {outcome.seconds:.0f} s", file=sys.stderr, flush=True)
-            if step.required and outcome.rc != 0:
+    (out / "session.log").write_text("")
+    for step in steps:
+        left = end - time.monotonic() - reserve
+        if stop or left < least:
+            outcomes.append(Outcome(step.name, " ".join(step.argv), skipped=stop or f"{max(left, 0):.0f} s of budget left"))
+        else:
+            outcomes.append(run_step(step, min(step.limit, left), out / "session.log"))
+            print(f"{step.name:>18}: {_verdict(outcomes[-1])} in {outcomes[-1].seconds:.0f} s", file=sys.stderr, flush=True)
+            if step.required and outcomes[-1].rc != 0:
                 stop = f"{step.name} failed"
-    (out / "summary.json").write_text(json.dumps([asdict(o) for o in outcomes], indent=2) + "\n")
+        (out / "summary.json").write_text(json.dumps([asdict(o) for o in outcomes], indent=2) + "\n")
     return outcomes
 
 
@@ -166,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for session.log, summary.json, results.tar.gz")
     parser.add_argument("--budget", type=float, default=560.0, help="seconds for every step together")
     args = parser.parse_args(argv)
+    started = time.monotonic()
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
     machine = machine_name()
-    outcomes = run_plan(plans(machine)[args.plan], args.out, args.budget)
+    outcomes = run_plan(plans(machine)[args.plan], args.out, args.budget - (time.monotonic() - started))
     pack(REPO / "bench" / "results" / machine, args.out / "results.tar.gz")
     print("\n".join(f"{o.name:>18}: {_verdict(o)}" + "".join(f"\n{'':>20}{line}" for line in o.tail[-3:]) for o in outcomes))
     return 0 if all(o.rc == 0 for o in outcomes) else 1

@@ -7,7 +7,7 @@ from torch import nn
 from interlace.engine.comm import Group
 from interlace.engine.overlap import OverlapConfig, as_config
 
-from .decoder import fuse_epilogue
+from .decoder import epilogue_blocker, fuse_epilogue
 from .embedding import ParallelLMHead, VocabParallelEmbedding
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .mlp import ParallelMLP
@@ -47,12 +47,14 @@ def parallelize(
     attentions = [layer.self_attn for layer in body.layers]
     heads = [_head_split(attn, group) for attn in attentions]  # validates every layer first
     _check_divisible(body, group)
+    fuse = config.strategy == "fused" and config.norm_rows > 0 and not sequence_parallel
+    blockers = [epilogue_blocker(layer, group) if fuse else None for layer in body.layers]  # runs each norm once
     kw = dict(sequence_parallel=sequence_parallel, overlap=config)
-    for layer, attn, (q_heads, kv_shards, kv_index) in zip(body.layers, attentions, heads):
+    for layer, attn, (q_heads, kv_shards, kv_index), blocker in zip(body.layers, attentions, heads, blockers):
         _convert_attention(attn, group, q_heads, kv_shards, kv_index, **kw)
         layer.mlp = ParallelMLP.from_mlp(layer.mlp, group, **kw)
-        if config.strategy == "fused" and config.norm_rows and not sequence_parallel:
-            fuse_epilogue(layer, group, config)
+        if fuse:
+            fuse_epilogue(layer, group, config, blocker)
     _convert_ends(model, body, group, config)
     if sequence_parallel:
         _add_sequence_parallel(body, attentions, group)

@@ -129,7 +129,7 @@ class _Fused:
         done = torch.cuda.current_stream(self.group.device).record_event() if gpu else None
         if not self.check_calls:
             if gpu:
-                WATCHDOG.watch(done.query, self.lane.deadline, lambda: self._report_late(awaited, epoch))
+                WATCHDOG.watch(self, done.query, self.lane.deadline, lambda: self._report_late(awaited, epoch, done.query))
             return
         while gpu and not done.query():
             if time.monotonic() > self.lane.deadline:
@@ -137,11 +137,14 @@ class _Fused:
             time.sleep(1e-4)
         self.check()
 
-    def _report_late(self, awaited: list[tuple[int, int, int]], epoch: int) -> None:
-        """(The watchdog's thread) log and record the first late call; later ones wait behind it."""
-        if self.late is None:
-            self.late = self._behind(awaited, epoch) + " (a call made with check=False, reported by the watchdog)"
-            log.error(self.late)
+    def _report_late(self, awaited: list[tuple[int, int, int]], epoch: int, done) -> None:
+        """(The watchdog's thread) log and record a late call, unless it has just finished. The
+        deadline is logged before the flags are read: a read could queue behind blocked work."""
+        if self.late is not None or done():
+            return
+        log.error(f"rank {self.rank}: {self.name} epoch {epoch} did not finish within {self.lane.timeout} s; reading the flags it waits on")
+        self.late = self._behind(awaited, epoch) + " (a call made with check=False, reported by the watchdog)"
+        log.error(self.late)
 
     def _raise_late(self) -> None:
         if self.late is not None:
