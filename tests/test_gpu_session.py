@@ -79,3 +79,11 @@ def test_every_planned_file_and_benchmark_exists():
                 assert (REPO / arg.removeprefix("--ignore=")).exists(), (step.name, arg)
         if step.argv[1:3] == ["-m", "bench"]:
             assert step.argv[3] in {*BENCHMARKS, "report"}, step.name
+
+
+def test_steps_can_be_picked_by_name_and_set_up_always_runs():
+    plan = gpu_session.plans("x")["all"]
+    assert [s.name for s in gpu_session.select(plan, "bench-gemm, test-rest")] == ["setup", "test-rest", "bench-gemm"]
+    assert gpu_session.select(plan, None) == plan
+    with pytest.raises(SystemExit, match=r"unknown steps \['bench-gem'\]; this plan has \['setup', 'env'"):
+        gpu_session.select(plan, "bench-gem")

@@ -8,6 +8,7 @@ after it still run. Standard library only.
 
     python3 tools/gpu_session.py --plan check   --out $OUT --budget 560   # set-up, env, GPU tests
     python3 tools/gpu_session.py --plan measure --out $OUT --budget 560   # set-up, env, benchmarks, report
+    python3 tools/gpu_session.py --plan all --steps test-rest,bench-gemm --out $OUT   # set-up and the steps named
 
 Under ``--out``: ``session.log`` (every step's output, headed by its command), ``summary.json``
 (per step: command, exit code, seconds, whether it was cut off or skipped and why) and
@@ -77,6 +78,17 @@ def plans(results: str) -> dict[str, list[Step]]:
         Step("bench-layers", [PY, "-m", "bench", "layers", *LAYERS, "--out", f"{out}/layers.json"], 240),
     ]
     return {"check": setup + tests, "measure": setup + measure, "all": setup + tests + measure}
+
+
+def select(steps: list[Step], names: str | None) -> list[Step]:
+    """The required steps and those named (all when ``names`` is None), in plan order."""
+    if names is None:
+        return steps
+    wanted = {n.strip() for n in names.split(",") if n.strip()}
+    unknown = wanted - {s.name for s in steps}
+    if unknown:
+        raise SystemExit(f"unknown steps {sorted(unknown)}; this plan has {[s.name for s in steps]}")
+    return [s for s in steps if s.required or s.name in wanted]
 
 
 def machine_name() -> str:
@@ -169,13 +181,15 @@ def pack(results: Path, archive: Path, root: Path = REPO) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plan", choices=["check", "measure", "all"], default="check")
+    parser.add_argument("--steps", default=None, help="comma list of step names to run from the plan (set-up always runs)")
     parser.add_argument("--out", type=Path, required=True, help="folder for session.log, summary.json, results.tar.gz")
     parser.add_argument("--budget", type=float, default=560.0, help="seconds for every step together")
     args = parser.parse_args(argv)
     started = time.monotonic()
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
     machine = machine_name()
-    outcomes = run_plan(plans(machine)[args.plan], args.out, args.budget - (time.monotonic() - started))
+    steps = select(plans(machine)[args.plan], args.steps)
+    outcomes = run_plan(steps, args.out, args.budget - (time.monotonic() - started))
     pack(REPO / "bench" / "results" / machine, args.out / "results.tar.gz")
     print("\n".join(f"{o.name:>18}: {_verdict(o)}" + "".join(f"\n{'':>20}{line}" for line in o.tail[-3:]) for o in outcomes))
     return 0 if all(o.rc == 0 for o in outcomes) else 1
