@@ -15,7 +15,7 @@ os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")  # rank streams must 
 
 import torch  # noqa: E402
 
-from . import collectives, gemm, layers, pipeline, rank_slice, report
+from . import collectives, decode, gemm, layers, pipeline, rank_slice, report
 from .common import parse_bytes, result_path, write_result
 
 GPU = torch.cuda.is_available()
@@ -119,7 +119,23 @@ def _rank_slice_config(args) -> rank_slice.Config:
     )  # fmt: skip
 
 
+def _add_decode(commands) -> None:
+    p = commands.add_parser("decode", help="decode's all-reduce + residual + RMSNorm: unfused vs one fused kernel (GPU)")
+    p.add_argument("--models", default="llama3-8b,llama3-70b")
+    p.add_argument("--world-sizes", default="2,4,8")
+    p.add_argument("--tokens", default="1,8,16,64", help="M values (token rows per decode step)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--out", type=Path, default=None)
+
+
+def _decode_config(args) -> decode.Config:
+    return decode.Config(models=_list(args.models), world_sizes=_ints(args.world_sizes), tokens=_ints(args.tokens),
+                         dtype=args.dtype, iters=args.iters)  # fmt: skip
+
+
 BENCHMARKS = {"collectives": (collectives, _add_collectives, _collectives_config),
+              "decode": (decode, _add_decode, _decode_config),
               "layers": (layers, _add_layers, _layers_config),
               "gemm": (gemm, _add_gemm, _gemm_config),
               "pipeline": (pipeline, _add_pipeline, _pipeline_config),

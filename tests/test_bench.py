@@ -224,3 +224,23 @@ def test_rank_slice_writes_its_rows_as_it_goes():
     names = [r["name"] for r in result["rows"]]
     assert len(names) == 2 and seen == [names[:1], names]
     assert not any("failed" in r for r in result["rows"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip on machines without a GPU")
+def test_decode_benchmark_says_why_it_skips_without_a_gpu(tmp_path):
+    out = tmp_path / "decode.json"
+    done = subprocess.run([sys.executable, "-m", "bench", "decode", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0 and "skipped decode: needs a GPU" in done.stdout
+    assert json.loads(out.read_text())["config"]["world_sizes"] == [2, 4, 8]
+
+
+@pytest.mark.gpu
+def test_decode_benchmark_measures_both_epilogues_against_the_floor():
+    from bench import decode
+
+    result = decode.run(decode.Config(models=["llama3-8b"], world_sizes=[2, 8], tokens=[1, 16], iters=5))
+    assert [(r["world_size"], r["M"]) for r in result["rows"]] == [(2, 1), (2, 16), (8, 1), (8, 16)]
+    for r in result["rows"]:
+        assert r["floor_us"] < r["fused_us"] and r["floor_us"] < r["unfused_us"]
+        assert r["speedup"] == pytest.approx(r["unfused_us"] / r["fused_us"])

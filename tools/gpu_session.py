@@ -75,6 +75,7 @@ def plans(results: str) -> dict[str, list[Step]]:
         Step("bench-rank-slice", [PY, "-m", "bench", "rank_slice", "--out", f"{out}/rank_slice.json"], 330),
         Step("report", [PY, "-m", "bench", "report", f"{out}/rank_slice.json", "--out-dir", f"{out}/report"], 60),
         Step("bench-gemm", [PY, "-m", "bench", "gemm", "--out", f"{out}/gemm.json"], 240),
+        Step("bench-decode", [PY, "-m", "bench", "decode", "--out", f"{out}/decode.json"], 120),
         Step("bench-layers", [PY, "-m", "bench", "layers", *LAYERS, "--out", f"{out}/layers.json"], 240),
     ]
     return {"check": setup + tests, "measure": setup + measure, "all": setup + tests + measure}

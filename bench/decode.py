@@ -1,0 +1,123 @@
+"""Decode's row-parallel epilogue, one rank's slice on one GPU: unfused vs the fused kernel.
+
+After a decode step's attention output projection (row-parallel, this rank's partial ``[M, H]``),
+a rank all-reduces the partials, adds the residual and applies the post-attention RMSNorm. Here
+the peers' partials are W-1 buffers in this GPU's memory (the ``d2d`` regime of the rank-slice
+harness: HBM, faster than NVLink), and each variant reads them directly:
+
+- ``unfused``: what interlace's layers run without the fusion, on one rank: the sum of the W
+  partials (one-shot, in rank order), the residual add, and Hugging Face's RMSNorm (fp32 upcast,
+  mean of squares, rsqrt, weight): about ten kernels;
+- ``fused``: ``allreduce_residual_rmsnorm_kernel``, one kernel reading the W partials.
+
+Both are checked against float64 first. ``floor_us`` is the bytes either must move (W partials,
+the residual and the weight read; output and new residual written) at the device copy rate
+measured in the same run. At decode sizes both are far above it: launches dominate, and that
+is what fusing saves. Times are CUDA-event medians of eager calls, as a decode loop without
+CUDA graphs runs them.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .common import copy_rate, report_table
+from .layers import MODELS
+
+WARMUP = 5
+
+
+@dataclass
+class Config:
+    models: list[str] = field(default_factory=lambda: ["llama3-8b", "llama3-70b"])
+    world_sizes: list[int] = field(default_factory=lambda: [2, 4, 8])
+    tokens: list[int] = field(default_factory=lambda: [1, 8, 16, 64])
+    dtype: str = "bfloat16"
+    iters: int = 50
+
+
+def run(config: Config) -> dict:
+    if not torch.cuda.is_available():
+        why = "needs a GPU: under the Triton interpreter a timing measures Python, not a kernel"
+        return {"rows": [], "skipped": [{"backend": "decode", "why": why}], "config": asdict(config)}
+    dtype, rows = getattr(torch, config.dtype), []
+    copy_bps = copy_rate(torch.device("cuda"), 1 << 30)
+    for model in config.models:
+        hidden = MODELS[model][0]
+        for world in config.world_sizes:
+            for m in config.tokens:
+                name = f"{model}/tp{world}/attn-o-epilogue/m{m}"
+                print(f"  {name}", file=sys.stderr, flush=True)
+                rows.append({"name": name, "world_size": world, "M": m, "H": hidden, **_measure(m, hidden, world, dtype, config.iters, copy_bps)})
+    return {"rows": rows, "skipped": [], "config": asdict(config)}
+
+
+def _measure(m: int, hidden: int, world: int, dtype: torch.dtype, iters: int, copy_bps: float) -> dict:
+    from interlace.kernels import allreduce_norm
+
+    partials = [torch.randn(m, hidden, device="cuda", dtype=dtype) for _ in range(world)]
+    residual = torch.randn(m, hidden, device="cuda", dtype=dtype) * 4
+    weight = torch.rand(hidden, device="cuda", dtype=dtype) + 0.5
+    eps = 1e-5
+    out, h = torch.empty_like(residual), torch.empty_like(residual)
+    pointers = partials + [partials[0]] * (allreduce_norm.MAX_WORLD - world)
+
+    def unfused():
+        total = partials[0]
+        for p in partials[1:]:
+            total = total + p
+        new = residual + total
+        x32 = new.float()
+        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(dtype), new
+
+    def fused():
+        allreduce_norm.allreduce_residual_rmsnorm_kernel[(m,)](
+            *pointers, residual, weight, out, h, hidden, partials[0].stride(0), residual.stride(0), out.stride(0), eps,
+            WORLD=world, BLOCK=allreduce_norm.block_for(hidden),
+        )  # fmt: skip
+        return out, h
+
+    exact = residual.double() + sum(p.double() for p in partials)
+    for variant, fn in (("unfused", unfused), ("fused", fused)):
+        normed, new = fn()
+        error = (new.double() - exact).abs().max().item() / exact.abs().max().item()
+        if not error < 2e-2:
+            raise AssertionError(f"decode epilogue m={m} H={hidden} W={world}: {variant} residual off by {error:.3g} (relative)")
+    times = {variant: _time(fn, iters) for variant, fn in (("unfused", unfused), ("fused", fused))}
+    moved = (world + 4) * m * hidden * residual.element_size() + hidden * weight.element_size()
+    floor = moved / copy_bps
+    return {"unfused_us": times["unfused"] * 1e6, "fused_us": times["fused"] * 1e6, "floor_us": floor * 1e6,
+            "speedup": times["unfused"] / times["fused"], "fused_sol": floor / times["fused"]}  # fmt: skip
+
+
+def _time(fn: Callable[[], object], iters: int) -> float:
+    """Median seconds of one eager call, by CUDA events around each."""
+    for _ in range(WARMUP):
+        fn()
+    samples = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e-3)
+    return statistics.median(samples)
+
+
+COLUMNS = [
+    ("name", "epilogue", ""), ("unfused_us", "unfused us", ".1f"), ("fused_us", "fused us", ".1f"),
+    ("floor_us", "floor us", ".2f"), ("speedup", "speedup", ".2f"), ("fused_sol", "fused of floor", ".1%"),
+]  # fmt: skip
+
+
+def table(result: dict) -> str:
+    c = result["config"]
+    head = (f"decode epilogue: one rank's all-reduce + residual + RMSNorm, peers' partials in this GPU's memory (d2d), "
+            f"{c['dtype']}; CUDA events around eager calls, median of {c['iters']}")  # fmt: skip
+    return report_table(head, result, COLUMNS)
