@@ -109,6 +109,7 @@ class RowParallelLinear(_ParallelLinear):
         local = _split(in_features, group.world_size, "in_features", group, type(self).__name__)
         super().__init__(in_features, out_features, group, (out_features, local), out_features, bias=bias,
                          sequence_parallel=sequence_parallel, overlap=overlap, device=device, dtype=dtype)  # fmt: skip
+        self._partial = False  # see returning_partial
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group: Group, **kwargs):
@@ -135,7 +136,7 @@ class RowParallelLinear(_ParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.weight.shape[1]
         self._check_width(x, k, f"in_features/world_size ({self.in_features}/{self.group.world_size})")
-        if getattr(self, "_partial", False):
+        if self._partial:
             return F.linear(x, self.weight)
         if self.sequence_parallel:
             y = tp.matmul_reduce_scatter(pad_rows(x.reshape(-1, k), self.group.world_size), self.weight, self.group, self.overlap)
