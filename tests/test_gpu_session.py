@@ -1,6 +1,8 @@
 """tools/gpu_session.py: every step under a deadline that the whole session's budget bounds."""
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -87,3 +89,11 @@ def test_steps_can_be_picked_by_name_and_set_up_always_runs():
     assert gpu_session.select(plan, None) == plan
     with pytest.raises(SystemExit, match=r"unknown steps \['bench-gem'\]; this plan has \['setup', 'env'"):
         gpu_session.select(plan, "bench-gem")
+
+
+def test_the_results_folder_is_named_after_the_gpu():
+    name = gpu_session.machine_name()
+    if shutil.which("nvidia-smi") is None:
+        assert name == "cpu"
+    else:
+        assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", name), name

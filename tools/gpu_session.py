@@ -93,14 +93,13 @@ def select(steps: list[Step], names: str | None) -> list[Step]:
 
 
 def machine_name() -> str:
-    """``h100-80gb-hbm3`` from the GPU's name (``cpu`` without one): the results folder."""
-    probe = "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+    """``h100-80gb-hbm3`` from the first GPU's name (nvidia-smi; ``cpu`` without one): the results folder."""
     try:
-        name = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stdout.strip()
+        done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=60)
+        name = done.stdout.splitlines()[0] if done.returncode == 0 and done.stdout.strip() else "cpu"
     except (OSError, subprocess.TimeoutExpired):
-        name = ""
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-")
-    return slug or "unknown-machine"
+        name = "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-") or "unknown-gpu"
 
 
 def run_step(step: Step, limit: float, log_path: Path) -> Outcome:
