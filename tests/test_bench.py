@@ -242,5 +242,5 @@ def test_decode_benchmark_measures_both_epilogues_against_the_floor():
     result = decode.run(decode.Config(models=["llama3-8b"], world_sizes=[2, 8], tokens=[1, 16], iters=5))
     assert [(r["world_size"], r["M"]) for r in result["rows"]] == [(2, 1), (2, 16), (8, 1), (8, 16)]
     for r in result["rows"]:
+        assert "failed" not in r, r
         assert 0 < r["floor_us"] < min(r["kernel_us"], r["fused_us"], r["unfused_us"])
-        assert r["speedup"] == pytest.approx(r["unfused_us"] / r["fused_us"])

@@ -304,11 +304,11 @@ def reported_late(group):
     with FusedMatmulReduceScatter(group, ROWS, N, torch.float32, check=False) as op:
         x, weight = rand(0, (ROWS, K)), rand(1, (N, K))
         op(x, weight)
-        op._report_late([(0, 0, 1)], 10**6, done=lambda: True)  # what the watchdog calls: this one just finished
-        assert op.late is None
-        op._report_late([(0, 0, 1)], 10**6, done=lambda: False)  # and this one is still running past its deadline
+        # what the watchdog calls past a deadline: this call just finished, so nothing is reported
+        assert op._report_late([(0, 0, 1)], 10**6, done=lambda: True) is False and op.late is None
+        assert op._report_late([(0, 0, 1)], 10**6, done=lambda: False) is True  # this one is still running
         first = op.late
-        op._report_late([(0, 0, 1)], 7, done=lambda: False)  # later late calls wait behind the first: not reported again
+        assert op._report_late([(0, 0, 1)], 7, done=lambda: False) is True  # later late calls wait behind the first
         assert op.late == first
         for call in (lambda: op(x, weight), op.check):
             with pytest.raises(TimeoutError) as raised:

@@ -34,11 +34,27 @@ def test_calls_behind_a_late_one_are_not_reported_again_and_other_keys_go_on():
     dog, reports = Watchdog(poll=0.01), []
     now = time.monotonic()
     for i in range(3):  # one operator's calls: the first is late, the others wait behind it
-        dog.watch("op", lambda: False, now + 0.1 * i, lambda i=i: reports.append(("op", i)))
+        dog.watch("op", lambda: False, now + 0.2 + 0.5 * i, lambda i=i: reports.append(("op", i)))
     other = threading.Event()
-    dog.watch("other", other.is_set, now + 0.6, lambda: reports.append(("other", 0)))
+    dog.watch("other", other.is_set, now + 1.5, lambda: reports.append(("other", 0)))
     assert wait_until(lambda: ("other", 0) in reports)
     assert reports == [("op", 0), ("other", 0)]
+
+
+def test_a_call_found_finished_when_reported_leaves_the_next_one_watched():
+    """``late`` re-checks and declines (False): the call finished meanwhile; the one behind it
+    never finishes and must still be reported."""
+    dog, reports = Watchdog(poll=0.01), []
+
+    def declines():
+        reports.append("first")
+        return False
+
+    now = time.monotonic()
+    dog.watch("op", lambda: False, now, declines)
+    dog.watch("op", lambda: False, now + 0.3, lambda: reports.append("second"))
+    assert wait_until(lambda: "second" in reports)
+    assert reports == ["first", "second"] and dog.pending() == 0
 
 
 def test_finished_calls_are_forgotten_and_the_thread_stops_when_none_is_pending():

@@ -99,7 +99,12 @@ def machine_name() -> str:
         name = done.stdout.splitlines()[0] if done.returncode == 0 and done.stdout.strip() else "cpu"
     except (OSError, subprocess.TimeoutExpired):
         name = "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-") or "unknown-gpu"
+    return slug(name)
+
+
+def slug(gpu_name: str) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``h100-80gb-hbm3``."""
+    return re.sub(r"[^a-z0-9]+", "-", gpu_name.lower().replace("nvidia", "")).strip("-") or "unknown-gpu"
 
 
 def run_step(step: Step, limit: float, log_path: Path) -> Outcome:
@@ -118,6 +123,9 @@ def run_step(step: Step, limit: float, log_path: Path) -> Outcome:
         except subprocess.TimeoutExpired:
             outcome.timed_out = True
             _kill_group(proc)
+        except BaseException:  # this script is being stopped (Stopped, KeyboardInterrupt): the step goes too
+            _kill_group(proc)
+            raise
         outcome.rc, outcome.seconds = proc.returncode, round(time.monotonic() - start, 1)
         if outcome.timed_out:
             log.write(f"\n===== {step.name}: killed after {limit:.0f} s\n")
@@ -128,6 +136,14 @@ def run_step(step: Step, limit: float, log_path: Path) -> Outcome:
 
 
 KILL_GRACE = (5, 30)  # seconds after SIGTERM, then after SIGKILL
+
+
+class Stopped(Exception):
+    """SIGTERM reached this script: the running step is killed, and what is done is written."""
+
+
+def _stop(signum, frame) -> None:
+    raise Stopped(f"stopped by signal {signum}")
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -155,12 +171,22 @@ def run_plan(steps: list[Step], out: Path, budget: float, reserve: float = sum(K
         if stop or left < least:
             outcomes.append(Outcome(step.name, " ".join(step.argv), skipped=stop or f"{max(left, 0):.0f} s of budget left"))
         else:
-            outcomes.append(run_step(step, min(step.limit, left), out / "session.log"))
+            try:
+                outcomes.append(run_step(step, min(step.limit, left), out / "session.log"))
+            except (Stopped, KeyboardInterrupt) as error:
+                outcomes.append(Outcome(step.name, " ".join(step.argv), timed_out=True, skipped=f"killed: {error or 'interrupted'}"))
+                stop = f"the session was {error or 'interrupted'}"
+                _write_summary(out, outcomes)
+                continue
             print(f"{step.name:>18}: {_verdict(outcomes[-1])} in {outcomes[-1].seconds:.0f} s", file=sys.stderr, flush=True)
             if step.required and outcomes[-1].rc != 0:
                 stop = f"{step.name} failed"
-        (out / "summary.json").write_text(json.dumps([asdict(o) for o in outcomes], indent=2) + "\n")
+        _write_summary(out, outcomes)
     return outcomes
+
+
+def _write_summary(out: Path, outcomes: list[Outcome]) -> None:
+    (out / "summary.json").write_text(json.dumps([asdict(o) for o in outcomes], indent=2) + "\n")
 
 
 def _verdict(outcome: Outcome) -> str:
@@ -186,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=560.0, help="seconds for every step together")
     args = parser.parse_args(argv)
     started = time.monotonic()
+    signal.signal(signal.SIGTERM, _stop)  # then the running step is killed, and the summary and results are written
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
     machine = machine_name()
     steps = select(plans(machine)[args.plan], args.steps)

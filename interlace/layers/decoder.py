@@ -4,8 +4,8 @@ A pre-norm decoder layer computes ``h = x + self_attn(input_layernorm(x))`` and 
 ``h + mlp(post_attention_layernorm(h))``; the attention's output projection is row-parallel, so
 ``self_attn`` ends in an all-reduce. ``fuse_epilogue`` gives the layer interlace's forward,
 which computes the same. For a call of at most ``OverlapConfig.norm_rows`` token rows (decode)
-without autograd or autocast, the output projection returns this rank's partial product, and ONE
-kernel all-reduces it over symmetric memory, adds the residual and applies
+in eval mode without autograd or autocast, the output projection returns this rank's partial
+product, and ONE kernel all-reduces it over symmetric memory, adds the residual and applies
 ``post_attention_layernorm`` (``FusedAllReduceResidualNorm``). Other calls go to the layer's own
 forward (gradient checkpointing, hooks on it and its return type included).
 
@@ -40,12 +40,14 @@ class Epilogue:
     returns_tuple: bool
     unfused: Callable  # the layer's own forward, bound
 
-    def applies(self, hidden_states: torch.Tensor, norm: nn.Module) -> bool:
-        """Decode-sized, no autograd, no autocast, and activations in the norm weight's dtype (the
-        kernel writes the activations' dtype; a wider weight would make the unfused norm wider)."""
+    def applies(self, layer: nn.Module, hidden_states: torch.Tensor) -> bool:
+        """Decode-sized, in eval mode without autograd (a checkpointed training step may run its
+        first forward without autograd) or autocast, and activations in the norm weight's dtype
+        (the kernel writes the activations' dtype; a wider weight would make the unfused norm wider)."""
         rows = hidden_states.numel() // hidden_states.shape[-1]
-        return (0 < rows <= self.rows and not torch.is_grad_enabled() and not torch.is_autocast_enabled(hidden_states.device.type)
-                and norm.weight.dtype == hidden_states.dtype)  # fmt: skip
+        return (0 < rows <= self.rows and not layer.training and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled(hidden_states.device.type)
+                and layer.post_attention_layernorm.weight.dtype == hidden_states.dtype)  # fmt: skip
 
     def __call__(self, residual: torch.Tensor, partial: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """(post_attention_layernorm(h), h) with ``h = residual + all_reduce(partial)``."""
@@ -91,7 +93,7 @@ def fuse_epilogue(layer: nn.Module, group: Group, config: OverlapConfig, blocker
 
 def _forward(self, hidden_states: torch.Tensor, *args, **kwargs):
     epilogue: Epilogue = self.interlace_epilogue
-    if args or not epilogue.applies(hidden_states, self.post_attention_layernorm):
+    if args or not epilogue.applies(self, hidden_states):
         return epilogue.unfused(hidden_states, *args, **kwargs)
     with self.self_attn.o_proj.returning_partial():
         out = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)

@@ -137,14 +137,20 @@ class _Fused:
             time.sleep(1e-4)
         self.check()
 
-    def _report_late(self, awaited: list[tuple[int, int, int]], epoch: int, done) -> None:
-        """(The watchdog's thread) log and record a late call, unless it has just finished. The
-        deadline is logged before the flags are read: a read could queue behind blocked work."""
-        if self.late is not None or done():
-            return
-        log.error(f"rank {self.rank}: {self.name} epoch {epoch} did not finish within {self.lane.timeout} s; reading the flags it waits on")
-        self.late = self._behind(awaited, epoch) + " (a call made with check=False, reported by the watchdog)"
+    def _report_late(self, awaited: list[tuple[int, int, int]], epoch: int, done) -> bool:
+        """(The watchdog's thread) log and record a late call, unless it has just finished; whether
+        it did. The failure is recorded before the flags are read: a read could queue behind
+        blocked work, or fail."""
+        if self.late is not None:
+            return True
+        if done():
+            return False
+        by = " (a call made with check=False, reported by the watchdog)"
+        self.late = f"rank {self.rank}: {self.name} epoch {epoch} did not finish within {self.lane.timeout} s{by}"
+        log.error(self.late + "; reading the flags it waits on")
+        self.late = self._behind(awaited, epoch) + by
         log.error(self.late)
+        return True
 
     def _raise_late(self) -> None:
         if self.late is not None:

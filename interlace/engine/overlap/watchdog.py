@@ -5,8 +5,9 @@ have no deadline of their own: a peer that never raises a flag would leave the s
 without a word, and the host would hang later in some unrelated synchronisation. The watchdog,
 a daemon thread that runs while calls are pending, follows such calls by their completion (a CUDA
 event). Calls under one key (an operator) finish in order, so it looks only at the oldest pending
-one of each. When that one is still running past its deadline, it calls the call's ``late`` once
-and forgets the key's calls: the later ones wait behind it.
+one of each. When that one is still running past its deadline, it calls the call's ``late``; if
+that reports it (returns True), the key's calls are forgotten: the later ones wait behind it.
+If not (it finished meanwhile), the watchdog goes on with the next.
 
 On a GPU the thread first makes its CUDA calls safe beside a CUDA-graph capture on another
 thread (an event query from a thread in the default capture mode would invalidate the capture).
@@ -29,7 +30,7 @@ log = logging.getLogger("interlace.overlap")
 class _Call:
     done: Callable[[], bool]
     deadline: float
-    late: Callable[[], None]
+    late: Callable[[], bool]
 
 
 class Watchdog:
@@ -40,10 +41,10 @@ class Watchdog:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def watch(self, key: Hashable, done: Callable[[], bool], deadline: float, late: Callable[[], None]) -> None:
+    def watch(self, key: Hashable, done: Callable[[], bool], deadline: float, late: Callable[[], bool]) -> None:
         """Call ``late()`` (on the watchdog's thread) if ``done()`` is still false at ``deadline``
-        (``time.monotonic()``); forget the call once ``done()`` is true. ``key``'s calls finish
-        in the order they are watched."""
+        (``time.monotonic()``); it returns whether it reported the call. Forget the call once
+        ``done()`` is true. ``key``'s calls finish in the order they are watched."""
         with self._lock:
             self._calls.setdefault(key, collections.deque()).append(_Call(done, deadline, late))
             if self._thread is None:
@@ -61,17 +62,22 @@ class Watchdog:
             time.sleep(self.poll)
             with self._lock:
                 keys = list(self._calls)
-            overdue = [call for key in keys if (call := self._retire(key)) is not None]
-            for call in overdue:
-                _logged(call.late, "reporting a late call")
+            for key in keys:
+                call = self._retire(key)
+                if call is not None:
+                    reported = _logged(call.late, "reporting a late call")
+                    with self._lock:
+                        if reported is not False:  # reported, or failing to: the later calls wait behind it
+                            self._calls.pop(key, None)
+                        elif self._calls.get(key) and self._calls[key][0] is call:  # it finished meanwhile
+                            self._calls[key].popleft()
             with self._lock:
                 if not self._calls:  # a later watch() starts a new thread
                     self._thread = None
                     return
 
     def _retire(self, key: Hashable) -> _Call | None:
-        """Drop ``key``'s finished calls; its oldest pending one if past its deadline (then the
-        key's calls are forgotten), else None."""
+        """Drop ``key``'s finished calls; its oldest pending one if past its deadline, else None."""
         while True:
             with self._lock:
                 calls = self._calls.get(key)
@@ -83,11 +89,7 @@ class Watchdog:
                 with self._lock:
                     calls.popleft()
                 continue
-            if time.monotonic() < call.deadline:
-                return None
-            with self._lock:
-                self._calls.pop(key, None)
-            return call
+            return call if time.monotonic() >= call.deadline else None
 
 
 def _finished(call: _Call) -> bool:
@@ -99,11 +101,13 @@ def _finished(call: _Call) -> bool:
         return True
 
 
-def _logged(fn: Callable[[], None], what: str) -> None:
+def _logged(fn: Callable[[], object], what: str) -> object:
+    """``fn()``, or None once its failure is logged."""
     try:
-        fn()
+        return fn()
     except Exception:
         log.exception(f"interlace watchdog: {what} failed")
+        return None
 
 
 def _relax_capture() -> None:
