@@ -5,6 +5,9 @@ import logging
 import threading
 import time
 
+import pytest
+import torch
+
 from interlace.engine.overlap.watchdog import Watchdog
 
 
@@ -87,3 +90,43 @@ def test_what_fails_in_the_watchdog_is_logged_and_it_goes_on(caplog):
     for text in ("setting up the watchdog's thread failed", "ZeroDivisionError", "cannot read the flags",
                  "cannot tell whether a call finished", "an illegal memory access"):  # fmt: skip
         assert text in caplog.text, text
+
+
+@pytest.mark.gpu
+def test_the_watchdog_polls_beside_a_global_mode_capture_without_invalidating_it():
+    """An event query from a thread in the default capture mode would invalidate a global-mode
+    capture on another thread; the watchdog's thread is relaxed, so the capture survives."""
+    from interlace.engine.comm import signals
+    from interlace.engine.device import new_stream
+    from interlace.engine.overlap.watchdog import _relax_capture
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    flags = torch.zeros(1, dtype=torch.int32, device=dev)
+    blocked = new_stream(dev)
+    signals.wait(flags, 0, 1, blocked)  # pending until the flag is raised, after the capture
+    pending, polls = blocked.record_event(), []
+
+    def query():
+        polls.append(time.monotonic())
+        return pending.query()
+
+    dog = Watchdog(poll=0.002, setup=_relax_capture)
+    dog.watch("blocked", query, time.monotonic() + 60, lambda: True)
+    x = torch.randn(4096, device=dev)
+    capturing, graph = new_stream(dev), torch.cuda.CUDAGraph()
+    capturing.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(capturing):  # not torch.cuda.graph(): it synchronises the device, which waits on `blocked`
+        graph.capture_begin(capture_error_mode="global")
+        y, adds = x * 2, 0
+        start = time.monotonic()
+        while time.monotonic() - start < 0.3:
+            y, adds = y + 1, adds + 1
+            time.sleep(0.01)
+        graph.capture_end()
+    assert sum(start <= t <= time.monotonic() for t in polls) > 10  # it polled during the capture
+    signals.write(flags, 0, 1, new_stream(dev))
+    with torch.cuda.stream(capturing):
+        graph.replay()
+        done = capturing.record_event()
+    done.synchronize()
+    assert torch.allclose(y, x * 2 + adds) and wait_until(lambda: dog.pending() == 0)
