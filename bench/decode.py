@@ -15,11 +15,11 @@ harness: HBM, faster than NVLink), and each variant reads them directly:
   (views, output allocations). The default ``check=True`` adds a host synchronisation per call,
   which these numbers leave out.
 
-Both are checked against float64 first; a shape that fails becomes a row with ``failed``. ``floor_us`` is the bytes either must move (W partials,
-the residual and the weight read; output and new residual written) at the device copy rate
-measured in the same run. At decode sizes both are far above it: launches dominate, and that
-is what fusing saves. Times are CUDA-event medians of eager calls, as a decode loop without
-CUDA graphs runs them.
+Both are checked against float64 first; a shape that fails becomes a row with ``failed``.
+``floor_us`` is the bytes either must move (W partials, the residual and the weight read; output
+and new residual written) at the device copy rate measured in the same run. At decode sizes
+both are far above it: launches dominate, and that is what fusing saves. Times are CUDA-event
+medians of eager calls, as a decode loop without CUDA graphs runs them.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def run(config: Config) -> dict:
             for m in config.tokens:
                 name = f"{model}/tp{world}/attn-o-epilogue/m{m}"
                 print(f"  {name}", file=sys.stderr, flush=True)
-                rows.append({"name": name, "world_size": world, "M": m, "H": hidden, **_measure(m, hidden, world, dtype, config.iters, copy_bps)})
+                measured = _measure(m, hidden, world, dtype, config.iters, copy_bps)
+                rows.append({"name": name, "world_size": world, "M": m, "H": hidden, **measured})
     return {"rows": rows, "skipped": [], "config": asdict(config)}
 
 

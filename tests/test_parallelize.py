@@ -93,7 +93,7 @@ def epilogue_body(group, ref, seed):
     all-reduce, residual add and RMSNorm; prefill (2 x 7 rows) and decode (2 rows) both use it."""
     assert tp_body(group, ref, False, "fused", seed)
     model = parallelize(copy.deepcopy(ref), group, overlap="fused")
-    assert {layer.fused_epilogue for layer in model.model.layers} == {"on: calls of at most 16 token rows without autograd"}
+    assert {layer.fused_epilogue for layer in model.model.layers} == {"on: calls of at most 16 token rows in eval mode without autograd"}
     return sorted(key[1] for key in group.__dict__["_fused_workspaces"] if key[0] == "ar_norm")
 
 
@@ -133,7 +133,7 @@ def test_layers_that_cannot_fuse_the_epilogue_say_why_and_stay_exact(seed):
     ref.model.layers[1].post_attention_layernorm = OnePlusRMSNorm(64)
     ref.model.layers[2].self_attn.o_proj = nn.Linear(64, 64, bias=True)
     states = spawn(unfusable_body, 2, "local", timeout=120, args=(ref, seed))[0]
-    assert states == ["on: calls of at most 16 token rows without autograd",
+    assert states == ["on: calls of at most 16 token rows in eval mode without autograd",
                       "off: post_attention_layernorm (OnePlusRMSNorm) does not compute weight * x * rsqrt(mean(x^2) + eps)",
                       "off: self_attn.o_proj is not a linear layer without bias"]  # fmt: skip
 

@@ -87,7 +87,7 @@ def fuse_epilogue(layer: nn.Module, group: Group, config: OverlapConfig, blocker
     layer.interlace_epilogue = Epilogue(group, config.norm_rows, _eps(layer.post_attention_layernorm), config.check, returns_tuple,
                                         layer.forward)  # fmt: skip
     layer.forward = types.MethodType(_forward, layer)
-    layer.fused_epilogue = f"on: calls of at most {config.norm_rows} token rows without autograd"
+    layer.fused_epilogue = f"on: calls of at most {config.norm_rows} token rows in eval mode without autograd"
     return layer.fused_epilogue
 
 
