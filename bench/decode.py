@@ -18,7 +18,7 @@ harness: HBM, faster than NVLink), and each variant reads them directly:
 Both are checked against float64 first; a shape that fails becomes a row with ``failed``.
 ``floor_us`` is the bytes either must move (W partials, the residual and the weight read; output
 and new residual written) at the device copy rate measured in the same run. At decode sizes
-both are far above it: launches dominate, and that is what fusing saves. Times are CUDA-event
+both are expected far above it (launches dominate, and that is what fusing saves): not yet measured. Times are CUDA-event
 medians of eager calls, as a decode loop without CUDA graphs runs them.
 """
 
