@@ -24,7 +24,7 @@ base_rand = rand
 ROWS, K, N, EPOCHS = 8, 24, 40, 3
 CPU = pytest.mark.interpreter
 TRANSPORTS = (
-    [pytest.param("local", w, "cpu", id=f"local-{w}", marks=CPU) for w in (1, 2, 3)]
+    [pytest.param("local", w, "cpu", id=f"local-{w}", marks=CPU) for w in (1, 2, 3, 4, 8)]
     + [pytest.param("symmetric", w, "cpu", id=f"symmetric-{w}", marks=CPU) for w in (2, 3)]
     + [pytest.param("local", w, "cuda", id=f"local-cuda-{w}", marks=pytest.mark.gpu) for w in (2, 4, 8)]
     + [pytest.param("symmetric", 2, "cuda", id="cuda-ipc-2", marks=pytest.mark.gpu)]
@@ -173,7 +173,8 @@ def fused_norm(group, seed, graph_safe):
 
 
 @pytest.mark.parametrize("transport,world_size,device,graph_safe", [
-    pytest.param("local", 3, "cpu", False, marks=CPU), pytest.param("symmetric", 2, "cpu", False, marks=CPU),
+    pytest.param("local", 3, "cpu", False, marks=CPU), pytest.param("local", 8, "cpu", False, marks=CPU),
+    pytest.param("symmetric", 2, "cpu", False, marks=CPU),
     pytest.param("local", 2, "cpu", True, marks=CPU), pytest.param("local", 4, "cuda", False, marks=pytest.mark.gpu),
     pytest.param("local", 2, "cuda", True, marks=pytest.mark.gpu), pytest.param("symmetric", 2, "cuda", False, marks=pytest.mark.gpu),
 ])  # fmt: skip
