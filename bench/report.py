@@ -73,7 +73,8 @@ def render(result: dict) -> tuple[str, dict[str, str]]:
     git = env["interlace"]
     lines = [f"# Rank-slice report: TP={c['world_size']}, {c['dtype']}", "",
              f"{gpus}; driver {env['cuda'].get('driver')}; torch {env['packages']['torch']}, triton {env['packages']['triton']}; "
-             f"interlace {git['version']} at {git['commit']}{' (local changes)' if git.get('dirty') else ''}; {env['timestamp']}.",
+             f"interlace {git['version']} at {git['commit']}{' (local changes)' if git.get('dirty') else ''}; {env['timestamp']}; "
+             f"GEMM tuning {git.get('tuning', 'full')} (quick: 2 of the 8 candidate configs).",
              "", "One rank's real GEMM with its real per-rank communication volume moved by copy engines from buffers standing "
              "in for peers: d2d = device memory (HBM, faster than NVLink), host = pinned host memory (PCIe). CUDA events, "
              f"median of {c['iters']}.", *_incomplete(result, failed), "", "## Targets", "", *targets(rows)]  # fmt: skip

@@ -127,3 +127,12 @@ def test_a_stopped_session_kills_its_step_and_still_writes_its_summary_and_resul
     assert (tmp_path / "r.tar.gz").exists()
     time.sleep(7)
     assert not marker.exists()
+
+
+def test_step_defaults_apply_unless_the_session_sets_them(tmp_path, monkeypatch):
+    show = [PY, "-c", "import os; print(os.environ['INTERLACE_TUNE'])"]
+    steps = [Step("tune", show, 30, defaults={"INTERLACE_TUNE": "quick"})]
+    monkeypatch.delenv("INTERLACE_TUNE", raising=False)
+    assert gpu_session.run_plan(steps, tmp_path / "a", budget=60, reserve=0)[0].tail == ["quick"]
+    monkeypatch.setenv("INTERLACE_TUNE", "full")
+    assert gpu_session.run_plan(steps, tmp_path / "b", budget=60, reserve=0)[0].tail == ["full"]

@@ -45,6 +45,7 @@ class Step:
     argv: list[str]
     limit: float
     required: bool = False  # the session stops if it fails (set-up)
+    defaults: dict[str, str] = field(default_factory=dict)  # environment variables, unless the session's own set them
 
 
 @dataclass
@@ -71,8 +72,13 @@ def plans(results: str) -> dict[str, list[Step]]:
         Step("test-rest", [*PYTEST, "--timeout=120", "tests", *(f"--ignore=tests/{f}" for f in FIRST)], 420),
     ]
     out = f"bench/results/{results}"
-    measure = [  # the rank slice first: the numbers; each benchmark keeps its rows if cut off
-        Step("bench-rank-slice", [PY, "-m", "bench", "rank_slice", "--out", f"{out}/rank_slice.json"], 330),
+    # The rank slice first: the numbers. Quick tuning by default: full tuning compiles 8
+    # GEMM configs per shape (tens of seconds each), which would take most of a command's ten
+    # minutes; its envelope records which (export INTERLACE_TUNE=full to override). Each
+    # benchmark keeps its rows if cut off.
+    measure = [
+        Step("bench-rank-slice", [PY, "-m", "bench", "rank_slice", "--out", f"{out}/rank_slice.json"], 330,
+             defaults={"INTERLACE_TUNE": "quick"}),
         Step("report", [PY, "-m", "bench", "report", f"{out}/rank_slice.json", "--out-dir", f"{out}/report"], 60),
         Step("bench-gemm", [PY, "-m", "bench", "gemm", "--out", f"{out}/gemm.json"], 240),
         Step("bench-decode", [PY, "-m", "bench", "decode", "--out", f"{out}/decode.json"], 120),
@@ -117,7 +123,7 @@ def run_step(step: Step, limit: float, log_path: Path) -> Outcome:
         begin = log.tell()
         start = time.monotonic()
         proc = subprocess.Popen(step.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+                                env={**step.defaults, **os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
         try:
             proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:

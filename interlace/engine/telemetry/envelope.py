@@ -27,7 +27,7 @@ def envelope() -> dict[str, Any]:
     """Versions, commit, host and GPU topology, as a JSON-ready dict."""
     topology = probe()
     return {
-        "interlace": {"version": interlace.__version__, **_git_state()},
+        "interlace": {"version": interlace.__version__, **_git_state(), "tuning": os.environ.get("INTERLACE_TUNE", "full")},
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": {
             "hostname": platform.node(),
