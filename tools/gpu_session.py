@@ -73,9 +73,8 @@ def plans(results: str) -> dict[str, list[Step]]:
     ]
     out = f"bench/results/{results}"
     # The rank slice first: the numbers. Quick tuning by default: full tuning compiles 8
-    # GEMM configs per shape (14 s per bf16 shape on a 2-core machine) for about a dozen shapes;
-    # its envelope records which (export INTERLACE_TUNE=full to override). Each benchmark keeps
-    # its rows if cut off.
+    # GEMM configs per shape, for about a dozen shapes; its envelope records which (export
+    # INTERLACE_TUNE=full to override). Each benchmark keeps its rows if cut off.
     measure = [
         Step("bench-rank-slice", [PY, "-m", "bench", "rank_slice", "--out", f"{out}/rank_slice.json"], 330,
              defaults={"INTERLACE_TUNE": "quick"}),
