@@ -112,6 +112,36 @@ def median_time(fn: Callable[[], Any], device: torch.device, iters: int, repeats
     return statistics.median(samples)
 
 
+def event_median(run: Callable[[Any, Any], Any], iters: int, *, warmup: int, headstart_cycles: int = 0) -> float:
+    """Median seconds between two CUDA events that ``run(start, end)`` records, over ``iters`` calls
+    after ``warmup``. With ``headstart_cycles``, each call is queued behind a sleep kernel that long,
+    so the host has enqueued all of it before its start event is reached (GPU time, not Python's)."""
+    def events():
+        return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    for _ in range(warmup):
+        run(*events())
+    samples = []
+    for _ in range(iters):
+        start, end = events()
+        if headstart_cycles:
+            torch.cuda._sleep(headstart_cycles)
+        run(start, end)
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e-3)
+    return statistics.median(samples)
+
+
+def around(fn: Callable[[], Any]) -> Callable[[Any, Any], None]:
+    """``fn`` as a ``run(start, end)`` for ``event_median``: the events recorded around it on the current stream."""
+    def run(start, end) -> None:
+        start.record()
+        fn()
+        end.record()
+
+    return run
+
+
 def timed_samples(group, fn: Callable[[], Any], iters: int, repeats: int = 5) -> list[float]:
     """This rank's mean seconds per call of ``fn`` for each repeat; every repeat starts after a barrier.
 

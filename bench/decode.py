@@ -25,14 +25,13 @@ medians of eager calls, as a decode loop without CUDA graphs runs them.
 from __future__ import annotations
 
 import itertools
-import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .common import copy_rate, report_table
+from .common import around, copy_rate, event_median, report_table
 from .layers import MODELS
 
 WARMUP = 5
@@ -99,7 +98,8 @@ def _measure(m: int, hidden: int, world: int, dtype: torch.dtype, iters: int, co
             error = (got.double() - want).abs().max().item() / want.abs().max().item()
             if not error < 2e-2:  # bf16 rounding, relative to the largest element
                 return {"failed": f"{variant} {what} off by {error:.3g} (relative) against float64"}
-    times = {variant: _time(fn, iters) for variant, fn in (("unfused", unfused), ("fused", fused), ("kernel", kernel))}
+    variants = {"unfused": unfused, "fused": fused, "kernel": kernel}
+    times = {variant: event_median(around(fn), iters, warmup=WARMUP) for variant, fn in variants.items()}
     moved = (world + 4) * m * hidden * residual.element_size() + hidden * weight.element_size()
     floor = moved / copy_bps
     return {"unfused_us": times["unfused"] * 1e6, "fused_us": times["fused"] * 1e6, "kernel_us": times["kernel"] * 1e6,
@@ -142,21 +142,6 @@ def _with_protocol(kernel: Callable[[], tuple], partials: list[torch.Tensor], wo
         return result
 
     return call
-
-
-def _time(fn: Callable[[], object], iters: int) -> float:
-    """Median seconds of one eager call, by CUDA events around each."""
-    for _ in range(WARMUP):
-        fn()
-    samples = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e-3)
-    return statistics.median(samples)
 
 
 COLUMNS = [

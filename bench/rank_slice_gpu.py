@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
-import statistics
 
 import torch
 
 from interlace.engine.comm import signals
 from interlace.engine.device import new_stream
 from interlace.ops.gemm import SignalHook, WaitHook, chunk_outputs, gemm, leave_sms, plan_for
+
+from .common import around, event_median
 
 WARMUP = 3
 # GPU time, not Python's: each timed run is queued behind a ~1 ms sleep kernel, so the host has
@@ -29,41 +30,12 @@ def measure(shape: dict, regime: str, world: int, dtype: torch.dtype, iters: int
         error = (got - expected).abs().max().item() / max(expected.abs().max().item(), 1e-30)
         if not error < 2e-2:  # bf16 rounding of differently ordered sums, relative to the largest output
             raise AssertionError(f"rank slice {shape['name']} [{regime}]: {name} differs from bulk by {error:.3g} (relative)")
-    times = {name: _time(fn, iters) for name, fn in variants.items() if name != "fused_gemm"}
-    times["fused_gemm"] = _time_inner(variants["fused_gemm"], iters)
+    timing = dict(warmup=WARMUP, headstart_cycles=HEADSTART_CYCLES)
+    times = {name: event_median(around(fn), iters, **timing) for name, fn in variants.items() if name != "fused_gemm"}
+    times["fused_gemm"] = event_median(variants["fused_gemm"], iters, **timing)  # records its events around the GEMM inside
     if status.any():
         raise AssertionError(f"rank slice {shape['name']} [{regime}]: a fused wait gave up: status {status.tolist()}")
     return times
-
-
-def _time(fn, iters: int) -> float:
-    """CUDA events around ``fn`` on the current stream (fn joins its side streams into it)."""
-    for _ in range(WARMUP):
-        fn()
-    samples = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(HEADSTART_CYCLES)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e-3)
-    return statistics.median(samples)
-
-
-def _time_inner(fn, iters: int) -> float:
-    """``fn(start, end)`` records the events itself (around the GEMM inside an overlapped run)."""
-    for _ in range(WARMUP):
-        fn(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-    samples = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(HEADSTART_CYCLES)
-        fn(start, end)
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e-3)
-    return statistics.median(samples)
 
 
 def _between(start, end, launch):
