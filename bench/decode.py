@@ -65,12 +65,13 @@ def run(config: Config) -> dict:
 
 def _measure(m: int, hidden: int, world: int, dtype: torch.dtype, iters: int, copy_bps: float) -> dict:
     from interlace.kernels import allreduce_norm
+    from interlace.kernels.reduce import MAX_WORLD
 
     partials = [torch.randn(m, hidden, device="cuda", dtype=dtype) for _ in range(world)]
     residual = torch.randn(m, hidden, device="cuda", dtype=dtype) * 4
     weight = torch.rand(hidden, device="cuda", dtype=dtype) + 0.5
     eps = 1e-5
-    pad = [partials[0]] * (allreduce_norm.MAX_WORLD - world)
+    pad = [partials[0]] * (MAX_WORLD - world)
 
     def unfused():
         total = partials[0]

@@ -7,6 +7,7 @@ import itertools
 import torch
 
 from interlace.engine.comm import signals
+from interlace.engine.comm.reduce import reduce_into
 from interlace.engine.device import new_stream
 from interlace.ops.gemm import SignalHook, WaitHook, chunk_outputs, gemm, leave_sms, plan_for
 
@@ -118,6 +119,7 @@ def _reduce_scatter(shape: dict, regime: str, world: int, dtype: torch.dtype, st
     n = m // world
     x, w = torch.randn(m, k, device="cuda", dtype=dtype), torch.randn(n_out, k, device="cuda", dtype=dtype) / k**0.5
     partial, staging = torch.empty(m, n_out, device="cuda", dtype=dtype), torch.empty(world - 1, n, n_out, device="cuda", dtype=dtype)
+    out = torch.empty(n, n_out, device="cuda", dtype=dtype)
     outgoing, incoming = _peers(world - 1, n, n_out, dtype, regime), _peers(world - 1, n, n_out, dtype, regime)
     blocks = [partial[q * n : (q + 1) * n] for q in range(world)]
     copy, counters, epochs = new_stream(cur.device), torch.zeros(world, dtype=torch.int32, device="cuda"), itertools.count(1)
@@ -127,8 +129,9 @@ def _reduce_scatter(shape: dict, regime: str, world: int, dtype: torch.dtype, st
     def pull_in():
         signals.copy_chunks([(staging[i], incoming[i]) for i in range(world - 1)], stream=copy)
 
-    def reduce():
-        return blocks[0] + staging.sum(0)
+    def reduce():  # as the operator does: one pass over this rank's block and the pulled ones
+        reduce_into([blocks[0], *staging], "sum", out)
+        return out
 
     def comm():
         copy.wait_stream(cur)
@@ -171,6 +174,7 @@ def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status
     step = -(-m // chunks)
     x, w = torch.randn(m, k, device="cuda", dtype=dtype), torch.randn(n_out, k, device="cuda", dtype=dtype) / k**0.5
     partial, staging = torch.empty(m, n_out, device="cuda", dtype=dtype), torch.empty(world - 1, m, n_out, device="cuda", dtype=dtype)
+    out = torch.empty(m, n_out, device="cuda", dtype=dtype)
     incoming = _peers(world - 1, m, n_out, dtype, regime)
     copy, counters, epochs = new_stream(cur.device), torch.zeros(chunks, dtype=torch.int32, device="cuda"), itertools.count(1)
     plan = plan_for(x, w)
@@ -180,8 +184,14 @@ def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status
     def pull(span):
         signals.copy_chunks([(staging[i, span], incoming[i][span]) for i in range(world - 1)], stream=copy)
 
-    def reduce():
-        return partial + staging.sum(0)
+    def reduce(span=slice(None)):  # as the operator does: one pass over the rows' parts
+        reduce_into([partial[span], *(staging[i, span] for i in range(world - 1))], "sum", out[span])
+        return out
+
+    def pull_and_reduce(span):  # on the copy stream, while later chunks compute
+        pull(span)
+        with torch.cuda.stream(copy):
+            reduce(span)
 
     def comm():
         copy.wait_stream(cur)
@@ -198,9 +208,9 @@ def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status
         for span in spans:
             torch.matmul(x[span], w.T, out=partial[span])
             copy.wait_stream(cur)  # peers finish this chunk when this rank does (lockstep)
-            pull(span)
+            pull_and_reduce(span)
         cur.wait_stream(copy)
-        return reduce()
+        return out
 
     def fused(start=None, end=None):
         e, before = next(epochs), cur.record_event()
@@ -208,8 +218,8 @@ def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status
         copy.wait_event(before)
         for c, span in enumerate(spans):
             signals.wait(counters, c, e * outputs[c], copy)
-            pull(span)
+            pull_and_reduce(span)
         cur.wait_stream(copy)
-        return reduce()
+        return out
 
     return _variants(lambda: x @ w.T, lambda: gemm(x, w, plan=plan), comm, bulk, chunked, fused)

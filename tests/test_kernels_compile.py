@@ -18,7 +18,7 @@ import pytest
 import torch
 import triton
 
-from interlace.kernels import allreduce_norm, flags
+from interlace.kernels import allreduce_norm, flags, reduce
 from interlace.kernels import gemm as gemm_kernels
 
 from triton.backends.compiler import GPUTarget
@@ -78,20 +78,24 @@ def report() -> dict:
                                 "pipelined": "async_copy_global_to_local" in ttgir})  # fmt: skip
     config = gemm_kernels.configs(interpreting=False)[0]
     hooks = {str(on): sorted(instructions(compile_gemm(90, torch.bfloat16, config, hooks=on).asm["ptx"])) for on in (True, False)}
-    norm = {}
+    loads = {"norm": {}, "sum": {}}  # which global loads each kernel reading peers' rows makes
     for world in (2, 8):
         hidden = 8192
-        pointers = {name: torch.bfloat16 for name in allreduce_norm.allreduce_residual_rmsnorm_kernel.arg_names[:12]}
+        norm = allreduce_norm.allreduce_residual_rmsnorm_kernel
         ints = dict(hidden=hidden, stride_p=hidden, stride_r=hidden, stride_o=hidden, eps=1e-5)
-        compiled = compile_for(allreduce_norm.allreduce_residual_rmsnorm_kernel, 90, pointers, ints,
+        compiled = compile_for(norm, 90, dict.fromkeys(norm.arg_names[:12], torch.bfloat16), ints,
                                dict(WORLD=world, BLOCK=allreduce_norm.block_for(hidden)), num_warps=8)  # fmt: skip
-        norm[world] = sorted(i for i in instructions(compiled.asm["ptx"]) if i.startswith("ld.global"))
+        loads["norm"][world] = sorted(i for i in instructions(compiled.asm["ptx"]) if i.startswith("ld.global"))
+        sums = reduce.sum_parts_kernel
+        compiled = compile_for(sums, 90, dict.fromkeys(sums.arg_names[:9], torch.bfloat16), dict(numel=hidden * 512),
+                               dict(WORLD=world, BLOCK=reduce.BLOCK), num_warps=reduce.NUM_WARPS)  # fmt: skip
+        loads["sum"][world] = sorted(i for i in instructions(compiled.asm["ptx"]) if i.startswith("ld.global"))
     flag = {}
     for wait in (True, False):
         pointers = {name: torch.int32 for name in ("flags_ptr", "epoch_ptr", "status_ptr")}
         ints = dict(index=3, scale=5, offset=-1, wait_id=2, max_spins=2**23)
         flag[str(wait)] = sorted(instructions(compile_for(flags.flag_kernel, 90, pointers, ints, dict(WAIT=wait), num_warps=1).asm["ptx"]))
-    return {"gemm": gemms, "hooks": hooks, "norm": norm, "flag": flag}
+    return {"gemm": gemms, "hooks": hooks, "loads": loads, "flag": flag}
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +125,10 @@ def test_gemm_hooks_are_system_scope_and_cost_nothing_when_off(compiled):
 
 
 @pytest.mark.parametrize("world", ["2", "8"])
-def test_allreduce_norm_reads_peer_rows_in_16_byte_vectors(compiled, world):
-    loads = compiled["norm"][world]
-    assert any(".v4." in i or ".v8." in i for i in loads), f"peer rows are not read in 16-byte vectors: {loads}"
+@pytest.mark.parametrize("kernel", ["norm", "sum"])
+def test_kernels_reading_peers_read_16_byte_vectors(compiled, kernel, world):
+    loads = compiled["loads"][kernel][world]
+    assert any(".v4." in i or ".v8." in i for i in loads), f"{kernel}: peer rows are not read in 16-byte vectors: {loads}"
 
 
 def test_flag_kernels_wait_with_acquire_and_write_with_release_at_system_scope(compiled):

@@ -5,8 +5,7 @@ Each program takes one row: it reads every rank's partial row from symmetric mem
 bits), adds the residual, writes the new residual, and writes ``RMSNorm(new residual) * weight``.
 It rounds where Hugging Face's and interlace.models' RMSNorm do after a residual add: the new
 residual to the output dtype before it is normalised, and the normalised row before the weight.
-Peers are separate typed pointer arguments, summed by an unrolled chain guarded by the constexpr
-``WORLD``: a loop would need pointers loaded from memory, untyped, for one add per peer.
+Peers are summed by ``interlace.kernels.reduce.sum_in_rank_order``.
 """
 
 from __future__ import annotations
@@ -14,12 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-MAX_WORLD = 8
-
-
-@triton.jit
-def _row(ptr, row, stride, cols, mask):
-    return tl.load(ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
+from interlace.kernels.reduce import sum_in_rank_order
 
 
 @triton.jit
@@ -31,22 +25,8 @@ def allreduce_residual_rmsnorm_kernel(
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
-    acc = _row(p0, row, stride_p, cols, mask)
-    if WORLD > 1:
-        acc += _row(p1, row, stride_p, cols, mask)
-    if WORLD > 2:
-        acc += _row(p2, row, stride_p, cols, mask)
-    if WORLD > 3:
-        acc += _row(p3, row, stride_p, cols, mask)
-    if WORLD > 4:
-        acc += _row(p4, row, stride_p, cols, mask)
-    if WORLD > 5:
-        acc += _row(p5, row, stride_p, cols, mask)
-    if WORLD > 6:
-        acc += _row(p6, row, stride_p, cols, mask)
-    if WORLD > 7:
-        acc += _row(p7, row, stride_p, cols, mask)
-    acc += _row(residual_ptr, row, stride_r, cols, mask)
+    acc = sum_in_rank_order(p0, p1, p2, p3, p4, p5, p6, p7, row * stride_p + cols, mask, WORLD)
+    acc += tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
     h = acc.to(new_residual_ptr.dtype.element_ty)
     tl.store(new_residual_ptr + row * stride_r + cols, h, mask=mask)
     h = h.to(tl.float32)

@@ -35,7 +35,7 @@ from ..device import new_stream, record_event
 from .calls import Call, check_agreement, check_pair, label
 from .errors import CommTimeoutError, PeerFailedError, root_cause
 from .group import Group, ThreadWork, Work
-from .reduce import reduce_in_rank_order, rows
+from .reduce import reduce_into, rows
 
 
 class _LocalWork(ThreadWork):
@@ -210,7 +210,9 @@ def _complete(rnd: _Round, world: int, stream: Any) -> Any:
             for r, c in enumerate(calls):
                 c.out.view(world, -1).copy_(blocks[:, r])
         elif kind in ("all_reduce", "reduce_scatter"):
-            total = reduce_in_rank_order([c.x for c in calls], calls[0].op)
+            x = calls[0].x
+            total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            reduce_into([c.x for c in calls], calls[0].op, total)
             for r, c in enumerate(calls):
                 c.out.copy_(total if kind == "all_reduce" else rows(total, r, world))
         return record_event(stream.device, stream) if stream is not None else None

@@ -39,7 +39,7 @@ from .calls import SIGNATURE_LEN, Call, check_agreement, check_pair, label
 from .errors import CommTimeoutError
 from ..device import new_stream, record_event
 from .group import Group, ThreadWork, Work, ring
-from .reduce import reduce_in_rank_order, rows
+from .reduce import reduce_into, rows
 from .symmetric import SymmetricBuffer
 
 READY, DONE, SENT = 0, 1, 2
@@ -139,9 +139,9 @@ class SymmetricGroup(Group):
             for q, x_q in enumerate(inputs):
                 rows(call.out, q, w).copy_(rows(x_q, r, w))
         elif call.kind == "all_reduce":
-            call.out.copy_(reduce_in_rank_order(inputs, call.op))
+            reduce_into(inputs, call.op, call.out)
         else:
-            call.out.copy_(reduce_in_rank_order([rows(x_q, r, w) for x_q in inputs], call.op))
+            reduce_into([rows(x_q, r, w) for x_q in inputs], call.op, call.out)
 
     def _send(self, call: Call, n: int, work: _SymmetricWork) -> None:
         d, buf = call.peer, self.buffer

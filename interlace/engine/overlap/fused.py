@@ -31,10 +31,11 @@ import torch
 
 from interlace.engine.comm import Group, SymmetricBuffer, signals
 from interlace.engine.comm.group import ring
-from interlace.engine.comm.reduce import reduce_in_rank_order
+from interlace.engine.comm.reduce import reduce_into
 from interlace.engine.device import new_stream
 from interlace.kernels import allreduce_norm
 from interlace.kernels.flags import FLAG_WAIT_FAILED
+from interlace.kernels.reduce import MAX_WORLD
 from interlace.ops import flags as epoch_flags
 from interlace.ops.flags import EpochValue
 from interlace.ops.gemm import (
@@ -256,9 +257,10 @@ class FusedAllGatherMatmul(_Fused):
 class _MatmulThenReduce(_Fused):
     """GEMM into the symmetric buffer, counting finished outputs per row chunk; the lane pulls each
     peer's chunk of the rows this rank reduces with the copy engines (no SMs: a persistent GEMM holds
-    them) as soon as that peer has finished it, then reduces them locally in rank order. ``staging``
-    holds the pulled rows: ``world - 1`` copies of this rank's output. Flags: one signal counter
-    per chunk, then DONE (this rank finished reading its peers)."""
+    them) as soon as that peer has finished it, and reduces each chunk in rank order once every rank
+    has finished it, one pass over its parts (``reduce_into``), while later chunks still compute.
+    ``staging`` holds the pulled rows: ``world - 1`` copies of this rank's output. Flags: one
+    signal counter per chunk, then DONE (this rank finished reading its peers)."""
 
     def __init__(self, group, m, n, dtype, chunk_rows, reduced_rows, name, *, check, max_spins, graph_safe):
         self.m, self.n, self.dtype, self.chunk_rows = m, n, dtype, chunk_rows
@@ -275,9 +277,9 @@ class _MatmulThenReduce(_Fused):
     def _rows(self, chunk: int) -> slice:
         return slice(chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.m))
 
-    def _run(self, x: torch.Tensor, weight: torch.Tensor, start_chunk: int, reduced: slice, pulls: list[tuple[int, int]]) -> torch.Tensor:
-        """Rows ``reduced`` of the sum over ranks of ``x @ weight.T``; ``pulls``: (peer, chunk) in
-        the order the peers are expected to finish them."""
+    def _run(self, x: torch.Tensor, weight: torch.Tensor, start_chunk: int, reduced: slice, peers: list[int]) -> torch.Tensor:
+        """Rows ``reduced`` of the sum over ranks of ``x @ weight.T``; ``peers``: the order in which
+        they are expected to finish each chunk of those rows."""
         _expect(x, (self.m, x.shape[1]), self.dtype, self.rank, f"{self.name} x")
         capturing, plan = self._begin(x, weight)
         buf, r = self.buffer, self.rank
@@ -287,15 +289,17 @@ class _MatmulThenReduce(_Fused):
         out = torch.empty(reduced.stop - reduced.start, self.n, dtype=self.dtype, device=x.device)
 
         def consume():
-            for q, c in pulls:
-                self._await(q, c, outputs[c])
-                rows = self._rows(c)
-                self.lane.move([(self._staged(q)[rows.start - reduced.start : rows.stop - reduced.start], self._partial(q)[rows])])
-            self.lane.publish(buf.flags(r), self.done, self._value())
             for c in mine:
+                rows = self._rows(c)
+                local = slice(rows.start - reduced.start, rows.stop - reduced.start)
+                for q in peers:
+                    self._await(q, c, outputs[c])
+                    self.lane.move([(self._staged(q)[local], self._partial(q)[rows])])
+                if c == mine[-1]:
+                    self.lane.publish(buf.flags(r), self.done, self._value())
                 self._await(r, c, outputs[c])
-            parts = [self._partial(q)[reduced] if q == r else self._staged(q) for q in range(self.world)]
-            out.copy_(reduce_in_rank_order(parts, "sum"))
+                parts = [self._partial(q)[rows] if q == r else self._staged(q)[local] for q in range(self.world)]
+                reduce_into(parts, "sum", out[local])
 
         def produce():
             gemm(x, weight, out=self._partial(r), signal=SignalHook(buf.flags(r), self.chunk_rows),
@@ -323,8 +327,7 @@ class FusedMatmulReduceScatter(_MatmulThenReduce):
         r, w = self.rank, self.world
         # Rank q produces blocks from q + 1 on, around the ring: rank r - 1 finishes block r first,
         # and every rank finishes its own block last.
-        ready = [((r - 1 - p) % w, r) for p in range(w - 1)]
-        return self._run(x, weight, (r + 1) % w, self._rows(r), ready)
+        return self._run(x, weight, (r + 1) % w, self._rows(r), [(r - 1 - p) % w for p in range(w - 1)])
 
 
 class FusedMatmulAllReduce(_MatmulThenReduce):
@@ -336,8 +339,7 @@ class FusedMatmulAllReduce(_MatmulThenReduce):
                          graph_safe=graph_safe)  # fmt: skip
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        pulls = [(q, c) for c in range(self.chunks) for q in ring(self.rank, self.world)]  # every rank goes chunk by chunk
-        return self._run(x, weight, 0, slice(0, self.m), pulls)
+        return self._run(x, weight, 0, slice(0, self.m), ring(self.rank, self.world))  # every rank goes chunk by chunk
 
 
 class FusedMatmulGroupAllReduce(_Fused):
@@ -387,8 +389,8 @@ class FusedAllReduceResidualNorm(_Fused):
 
     def __init__(self, group: Group, rows: int, hidden: int, dtype: torch.dtype, eps: float = 1e-5, *, check: bool = True,
                  graph_safe: bool = False):  # fmt: skip
-        if group.world_size > allreduce_norm.MAX_WORLD:
-            raise ValueError(f"rank {group.rank}: the fused all-reduce reads at most {allreduce_norm.MAX_WORLD} peers, "
+        if group.world_size > MAX_WORLD:
+            raise ValueError(f"rank {group.rank}: the fused all-reduce reads at most {MAX_WORLD} peers, "
                              f"the group has {group.world_size}")  # fmt: skip
         self.rows, self.hidden, self.dtype, self.eps = rows, hidden, dtype, eps
         super().__init__(group, rows * hidden * dtype.itemsize, 2, "AR+norm", check=check, max_spins=None, graph_safe=graph_safe)
@@ -413,7 +415,7 @@ class FusedAllReduceResidualNorm(_Fused):
         self.lane.join()
         residual, weight = residual.contiguous(), weight.contiguous()
         out, h = torch.empty_like(residual), torch.empty_like(residual)
-        pointers = peers + [peers[0]] * (allreduce_norm.MAX_WORLD - self.world)  # unused beyond WORLD
+        pointers = peers + [peers[0]] * (MAX_WORLD - self.world)  # unused beyond WORLD
         with INTERPRETER_LOCK:
             allreduce_norm.allreduce_residual_rmsnorm_kernel[(self.rows,)](
                 *pointers, residual, weight, out, h, self.hidden, peers[0].stride(0), residual.stride(0), out.stride(0), self.eps,
@@ -470,8 +472,8 @@ def fused_unavailable(group: Group, pattern: str, *, timing: bool = False) -> st
                 "(TRITON_INTERPRET=1, set before Triton is imported, runs them on CPU, for tests)")  # fmt: skip
     if timing and INTERPRETING:
         return "under the Triton interpreter a timing measures Python, not a kernel"
-    if pattern == "ar_norm" and group.world_size > allreduce_norm.MAX_WORLD:
-        return f"the fused all-reduce + RMSNorm reads at most {allreduce_norm.MAX_WORLD} ranks, the group has {group.world_size}"
+    if pattern == "ar_norm" and group.world_size > MAX_WORLD:
+        return f"the fused all-reduce + RMSNorm reads at most {MAX_WORLD} ranks, the group has {group.world_size}"
     reason = _no_shared_memory(group)
     return None if reason is None or pattern in _UNSHARED else f"fused {pattern} needs memory shared by every rank: {reason}"
 
