@@ -9,6 +9,7 @@ import torch
 
 from interlace.engine.comm import CollectiveMismatchError, CommTimeoutError, PeerFailedError, RankFailedError, spawn
 from interlace.engine.comm.calls import make_call
+from interlace.engine.device import shared_queues
 
 CPU = torch.device("cpu")
 TRANSPORTS = ["local", "gloo", "symmetric"]
@@ -214,3 +215,16 @@ def test_spawn_rejects_bad_arguments(kwargs, error, message):
 def test_nccl_without_gpu_says_so():
     with pytest.raises(RuntimeError, match="backend='nccl' with device=None needs a CUDA GPU"):
         spawn(returns_rank, 2, "nccl", args=(0,))
+
+
+
+@pytest.mark.parametrize("environ,queues", [({}, 8), ({"CUDA_DEVICE_MAX_CONNECTIONS": "16"}, 16), ({"CUDA_DEVICE_MAX_CONNECTIONS": "64"}, 32)])
+def test_more_streams_than_hardware_queues_are_named(environ, queues):
+    assert shared_queues(queues, environ) is None
+    why = shared_queues(queues + 1, environ)
+    assert why.startswith(f"{queues + 1} streams on one GPU but CUDA_DEVICE_MAX_CONNECTIONS")
+    assert ("use fewer ranks per GPU" if queues == 32 else "set CUDA_DEVICE_MAX_CONNECTIONS=32 before CUDA starts") in why
+
+
+def test_a_malformed_queue_setting_is_named():
+    assert "'lots' is not an integer" in shared_queues(2, {"CUDA_DEVICE_MAX_CONNECTIONS": "lots"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 
@@ -51,3 +52,20 @@ def new_stream(device: torch.device) -> torch.cuda.Stream:
 def _release(index: int, handle: int) -> None:
     with _FREE_LOCK:
         _FREE_STREAMS[index].append(handle)
+
+
+def shared_queues(streams: int, environ=os.environ) -> str | None:
+    """Why ``streams`` concurrent streams of one process on one GPU may share hardware queues (CUDA
+    gives a process CUDA_DEVICE_MAX_CONNECTIONS of them, 8 unless set, at most 32, read when CUDA
+    starts), or None. Streams that share a queue run in one order: a stream wait on a peer holds
+    back the other stream's work, which a peer may be waiting for."""
+    raw = environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
+    try:
+        queues = min(32, int(raw)) if raw is not None else 8
+    except ValueError:
+        return f"CUDA_DEVICE_MAX_CONNECTIONS={raw!r} is not an integer"
+    if streams <= queues:
+        return None
+    setting = f"CUDA_DEVICE_MAX_CONNECTIONS={raw}" if raw is not None else "CUDA_DEVICE_MAX_CONNECTIONS is unset (8 queues)"
+    fix = "set CUDA_DEVICE_MAX_CONNECTIONS=32 before CUDA starts" if streams <= 32 else "use fewer ranks per GPU"
+    return f"{streams} streams on one GPU but {setting}: streams share hardware queues and a stream wait can stall a peer; {fix}"

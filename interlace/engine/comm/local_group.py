@@ -25,13 +25,14 @@ import contextlib
 import queue
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-from ..device import new_stream, record_event
+from ..device import new_stream, record_event, shared_queues
 from .calls import Call, check_agreement, check_pair, label
 from .errors import CommTimeoutError, PeerFailedError, root_cause
 from .group import Group, ThreadWork, Work
@@ -258,6 +259,9 @@ def run_threads(
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:  # torch.cuda.set_device needs an index
         device = torch.device("cuda", torch.cuda.current_device())
+    streams = 2 * world_size + 1  # a compute stream and a lane per rank, the hub's
+    if device.type == "cuda" and world_size > 1 and (why := shared_queues(streams)):
+        warnings.warn(f"LocalGroup with {world_size} ranks: {why}", RuntimeWarning, stacklevel=3)  # spawn()'s caller
     hub = _Hub(world_size, device, timeout)
     results: list[Any] = [None] * world_size
     failures: list[tuple[int, BaseException]] = []
