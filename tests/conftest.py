@@ -25,6 +25,13 @@ if not HAS_GPU:
 os.environ.setdefault("INTERLACE_TUNE", "quick")
 
 
+def pytest_configure(config):
+    from interlace.ops.gemm import interpreter_problem
+
+    if problem := interpreter_problem():
+        pytest.exit(f"the CPU suite runs Triton kernels under the interpreter, and {problem}", returncode=1)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
     skip_interpreter = pytest.mark.skip(reason="Triton kernels on CPU tensors need the interpreter, which is off where a GPU runs them")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from interlace.engine.comm import signals
 from interlace.engine.device import new_stream
-from interlace.ops.gemm import SignalHook, WaitHook, chunk_outputs, gemm, plan_for
+from interlace.ops.gemm import SignalHook, WaitHook, chunk_outputs, gemm, interpreter_problem, plan_for
 from reference import assert_within, matmul_tolerance
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -277,3 +277,12 @@ def test_quick_tuning_is_two_of_the_full_candidates_and_bad_modes_are_named(monk
     monkeypatch.setenv("INTERLACE_TUNE", "fast")
     with pytest.raises(ValueError, match="INTERLACE_TUNE must be 'full' or 'quick', got 'fast'"):
         ops._quick_tuning()
+
+
+@pytest.mark.parametrize("interpreting,triton_version,numpy_version,broken", [
+    (True, "3.6.0", "2.4.6", True), (True, "3.6.0", "2.3.5", False), (True, "3.7.1", "2.4.6", False), (False, "3.6.0", "2.5.2", False),
+])  # fmt: skip
+def test_a_triton_interpreter_that_cannot_run_with_this_numpy_is_named(interpreting, triton_version, numpy_version, broken):
+    problem = interpreter_problem(interpreting, triton_version, numpy_version)
+    assert (problem is not None) == broken
+    assert not broken or f"Triton {triton_version} interpreter (TRITON_INTERPRET=1) fails with numpy {numpy_version}" in problem

@@ -26,6 +26,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 
+import numpy
 import torch
 import triton
 
@@ -43,6 +44,21 @@ INTERPRETER_PROGRAMS = 2  # sequential programs under the interpreter: two exerc
 # The interpreter patches triton.language globally while a kernel runs: two threads interpreting at
 # once corrupt each other ("Did you forget to add @triton.jit?"). Rank threads take turns.
 INTERPRETER_LOCK = threading.Lock() if INTERPRETING else contextlib.nullcontext()
+
+
+def interpreter_problem(interpreting: bool = INTERPRETING, triton_version: str = triton.__version__,
+                        numpy_version: str = numpy.__version__) -> str | None:  # fmt: skip
+    """Why kernels cannot run under this Triton interpreter, or None. Measured: triton 3.6's
+    interpreter converts 1-element arrays to scalars, which numpy 2.4 refuses, so every kernel
+    with a loop fails with "TypeError: only 0-dimensional arrays can be converted"; 3.7.1 is fine."""
+    if interpreting and _minor(triton_version) < (3, 7) and _minor(numpy_version) >= (2, 4):
+        return (f"the Triton {triton_version} interpreter (TRITON_INTERPRET=1) fails with numpy {numpy_version}: "
+                "install triton>=3.7 or numpy<2.4")  # fmt: skip
+    return None
+
+
+def _minor(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:2])
 
 
 @dataclass(frozen=True)
@@ -122,6 +138,8 @@ def gemm(
     status: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``act(x @ w.T + bias) + residual`` into ``out`` (allocated when None); see the module doc."""
+    if reason := interpreter_problem():
+        raise RuntimeError(f"gemm: {reason}")
     m, n = _check_operands(x, w, bias, residual, activation, out)
     y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
