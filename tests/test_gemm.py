@@ -280,7 +280,8 @@ def test_quick_tuning_is_two_of_the_full_candidates_and_bad_modes_are_named(monk
 
 
 @pytest.mark.parametrize("interpreting,triton_version,numpy_version,broken", [
-    (True, "3.6.0", "2.4.6", True), (True, "3.6.0", "2.3.5", False), (True, "3.7.1", "2.4.6", False), (False, "3.6.0", "2.5.2", False),
+    (True, "3.6.0", "2.4.6", True), (True, "3.6.0+git1a2b", "2.4.0rc1", True), (True, "3.6.0", "2.3.5", False),
+    (True, "3.7.1", "2.4.6", False), (False, "3.6.0", "2.5.2", False),
 ])  # fmt: skip
 def test_a_triton_interpreter_that_cannot_run_with_this_numpy_is_named(interpreting, triton_version, numpy_version, broken):
     problem = interpreter_problem(interpreting, triton_version, numpy_version)

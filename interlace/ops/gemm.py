@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 
@@ -58,7 +59,8 @@ def interpreter_problem(interpreting: bool = INTERPRETING, triton_version: str =
 
 
 def _minor(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split(".")[:2])
+    """(3, 7) from '3.7.1', '3.7.0+git1a2b' or '3.7rc1'."""
+    return tuple(int(re.match(r"\d*", part).group() or 0) for part in version.split(".")[:2])
 
 
 @dataclass(frozen=True)
