@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 PY = ".venv/bin/python"
 PYTEST = [PY, "-m", "pytest", "-q", "-o", "timeout_method=thread"]  # a stuck test dumps every thread's stack
 LEAST = 30.0  # seconds a step needs at least to be worth starting
-FIRST = ("test_symmetric.py", "test_gemm.py", "test_fused.py")  # run alone, in this order, before the rest
+FIRST = ("test_symmetric.py", "test_gemm.py", "test_reduce.py", "test_fused.py")  # run alone, in this order, before the rest
 LAYERS = ["--backends", "local", "--world-sizes", "2,4,8"]  # one process, a stream per rank: timeable on one GPU
 
 
@@ -66,7 +66,7 @@ def plans(results: str) -> dict[str, list[Step]]:
              Step("env", [PY, "-m", "interlace", "env"], 60)]  # fmt: skip
     tests = [
         Step("test-symmetric", [*PYTEST, "--timeout=60", "tests/test_symmetric.py"], 150),  # cheapest first
-        Step("test-gemm", [*PYTEST, "--timeout=120", "tests/test_gemm.py"], 240),
+        Step("test-kernels", [*PYTEST, "--timeout=120", "tests/test_gemm.py", "tests/test_reduce.py"], 240),  # what fused runs on
         Step("test-fused-2", [*PYTEST, "--timeout=90", "tests/test_fused.py", "-k", "cuda-ipc-2 or local-cuda-2"], 180),
         Step("test-fused", [*PYTEST, "--timeout=120", "tests/test_fused.py", "-k", "not (cuda-ipc-2 or local-cuda-2)"], 300),
         Step("test-rest", [*PYTEST, "--timeout=120", "tests", *(f"--ignore=tests/{f}" for f in FIRST)], 420),
