@@ -119,7 +119,6 @@ def _reduce_scatter(shape: dict, regime: str, world: int, dtype: torch.dtype, st
     n = m // world
     x, w = torch.randn(m, k, device="cuda", dtype=dtype), torch.randn(n_out, k, device="cuda", dtype=dtype) / k**0.5
     partial, staging = torch.empty(m, n_out, device="cuda", dtype=dtype), torch.empty(world - 1, n, n_out, device="cuda", dtype=dtype)
-    out = torch.empty(n, n_out, device="cuda", dtype=dtype)
     outgoing, incoming = _peers(world - 1, n, n_out, dtype, regime), _peers(world - 1, n, n_out, dtype, regime)
     blocks = [partial[q * n : (q + 1) * n] for q in range(world)]
     copy, counters, epochs = new_stream(cur.device), torch.zeros(world, dtype=torch.int32, device="cuda"), itertools.count(1)
@@ -130,6 +129,7 @@ def _reduce_scatter(shape: dict, regime: str, world: int, dtype: torch.dtype, st
         signals.copy_chunks([(staging[i], incoming[i]) for i in range(world - 1)], stream=copy)
 
     def reduce():  # as the operator does: one pass over this rank's block and the pulled ones
+        out = torch.empty(n, n_out, device="cuda", dtype=dtype)
         reduce_into([blocks[0], *staging], "sum", out)
         return out
 
@@ -174,7 +174,6 @@ def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status
     step = -(-m // chunks)
     x, w = torch.randn(m, k, device="cuda", dtype=dtype), torch.randn(n_out, k, device="cuda", dtype=dtype) / k**0.5
     partial, staging = torch.empty(m, n_out, device="cuda", dtype=dtype), torch.empty(world - 1, m, n_out, device="cuda", dtype=dtype)
-    out = torch.empty(m, n_out, device="cuda", dtype=dtype)
     incoming = _peers(world - 1, m, n_out, dtype, regime)
     copy, counters, epochs = new_stream(cur.device), torch.zeros(chunks, dtype=torch.int32, device="cuda"), itertools.count(1)
     plan = plan_for(x, w)
@@ -184,14 +183,10 @@ def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status
     def pull(span):
         signals.copy_chunks([(staging[i, span], incoming[i][span]) for i in range(world - 1)], stream=copy)
 
-    def reduce(span=slice(None)):  # as the operator does: one pass over the rows' parts
-        reduce_into([partial[span], *(staging[i, span] for i in range(world - 1))], "sum", out[span])
+    def reduce():  # as the operator does: one pass over the parts, after every pull
+        out = torch.empty(m, n_out, device="cuda", dtype=dtype)
+        reduce_into([partial, *staging], "sum", out)
         return out
-
-    def pull_and_reduce(span):  # on the copy stream, while later chunks compute
-        pull(span)
-        with torch.cuda.stream(copy):
-            reduce(span)
 
     def comm():
         copy.wait_stream(cur)
@@ -208,9 +203,9 @@ def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status
         for span in spans:
             torch.matmul(x[span], w.T, out=partial[span])
             copy.wait_stream(cur)  # peers finish this chunk when this rank does (lockstep)
-            pull_and_reduce(span)
+            pull(span)
         cur.wait_stream(copy)
-        return out
+        return reduce()
 
     def fused(start=None, end=None):
         e, before = next(epochs), cur.record_event()
@@ -218,8 +213,8 @@ def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status
         copy.wait_event(before)
         for c, span in enumerate(spans):
             signals.wait(counters, c, e * outputs[c], copy)
-            pull_and_reduce(span)
+            pull(span)
         cur.wait_stream(copy)
-        return out
+        return reduce()
 
     return _variants(lambda: x @ w.T, lambda: gemm(x, w, plan=plan), comm, bulk, chunked, fused)

@@ -228,3 +228,10 @@ def test_more_streams_than_hardware_queues_are_named(environ, queues):
 
 def test_a_malformed_queue_setting_is_named():
     assert "'lots' is not an integer" in shared_queues(2, {"CUDA_DEVICE_MAX_CONNECTIONS": "lots"})
+
+
+@pytest.mark.gpu
+def test_rank_threads_with_more_streams_than_queues_warn():
+    # conftest sets CUDA_DEVICE_MAX_CONNECTIONS=32: 16 ranks need 33 streams
+    with pytest.warns(RuntimeWarning, match="LocalGroup with 16 ranks: 33 streams on one GPU .* use fewer ranks per GPU"):
+        assert spawn(lambda group: group.rank, world_size=16, backend="local", device="cuda") == list(range(16))

@@ -16,6 +16,11 @@ def sum_parts(parts: list[torch.Tensor], out: torch.Tensor) -> None:
     """``out = parts[0] + parts[1] + ...`` in fp32, rounded once: one read of each part."""
     if reason := unsupported(parts, out):
         raise ValueError(f"sum_parts: {reason}")
+    launch(parts, out)
+
+
+def launch(parts: list[torch.Tensor], out: torch.Tensor) -> None:
+    """``sum_parts`` for operands that ``unsupported`` accepted."""
     if out.numel() == 0:
         return
     pointers = parts + [parts[0]] * (kernel.MAX_WORLD - len(parts))  # unused beyond WORLD

@@ -28,7 +28,7 @@ def reduce_into(parts: list[torch.Tensor], op: str, out: torch.Tensor) -> None:
         from interlace.ops import reduce as one_pass  # triton: imported where a GPU is, not for comm alone
 
         if one_pass.unsupported(parts, out) is None:
-            one_pass.sum_parts(parts, out)
+            one_pass.launch(parts, out)
             return
     out.copy_(reduce_in_rank_order(parts, op))
 

@@ -42,6 +42,7 @@ from interlace.ops.gemm import (
     DEFAULT_MAX_SPINS, GEMM_WAIT_FAILED, INTERPRETER_LOCK, INTERPRETING, Plan, SignalHook, WaitHook, chunk_outputs, gemm, leave_sms,
     plan_for,
 )  # fmt: skip
+from interlace.ops.reduce import sum_parts
 
 from .lane import SideLane
 from .watchdog import WATCHDOG, log
@@ -256,17 +257,22 @@ class FusedAllGatherMatmul(_Fused):
 
 class _MatmulThenReduce(_Fused):
     """GEMM into the symmetric buffer, counting finished outputs per row chunk; the lane pulls each
-    peer's chunk of the rows this rank reduces with the copy engines (no SMs: a persistent GEMM holds
-    them) as soon as that peer has finished it, and reduces each chunk in rank order once every rank
-    has finished it, one pass over its parts (``reduce_into``), while later chunks still compute.
-    ``staging`` holds the pulled rows: ``world - 1`` copies of this rank's output. Flags: one
-    signal counter per chunk, then DONE (this rank finished reading its peers)."""
+    peer's chunk of the rows ``reduced`` with the copy engines (no SMs: a persistent GEMM holds them)
+    as soon as that peer has finished it, then reduces them locally in rank order, one pass over the
+    parts. The reduction follows every pull on the lane: a kernel queued between pulls would wait
+    for SMs the GEMM holds, and hold back the pulls behind it. ``staging`` holds the pulled rows:
+    ``world - 1`` copies of this rank's output. Flags: one signal counter per chunk, then DONE (this
+    rank finished reading its peers)."""
 
-    def __init__(self, group, m, n, dtype, chunk_rows, reduced_rows, name, *, check, max_spins, graph_safe):
-        self.m, self.n, self.dtype, self.chunk_rows = m, n, dtype, chunk_rows
+    def __init__(self, group, m, n, dtype, chunk_rows, reduced: slice, name, *, check, max_spins, graph_safe):
+        self.m, self.n, self.dtype, self.chunk_rows, self.reduced = m, n, dtype, chunk_rows, reduced
         self.chunks = self.done = -(-m // chunk_rows)
         super().__init__(group, m * n * dtype.itemsize, self.chunks + 1, name, check=check, max_spins=max_spins, graph_safe=graph_safe)
-        self.staging = torch.empty(self.world - 1, reduced_rows, n, dtype=dtype, device=group.device)
+        self.staging = torch.empty(self.world - 1, reduced.stop - reduced.start, n, dtype=dtype, device=group.device)
+        if group.device.type == "cuda" and self.world <= MAX_WORLD:
+            # Compile and load the one-pass sum now, not inside a CUDA graph's capture; and fail
+            # here, not fall back to torch's pass per rank, if it cannot take these operands.
+            sum_parts(self._parts(), torch.empty_like(self._partial(self.rank)[reduced]))
 
     def _partial(self, rank: int) -> torch.Tensor:
         return self.buffer.peer(rank, self.dtype, (self.m, self.n))
@@ -274,15 +280,19 @@ class _MatmulThenReduce(_Fused):
     def _staged(self, rank: int) -> torch.Tensor:
         return self.staging[(rank - self.rank - 1) % self.world]
 
+    def _parts(self) -> list[torch.Tensor]:
+        """Every rank's rows ``reduced``, in rank order: this rank's partial, its peers' pulled."""
+        return [self._partial(q)[self.reduced] if q == self.rank else self._staged(q) for q in range(self.world)]
+
     def _rows(self, chunk: int) -> slice:
         return slice(chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.m))
 
-    def _run(self, x: torch.Tensor, weight: torch.Tensor, start_chunk: int, reduced: slice, peers: list[int]) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, weight: torch.Tensor, start_chunk: int, peers: list[int]) -> torch.Tensor:
         """Rows ``reduced`` of the sum over ranks of ``x @ weight.T``; ``peers``: the order in which
         they are expected to finish each chunk of those rows."""
         _expect(x, (self.m, x.shape[1]), self.dtype, self.rank, f"{self.name} x")
         capturing, plan = self._begin(x, weight)
-        buf, r = self.buffer, self.rank
+        buf, r, reduced = self.buffer, self.rank, self.reduced
         self._after_peers_read(self.done)  # peers finished reading my partials of the last epoch
         outputs = chunk_outputs(self.m, self.n, self.chunk_rows)
         mine = range(reduced.start // self.chunk_rows, -(-reduced.stop // self.chunk_rows))  # the chunks reduced
@@ -291,15 +301,13 @@ class _MatmulThenReduce(_Fused):
         def consume():
             for c in mine:
                 rows = self._rows(c)
-                local = slice(rows.start - reduced.start, rows.stop - reduced.start)
                 for q in peers:
                     self._await(q, c, outputs[c])
-                    self.lane.move([(self._staged(q)[local], self._partial(q)[rows])])
-                if c == mine[-1]:
-                    self.lane.publish(buf.flags(r), self.done, self._value())
+                    self.lane.move([(self._staged(q)[rows.start - reduced.start : rows.stop - reduced.start], self._partial(q)[rows])])
+            self.lane.publish(buf.flags(r), self.done, self._value())
+            for c in mine:
                 self._await(r, c, outputs[c])
-                parts = [self._partial(q)[rows] if q == r else self._staged(q)[local] for q in range(self.world)]
-                reduce_into(parts, "sum", out[local])
+            reduce_into(self._parts(), "sum", out)
 
         def produce():
             gemm(x, weight, out=self._partial(r), signal=SignalHook(buf.flags(r), self.chunk_rows),
@@ -320,14 +328,15 @@ class FusedMatmulReduceScatter(_MatmulThenReduce):
 
     def __init__(self, group: Group, rows: int, n: int, dtype: torch.dtype, *, check: bool = True, max_spins: int | None = None,
                  graph_safe: bool = False):  # fmt: skip
-        super().__init__(group, group.world_size * rows, n, dtype, rows, rows, "GEMM+RS", check=check, max_spins=max_spins,
+        mine = slice(group.rank * rows, (group.rank + 1) * rows)
+        super().__init__(group, group.world_size * rows, n, dtype, rows, mine, "GEMM+RS", check=check, max_spins=max_spins,
                          graph_safe=graph_safe)  # fmt: skip
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         r, w = self.rank, self.world
         # Rank q produces blocks from q + 1 on, around the ring: rank r - 1 finishes block r first,
         # and every rank finishes its own block last.
-        return self._run(x, weight, (r + 1) % w, self._rows(r), [(r - 1 - p) % w for p in range(w - 1)])
+        return self._run(x, weight, (r + 1) % w, [(r - 1 - p) % w for p in range(w - 1)])
 
 
 class FusedMatmulAllReduce(_MatmulThenReduce):
@@ -335,11 +344,11 @@ class FusedMatmulAllReduce(_MatmulThenReduce):
 
     def __init__(self, group: Group, m: int, n: int, dtype: torch.dtype, chunks: int = 4, *, check: bool = True,
                  max_spins: int | None = None, graph_safe: bool = False):  # fmt: skip
-        super().__init__(group, m, n, dtype, _chunk_rows(m, chunks), m, "GEMM+AR", check=check, max_spins=max_spins,
+        super().__init__(group, m, n, dtype, _chunk_rows(m, chunks), slice(0, m), "GEMM+AR", check=check, max_spins=max_spins,
                          graph_safe=graph_safe)  # fmt: skip
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return self._run(x, weight, 0, slice(0, self.m), ring(self.rank, self.world))  # every rank goes chunk by chunk
+        return self._run(x, weight, 0, ring(self.rank, self.world))  # every rank goes chunk by chunk
 
 
 class FusedMatmulGroupAllReduce(_Fused):
