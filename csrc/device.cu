@@ -4,9 +4,12 @@
 #include <cuda.h>  // driver types only
 #include <cuda_runtime.h>
 
+#include <chrono>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
+#include <thread>
 #include <unordered_map>
 
 #include "device.h"
@@ -63,16 +66,27 @@ class DeviceGuard {
   int previous_ = 0;
 };
 
-cudaStream_t private_stream(int device) {
+// What device_load reads through, per device: its stream and a pinned slot, one read at a time.
+// Never freed: a copy that outlived its deadline may still land in the slot.
+struct Loader {
+  std::mutex lock;
+  cudaStream_t stream = nullptr;
+  int32_t* slot = nullptr;
+};
+
+Loader& loader(int device) {  // on `device` (the caller's DeviceGuard)
   static std::mutex lock;
-  static std::unordered_map<int, cudaStream_t> streams;
+  static std::unordered_map<int, Loader*> loaders;
   std::lock_guard<std::mutex> guard(lock);
-  auto it = streams.find(device);
-  if (it != streams.end()) return it->second;
-  cudaStream_t s = nullptr;
-  check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "creating a private stream");
-  streams[device] = s;
-  return s;
+  Loader*& found = loaders[device];
+  if (found == nullptr) {
+    auto fresh = std::make_unique<Loader>();
+    check(cudaHostAlloc(reinterpret_cast<void**>(&fresh->slot), sizeof(int32_t), cudaHostAllocPortable),
+          "allocating a pinned slot for device reads");
+    check(cudaStreamCreateWithFlags(&fresh->stream, cudaStreamNonBlocking), "creating a stream for device reads");
+    found = fresh.release();
+  }
+  return *found;
 }
 
 }  // namespace
@@ -171,14 +185,24 @@ void relax_capture_mode() {
   check(cudaThreadExchangeStreamCaptureMode(&mode), "setting this thread's capture mode to relaxed");
 }
 
-int32_t device_load(uintptr_t address, int device) {
+int32_t device_load(uintptr_t address, int device, double timeout_s) {
   DeviceGuard guard(device);
-  cudaStream_t s = private_stream(device);
-  int32_t value = 0;
-  check(cudaMemcpyAsync(&value, reinterpret_cast<const void*>(address), sizeof(value), cudaMemcpyDeviceToHost, s),
+  Loader& l = loader(device);
+  std::lock_guard<std::mutex> one_read(l.lock);  // one slot: a read queued behind a late one waits its turn
+  check(cudaMemcpyAsync(l.slot, reinterpret_cast<const void*>(address), sizeof(int32_t), cudaMemcpyDeviceToHost, l.stream),
         "reading a device flag");
-  check(cudaStreamSynchronize(s), "reading a device flag");
-  return value;
+  const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  cudaError_t state;
+  while ((state = cudaStreamQuery(l.stream)) == cudaErrorNotReady) {
+    if (std::chrono::steady_clock::now() >= end) {
+      throw DeviceTimeout("the copy reading a device flag did not finish within " +
+                          std::to_string(static_cast<long long>(timeout_s * 1000)) +
+                          " ms: it is queued behind work that is not finishing (a stream wait on a peer?)");
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+  check(state, "reading a device flag");
+  return *static_cast<volatile int32_t*>(l.slot);
 }
 
 }  // namespace interlace

@@ -5,10 +5,16 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 namespace interlace {
+
+// A device operation that did not finish in time (Python: interlace._C.DeviceTimeout, a TimeoutError).
+struct DeviceTimeout : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 bool cuda_built();
 std::string cuda_runtime_version();  // of the toolkit built against, e.g. "13.0"
@@ -33,8 +39,10 @@ void copy_chunks_async(uintptr_t stream, const std::vector<uintptr_t>& dst, cons
 // hold back a peer's kernels. Never destroyed (see interlace.engine.device.new_stream).
 uintptr_t stream_create(int device);
 // Read one int32 of device memory through a private non-blocking stream (a copy engine), so a
-// host can watch a flag while kernels hold the device's other streams.
-int32_t device_load(uintptr_t address, int device);
+// host can watch a flag while kernels hold the device's other streams. The copy can still queue
+// behind blocked work (a stream sharing its hardware queue waits on a peer that never comes):
+// after `timeout_s` seconds it throws DeviceTimeout; the late copy lands in a slot kept for it.
+int32_t device_load(uintptr_t address, int device, double timeout_s);
 // Let the calling thread make CUDA calls (event queries, flag reads) while another thread
 // captures a CUDA graph in the default global mode, without invalidating that capture
 // (cudaThreadExchangeStreamCaptureMode to relaxed, for this thread only).

@@ -115,6 +115,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("copy_chunks_async", &copy_chunks_async, py::arg("stream"), py::arg("dst"), py::arg("src"),
         py::arg("nbytes"), py::arg("flags"), py::arg("values"));
   m.def("stream_create", &stream_create, py::arg("device"));
-  m.def("device_load", &device_load, py::arg("address"), py::arg("device"), py::call_guard<py::gil_scoped_release>());
+  py::register_exception<DeviceTimeout>(m, "DeviceTimeout", PyExc_TimeoutError);
+  m.def("device_load", &device_load, py::arg("address"), py::arg("device"), py::arg("timeout_s"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("relax_capture_mode", &relax_capture_mode);
 }

@@ -20,6 +20,7 @@ from interlace.ops.describe import describe
 from .native import native
 
 DEFAULT_TIMEOUT = 300.0
+READ_TIMEOUT = 5.0  # seconds a host read of a GPU flag may take (its copy can queue behind blocked work)
 
 
 class FlagTimeoutError(TimeoutError):
@@ -75,16 +76,26 @@ def host_wait(flags: torch.Tensor, index: int, value: int, timeout: float, *, ra
     if flags.device.type != "cuda":
         observed = native().flag_wait(addr, value, timeout)
     else:
-        observed = _poll_device(addr, value, timeout, flags.device.index or 0)
+        observed = _poll_device(addr, value, timeout, flags.device.index or 0, f"{what}flag {index} of {describe(flags)}")
     if not native().flag_reached(observed, value):
         raise FlagTimeoutError(what, rank, index, value, observed, timeout)
     return observed
 
 
-def read(flags: torch.Tensor, index: int) -> int:
-    """The current value (acquire), without synchronising the device's streams."""
+def read(flags: torch.Tensor, index: int, timeout: float = READ_TIMEOUT) -> int:
+    """The current value (acquire), without synchronising the device's streams; a GPU read that
+    takes longer than ``timeout`` seconds raises ``TimeoutError``."""
     addr = address(flags, index)
-    return native().device_load(addr, flags.device.index or 0) if flags.device.type == "cuda" else native().flag_load(addr)
+    if flags.device.type != "cuda":
+        return native().flag_load(addr)
+    return _device_load(addr, flags.device.index or 0, timeout, f"flag {index} of {describe(flags)}")
+
+
+def _device_load(addr: int, device: int, timeout: float, what: str) -> int:
+    try:
+        return native().device_load(addr, device, timeout)
+    except native().DeviceTimeout as error:
+        raise TimeoutError(f"reading {what}: {error}") from None
 
 
 def copy_chunks(chunks: list[tuple[torch.Tensor, torch.Tensor]], flags: torch.Tensor | None = None,
@@ -120,10 +131,11 @@ def _check_chunk(i: int, d: torch.Tensor, s: torch.Tensor) -> None:
                          f"side is on a GPU; got {describe(d)} <- {describe(s)}")  # fmt: skip
 
 
-def _poll_device(addr: int, value: int, timeout: float, device: int) -> int:
+def _poll_device(addr: int, value: int, timeout: float, device: int, what: str) -> int:
     end, pause = time.monotonic() + timeout, 1e-5
     while True:
-        observed = native().device_load(addr, device)
+        # A read takes microseconds; one stuck past the deadline (50 ms at least) raises.
+        observed = _device_load(addr, device, max(end - time.monotonic(), 0.05), what)
         if native().flag_reached(observed, value) or time.monotonic() >= end:
             return observed
         time.sleep(pause)
