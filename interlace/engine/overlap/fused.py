@@ -160,11 +160,16 @@ class _Fused:
 
     def _behind(self, awaited: list[tuple[int, int, int]], epoch: int) -> str:
         """What call ``epoch`` (host-side; graph-safe operators read the device's) waits for."""
-        epoch = signals.read(self.epoch_now, 0) if self.graph_safe else epoch
-        seen = [(q, i, signals.read(self._flags(q), i), signals.wrap(epoch * s)) for q, i, s in awaited]  # one read each
+        def late() -> str:
+            return f"rank {self.rank}: {self.name} epoch {epoch} did not finish within {self.lane.timeout} s"
+
+        try:
+            epoch = signals.read(self.epoch_now, 0) if self.graph_safe else epoch
+            seen = [(q, i, signals.read(self._flags(q), i), signals.wrap(epoch * s)) for q, i, s in awaited]  # one read each
+        except TimeoutError as error:  # the reads queue behind the blocked work
+            return f"{late()}; its flags cannot be read: {error}"
         behind = [f"rank {q} flag {i} is {value}, needs {target}" for q, i, value, target in seen if signals.wrap(value - target) < 0]
-        return (f"rank {self.rank}: {self.name} epoch {epoch} did not finish within {self.lane.timeout} s; "
-                f"behind: {'; '.join(behind) or f'nothing this rank can see ({self.unseen})'}")
+        return f"{late()}; behind: {'; '.join(behind) or f'nothing this rank can see ({self.unseen})'}"
 
     def _plan(self, x: torch.Tensor, w: torch.Tensor, *, capturing: bool, waits: bool = False, spare: int = 0) -> Plan:
         """The GEMM's plan. Rank threads sharing one GPU split its multiprocessors, so that every
