@@ -179,3 +179,33 @@ def mlp_body(group, seed, sequence_parallel, strategy):
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "sp"])
 def test_parallel_mlp_matches_unsharded(sequence_parallel, strategy, world_size, seed):
     assert spawn(mlp_body, world_size, "local", args=(seed, sequence_parallel, strategy)) == [True] * world_size
+
+
+def autocast_body(group, seed, kind, sequence_parallel, strategy):
+    """float32 parameters under CPU autocast to bf16, as nn.Linear there: bf16 operands and output,
+    float32 gradients."""
+    w, r = group.world_size, group.rank
+    ref = make_linear(seed, K, N, True, torch.float32)
+    layer_type = ColumnParallelLinear if kind == "column" else RowParallelLinear
+    layer = layer_type.from_linear(ref, group, sequence_parallel=sequence_parallel, overlap=config(strategy))
+    x, m, n, k = rand(seed + 1, (3 * w, K)), 3, N // w, K // w
+    mine = slice(r * m, (r + 1) * m) if sequence_parallel else slice(None)  # rows in (column) or out (row)
+    x_in = x[mine] if kind == "column" else x[:, r * k : (r + 1) * k]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x_in.clone().requires_grad_())
+        y_ref = ref(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16, (y.dtype, y_ref.dtype)
+    bf16 = [d64(t.to(torch.bfloat16)) for t in (x, ref.weight, ref.bias)]
+    exact, magnitude = bf16[0] @ bf16[1].T + bf16[2], bf16[0].abs() @ bf16[1].abs().T + bf16[2].abs()
+    rows, cols = (slice(None), slice(r * n, (r + 1) * n)) if kind == "column" else (mine, slice(None))
+    assert_within(y, exact[rows, cols], matmul_tolerance(magnitude[rows, cols], torch.bfloat16, K, w + 2), f"rank {r} {kind}")
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == layer.bias.grad.dtype == torch.float32
+    return True
+
+
+@pytest.mark.parametrize("strategy", ["bulk", "chunked", pytest.param("fused", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "sp"])
+@pytest.mark.parametrize("kind", ["column", "row"])
+def test_linear_layers_under_autocast_multiply_as_nn_linear_does(kind, sequence_parallel, strategy, seed):
+    assert spawn(autocast_body, 2, "local", timeout=60, args=(seed, kind, sequence_parallel, strategy)) == [True, True]

@@ -89,7 +89,7 @@ class ColumnParallelLinear(_ParallelLinear):
         self._check_width(x, self.in_features, "in_features")
         if self.sequence_parallel:
             (y,) = tp.all_gather_matmul(x.reshape(-1, self.in_features), [self.weight], self.group, self.overlap)
-            y = y if self.bias is None else y + self.bias
+            y = y if self.bias is None else y + self.bias.to(y.dtype)  # y's dtype: autocast's, as F.linear's
         else:
             y = F.linear(tp.copy_to_parallel(x, self.group), self.weight, self.bias)
         return tp.gather_last_dim(y, self.group) if self.gather_output else y
@@ -142,7 +142,7 @@ class RowParallelLinear(_ParallelLinear):
             y = tp.matmul_reduce_scatter(pad_rows(x.reshape(-1, k), self.group.world_size), self.weight, self.group, self.overlap)
         else:
             y = tp.matmul_all_reduce(x.reshape(-1, k), self.weight, self.group, self.overlap).view(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 def pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:

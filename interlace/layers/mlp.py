@@ -41,8 +41,8 @@ class ParallelMLP(nn.Module):
         if gate.sequence_parallel:
             gate._check_width(x, gate.in_features, "in_features")
             g, u = tp.all_gather_matmul(x.reshape(-1, gate.in_features), [gate.weight, up.weight], gate.group, gate.overlap)
-            g = g if gate.bias is None else g + gate.bias
-            u = u if up.bias is None else u + up.bias
+            g = g if gate.bias is None else g + gate.bias.to(g.dtype)
+            u = u if up.bias is None else u + up.bias.to(u.dtype)
         else:
             g, u = gate(x), up(x)
         return self.down_proj(self.act_fn(g) * u)

@@ -23,6 +23,8 @@ until its deadline).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from interlace.engine.comm import Group
@@ -158,12 +160,31 @@ def gather_rows(x_shard_m: torch.Tensor, group: Group) -> torch.Tensor:
 
 
 def all_gather_matmul(x_shard_m: torch.Tensor, weights: list[torch.Tensor], group: Group, config: OverlapConfig) -> list[torch.Tensor]:
-    return list(_AllGatherMatmul.apply(x_shard_m, group, config, *weights))
+    (x_shard_m, *weights), scope = _as_autocast_would(x_shard_m, *weights)
+    with scope:
+        return list(_AllGatherMatmul.apply(x_shard_m, group, config, *weights))
 
 
 def matmul_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, group: Group, config: OverlapConfig) -> torch.Tensor:
-    return _MatmulReduceScatter.apply(x, weight, group, config)
+    (x, weight), scope = _as_autocast_would(x, weight)
+    with scope:
+        return _MatmulReduceScatter.apply(x, weight, group, config)
 
 
 def matmul_all_reduce(x: torch.Tensor, weight: torch.Tensor, group: Group, config: OverlapConfig) -> torch.Tensor:
-    return _MatmulAllReduce.apply(x, weight, group, config)
+    (x, weight), scope = _as_autocast_would(x, weight)
+    with scope:
+        return _MatmulAllReduce.apply(x, weight, group, config)
+
+
+def _as_autocast_would(*operands: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], contextlib.AbstractContextManager]:
+    """Under autocast, the operands cast as it casts a linear layer's (to its lower precision dtype;
+    float64 stays), and a scope with autocast off: every strategy then multiplies in one dtype (a
+    GEMM into a preallocated chunk, or a Triton GEMM, would not be cast). The casts are
+    differentiable: gradients reach float32 parameters as float32."""
+    device = operands[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return operands, contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype(device)
+    cast = tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in operands)
+    return cast, torch.autocast(device, enabled=False)
