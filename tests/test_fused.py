@@ -12,6 +12,7 @@ from interlace.engine.comm import spawn
 from interlace.engine.device import new_stream
 from interlace.ops import flags as epoch_flags
 from interlace.ops.gemm import INTERPRETING
+from interlace.ops.reduce import unsupported
 from interlace.ops.flags import EpochValue
 from interlace.engine.overlap.fused import (
     FusedAllGatherMatmul, FusedAllReduceResidualNorm, FusedMatmulAllReduce, FusedMatmulGroupAllReduce, FusedMatmulReduceScatter,
@@ -46,6 +47,9 @@ def fused_matmuls(group, seed, graph_safe=False):
         FusedMatmulReduceScatter(group, ROWS, N, torch.float32, graph_safe=graph_safe) as rs,
         FusedMatmulAllReduce(group, w * ROWS, N, torch.float32, 3, graph_safe=graph_safe) as ar,
     ):
+        for op in (rs, ar):  # what a GPU reduces with the one-pass kernel (checked there when the operator is made)
+            parts = op._parts()
+            assert unsupported(parts, torch.empty_like(parts[0])) is None
         for e in range(1, EPOCHS + 1):
             xs = [rand(seed + 100 * e + q, (ROWS, K)) * (q + 1) for q in range(w)]
             weights = [rand(seed + 7 * e, (N, K)), rand(seed + 9 * e, (N // 2, K))]
