@@ -64,14 +64,12 @@ def run(config: Config) -> dict:
 
 
 def _measure(m: int, hidden: int, world: int, dtype: torch.dtype, iters: int, copy_bps: float) -> dict:
-    from interlace.kernels import allreduce_norm
-    from interlace.kernels.reduce import MAX_WORLD
+    from interlace.ops.reduce import allreduce_residual_rmsnorm
 
     partials = [torch.randn(m, hidden, device="cuda", dtype=dtype) for _ in range(world)]
     residual = torch.randn(m, hidden, device="cuda", dtype=dtype) * 4
     weight = torch.rand(hidden, device="cuda", dtype=dtype) + 0.5
     eps = 1e-5
-    pad = [partials[0]] * (MAX_WORLD - world)
 
     def unfused():
         total = partials[0]
@@ -82,13 +80,7 @@ def _measure(m: int, hidden: int, world: int, dtype: torch.dtype, iters: int, co
         return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(dtype), new
 
     def kernel():  # with the operator's host work per call: peer views, two outputs allocated
-        peers = [p.view(m, hidden) for p in partials]
-        out, h = torch.empty_like(residual), torch.empty_like(residual)
-        allreduce_norm.allreduce_residual_rmsnorm_kernel[(m,)](
-            *peers, *pad, residual.contiguous(), weight.contiguous(), out, h, hidden, peers[0].stride(0), residual.stride(0),
-            out.stride(0), eps, WORLD=world, BLOCK=allreduce_norm.block_for(hidden),
-        )  # fmt: skip
-        return out, h
+        return allreduce_residual_rmsnorm([p.view(m, hidden) for p in partials], residual, weight, eps)
 
     fused = _with_protocol(kernel, partials, world)
 

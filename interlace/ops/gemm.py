@@ -63,6 +63,9 @@ def _minor(version: str) -> tuple[int, ...]:
     return tuple(int(re.match(r"\d*", part).group() or 0) for part in version.split(".")[:2])
 
 
+INTERPRETER_PROBLEM = interpreter_problem()  # this process's, once: gemm() raises it
+
+
 @dataclass(frozen=True)
 class Plan:
     """Block sizes and grid of one launch."""
@@ -140,8 +143,8 @@ def gemm(
     status: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``act(x @ w.T + bias) + residual`` into ``out`` (allocated when None); see the module doc."""
-    if reason := interpreter_problem():
-        raise RuntimeError(f"gemm: {reason}")
+    if INTERPRETER_PROBLEM:
+        raise RuntimeError(f"gemm: {INTERPRETER_PROBLEM}")
     m, n = _check_operands(x, w, bias, residual, activation, out)
     y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:

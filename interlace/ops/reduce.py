@@ -1,10 +1,13 @@
-"""Launch of ``interlace.kernels.reduce``: ``out`` = the sum of ``parts`` in rank order."""
+"""Launches of the kernels that sum every rank's rows in rank order: ``interlace.kernels.reduce``
+(``out`` = the sum of ``parts``) and ``interlace.kernels.allreduce_norm`` (the sum, a residual add
+and RMSNorm, for decode)."""
 
 from __future__ import annotations
 
 import torch
 import triton
 
+from interlace.kernels import allreduce_norm
 from interlace.kernels import reduce as kernel
 from interlace.ops.describe import describe
 from interlace.ops.gemm import INTERPRETER_LOCK
@@ -23,11 +26,30 @@ def launch(parts: list[torch.Tensor], out: torch.Tensor) -> None:
     """``sum_parts`` for operands that ``unsupported`` accepted."""
     if out.numel() == 0:
         return
-    pointers = parts + [parts[0]] * (kernel.MAX_WORLD - len(parts))  # unused beyond WORLD
     with INTERPRETER_LOCK:
         kernel.sum_parts_kernel[(triton.cdiv(out.numel(), kernel.BLOCK),)](
-            *pointers, out, out.numel(), WORLD=len(parts), BLOCK=kernel.BLOCK, num_warps=kernel.NUM_WARPS
+            *_padded(parts), out, out.numel(), WORLD=len(parts), BLOCK=kernel.BLOCK, num_warps=kernel.NUM_WARPS
         )
+
+
+def allreduce_residual_rmsnorm(peers: list[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor,
+                               eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(RMSNorm(h) * weight, h)`` with ``h = residual + sum(peers)`` in rank order: one program
+    per row. ``peers``: every rank's partial ``[rows, hidden]`` (at most ``MAX_WORLD``), rows contiguous."""
+    residual, weight = residual.contiguous(), weight.contiguous()
+    out, h = torch.empty_like(residual), torch.empty_like(residual)
+    rows, hidden = residual.shape
+    with INTERPRETER_LOCK:
+        allreduce_norm.allreduce_residual_rmsnorm_kernel[(rows,)](
+            *_padded(peers), residual, weight, out, h, hidden, peers[0].stride(0), residual.stride(0), out.stride(0), eps,
+            WORLD=len(peers), BLOCK=allreduce_norm.block_for(hidden),
+        )  # fmt: skip
+    return out, h
+
+
+def _padded(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The kernels' ``MAX_WORLD`` pointer arguments: ``parts``, then the first again (unused beyond WORLD)."""
+    return parts + [parts[0]] * (kernel.MAX_WORLD - len(parts))
 
 
 def unsupported(parts: list[torch.Tensor], out: torch.Tensor) -> str | None:

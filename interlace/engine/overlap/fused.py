@@ -33,16 +33,15 @@ from interlace.engine.comm import Group, SymmetricBuffer, signals
 from interlace.engine.comm.group import ring
 from interlace.engine.comm.reduce import reduce_into
 from interlace.engine.device import new_stream
-from interlace.kernels import allreduce_norm
 from interlace.kernels.flags import FLAG_WAIT_FAILED
 from interlace.kernels.reduce import MAX_WORLD
 from interlace.ops import flags as epoch_flags
 from interlace.ops.flags import EpochValue
 from interlace.ops.gemm import (
-    DEFAULT_MAX_SPINS, GEMM_WAIT_FAILED, INTERPRETER_LOCK, INTERPRETING, Plan, SignalHook, WaitHook, chunk_outputs, gemm, leave_sms,
+    DEFAULT_MAX_SPINS, GEMM_WAIT_FAILED, INTERPRETING, Plan, SignalHook, WaitHook, chunk_outputs, gemm, leave_sms,
     plan_for,
 )  # fmt: skip
-from interlace.ops.reduce import sum_parts
+from interlace.ops.reduce import allreduce_residual_rmsnorm, sum_parts
 
 from .lane import SideLane
 from .watchdog import WATCHDOG, log
@@ -148,7 +147,7 @@ class _Fused:
         if done():
             return False
         by = " (a call made with check=False, reported by the watchdog)"
-        self.late = f"rank {self.rank}: {self.name} epoch {epoch} did not finish within {self.lane.timeout} s{by}"
+        self.late = self._late(epoch) + by
         log.error(self.late + "; reading the flags it waits on")
         self.late = self._behind(awaited, epoch) + by
         log.error(self.late)
@@ -160,16 +159,16 @@ class _Fused:
 
     def _behind(self, awaited: list[tuple[int, int, int]], epoch: int) -> str:
         """What call ``epoch`` (host-side; graph-safe operators read the device's) waits for."""
-        def late() -> str:
-            return f"rank {self.rank}: {self.name} epoch {epoch} did not finish within {self.lane.timeout} s"
-
         try:
             epoch = signals.read(self.epoch_now, 0) if self.graph_safe else epoch
             seen = [(q, i, signals.read(self._flags(q), i), signals.wrap(epoch * s)) for q, i, s in awaited]  # one read each
         except TimeoutError as error:  # the reads queue behind the blocked work
-            return f"{late()}; its flags cannot be read: {error}"
+            return f"{self._late(epoch)}; its flags cannot be read: {error}"
         behind = [f"rank {q} flag {i} is {value}, needs {target}" for q, i, value, target in seen if signals.wrap(value - target) < 0]
-        return f"{late()}; behind: {'; '.join(behind) or f'nothing this rank can see ({self.unseen})'}"
+        return f"{self._late(epoch)}; behind: {'; '.join(behind) or f'nothing this rank can see ({self.unseen})'}"
+
+    def _late(self, epoch: int) -> str:
+        return f"rank {self.rank}: {self.name} epoch {epoch} did not finish within {self.lane.timeout} s"
 
     def _plan(self, x: torch.Tensor, w: torch.Tensor, *, capturing: bool, waits: bool = False, spare: int = 0) -> Plan:
         """The GEMM's plan. Rank threads sharing one GPU split its multiprocessors, so that every
@@ -427,14 +426,7 @@ class FusedAllReduceResidualNorm(_Fused):
         self.lane.after_current_stream()
         self.lane.run(publish_and_gather)
         self.lane.join()
-        residual, weight = residual.contiguous(), weight.contiguous()
-        out, h = torch.empty_like(residual), torch.empty_like(residual)
-        pointers = peers + [peers[0]] * (MAX_WORLD - self.world)  # unused beyond WORLD
-        with INTERPRETER_LOCK:
-            allreduce_norm.allreduce_residual_rmsnorm_kernel[(self.rows,)](
-                *pointers, residual, weight, out, h, self.hidden, peers[0].stride(0), residual.stride(0), out.stride(0), self.eps,
-                WORLD=self.world, BLOCK=allreduce_norm.block_for(self.hidden),
-            )  # fmt: skip
+        out, h = allreduce_residual_rmsnorm(peers, residual, weight, self.eps)
         self.lane.after_current_stream()
         self.lane.run(lambda: self.lane.publish(buf.flags(self.rank), done, value))
         self.lane.join()
