@@ -140,7 +140,8 @@ def run(config: Config) -> dict:
     targets, skipped = available_backends(config.backends)
     rows, copy_rates = [], {}
     for backend, device in targets:
-        copy_bps = copy_rates.setdefault(device, copy_rate(torch.device(device), config.max_bytes))
+        # bytes copied per second (half the traffic: each is read and written), as a link carries each byte once
+        copy_bps = copy_rates.setdefault(device, copy_rate(torch.device(device), config.max_bytes) / 2)
         for w in config.world_sizes:
             print(f"  {backend} ({device}), world size {w}:", file=sys.stderr, flush=True)
             per_rank = spawn(measure_rank, w, backend, timeout=300, device=device, check=config.check, args=(config,))

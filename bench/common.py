@@ -112,18 +112,24 @@ def median_time(fn: Callable[[], Any], device: torch.device, iters: int, repeats
     return statistics.median(samples)
 
 
+L2_SCRUB_BYTES = 256 << 20  # several times any GPU's L2 (H100 50 MB, H200 60 MB), as triton's do_bench
+
+
 def event_median(run: Callable[[Any, Any], Any], iters: int, *, warmup: int, headstart_cycles: int = 0) -> float:
     """Median seconds between two CUDA events that ``run(start, end)`` records, over ``iters`` calls
-    after ``warmup``. With ``headstart_cycles``, each call is queued behind a sleep kernel that long,
-    so the host has enqueued all of it before its start event is reached (GPU time, not Python's)."""
+    after ``warmup``, each after the L2 cache is overwritten (a layer's operands are not in it
+    when its turn comes). With ``headstart_cycles``, each call is queued behind a sleep kernel that
+    long, so the host has enqueued all of it before its start event is reached (GPU time, not Python's)."""
     def events():
         return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
+    scrub = torch.empty(L2_SCRUB_BYTES // 4, dtype=torch.int32, device="cuda")
     for _ in range(warmup):
         run(*events())
     samples = []
     for _ in range(iters):
         start, end = events()
+        scrub.zero_()
         if headstart_cycles:
             torch.cuda._sleep(headstart_cycles)
         run(start, end)
@@ -166,7 +172,8 @@ def slowest_median(per_rank: Sequence[Sequence[float]]) -> float:
 
 
 def copy_rate(device: torch.device, nbytes: int) -> float:
-    """Bytes per second of one device-local memory copy: the ceiling for moving data on one device."""
+    """Bytes read plus bytes written per second by one device-local copy of ``nbytes``: the memory
+    traffic ceiling, to divide byte counts that count reads and writes alike."""
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    return nbytes / median_time(lambda: dst.copy_(src), device, iters=5)
+    return 2 * nbytes / median_time(lambda: dst.copy_(src), device, iters=5)

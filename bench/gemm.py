@@ -7,7 +7,9 @@ against cuBLAS (relative error ``|y - ref| / |ref|``) before it is timed. Times 
 ``triton.testing.do_bench`` medians over rotating weight copies (at least twice the L2 in all),
 so small-M shapes read their weights from memory as a model's layers do. ``floor_us`` is the
 roofline with ceilings measured in the same run (cuBLAS at 8192^3, a large device copy):
-``max(flops / peak_flops, bytes / copy_rate)``.
+``max(flops / peak_flops, bytes / copy_rate)``. ``spin_ns``: what one spin of a wait that never
+succeeds costs, in the GEMM and in the flag kernel (the slope between two spin bounds), and so how
+many seconds the default bound ``DEFAULT_MAX_SPINS`` waits.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def run(config: Config, checkpoint: Callable[[list[dict]], None] | None = None) 
     measured = [r for r in rows if "failed" not in r]
     big = [r["ratio"] for r in measured if r["M"] >= 2048]
     summary = {"geomean_ratio_m_ge_2048": geomean(big), "max_hook_cost": max((r["hook_cost"] for r in measured), default=None),
-               "peak_tflops_measured": peak / 1e12, "copy_GBps_measured": copy_bps / 1e9}  # fmt: skip
+               "peak_tflops_measured": peak / 1e12, "copy_GBps_measured": copy_bps / 1e9, **_spin_cost(dtype)}  # fmt: skip
     return {"rows": rows, "skipped": [], "config": asdict(config), "summary": summary}
 
 
@@ -114,6 +116,28 @@ def _measure(name, m, n, k, dtype, chunks, peak, copy_bps, plan_for) -> dict:
     }  # fmt: skip
 
 
+def _spin_cost(dtype: torch.dtype, spins: tuple[int, int] = (2**10, 2**14)) -> dict:
+    """Nanoseconds per spin of a wait on a flag never raised: the GEMM's (one wave of tiles, each
+    waiting) and the flag kernel's, and what ``DEFAULT_MAX_SPINS`` is in seconds for each."""
+    from triton.testing import do_bench
+
+    from interlace.ops import flags as epoch_flags
+    from interlace.ops.gemm import DEFAULT_MAX_SPINS, WaitHook, gemm
+
+    x, w = torch.randn(1024, 1024, device="cuda", dtype=dtype), torch.randn(1024, 1024, device="cuda", dtype=dtype)
+    never, epoch = torch.zeros(1, dtype=torch.int32, device="cuda"), torch.ones(1, dtype=torch.int32, device="cuda")
+    waits = {  # a fresh status per call: a recorded failure makes every later wait give up at once
+        "gemm": lambda n: gemm(x, w, wait=WaitHook(never, epoch, 1024), max_spins=n, check=False),
+        "flag": lambda n: epoch_flags.wait(never, 0, epoch_flags.EpochValue(epoch), torch.zeros(4, dtype=torch.int32, device="cuda"), 0, n),
+    }  # fmt: skip
+    out = {}
+    for name, wait in waits.items():
+        low, high = (do_bench(lambda n=n: wait(n), warmup=5, rep=50, return_mode="median") * 1e6 for n in spins)
+        per_spin = (high - low) / (spins[1] - spins[0])
+        out |= {f"{name}_spin_ns": per_spin, f"{name}_default_wait_s": per_spin * DEFAULT_MAX_SPINS * 1e-9}
+    return out
+
+
 def _copies(weight_bytes: int) -> int:
     """Weight copies so that rotating through them spans at least twice the L2."""
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
@@ -140,5 +164,7 @@ def table(result: dict) -> str:
     s = result["summary"]
     if s and s["max_hook_cost"] is not None:
         head += (f"\ngeomean ratio over M >= 2048: {s['geomean_ratio_m_ge_2048']:.3f}; max hook cost {s['max_hook_cost']:+.1%}; "
-                 f"measured peak {s['peak_tflops_measured']:.0f} TF/s, copy {s['copy_GBps_measured']:.0f} GB/s")  # fmt: skip
+                 f"measured peak {s['peak_tflops_measured']:.0f} TF/s, copy {s['copy_GBps_measured']:.0f} GB/s; "
+                 f"a spin costs {s['gemm_spin_ns']:.0f} ns in the GEMM ({s['gemm_default_wait_s']:.1f} s by default), "
+                 f"{s['flag_spin_ns']:.0f} ns in the flag kernel ({s['flag_default_wait_s']:.1f} s)")  # fmt: skip
     return report_table(head, result, COLUMNS)

@@ -93,7 +93,7 @@ def _calls(group, shape: dict, x: torch.Tensor, weight: torch.Tensor, chunks: in
     run = {"ag_gemm": lambda c: cm.all_gather_matmul(x, [weight], group, c)[0],
            "gemm_rs": lambda c: cm.matmul_reduce_scatter(x, weight, group, c),
            "gemm_ar": lambda c: cm.matmul_all_reduce(x, weight, group, c)}[pattern]  # fmt: skip
-    gemm_input = x.new_empty(x.shape[0] * w, x.shape[1]) if pattern == "ag_gemm" else x
+    gemm_input = torch.randn(x.shape[0] * w, x.shape[1], dtype=x.dtype, device=x.device) if pattern == "ag_gemm" else x  # never time on garbage
     product = gemm_input @ weight.T
     comm = {"ag_gemm": lambda: group.all_gather(x, out=gemm_input),
             "gemm_rs": lambda: group.reduce_scatter(product),

@@ -7,9 +7,12 @@ memory: PCIe speed). Measured with CUDA events, median of ``iters`` after warm-u
 
 | pattern | GEMM (this rank)            | communication (copy engines)                  |
 |---------|-----------------------------|-----------------------------------------------|
-| ag_gemm | [W n, K] x [N/W, K]^T        | pull W-1 peer shards [n, K] into the gathered rows |
-| gemm_rs | [W n, K/W] x [N, K/W]^T      | send W-1 blocks [n, N] out, pull W-1 in, reduce |
-| gemm_ar | [M, K/W] x [N, K/W]^T        | pull W-1 peer partials [M, N], reduce (one-shot) |
+| ag_gemm | [W n, K] x [N/W, K]^T        | pull W-1 peer shards [n, K] into the gathered rows while this rank's goes to W-1 peers |
+| gemm_rs | [W n, K/W] x [N, K/W]^T      | send W-1 blocks [n, N] out while W-1 come in, reduce |
+| gemm_ar | [M, K/W] x [N, K/W]^T        | send the partial [M, N] to W-1 peers while theirs come in, reduce (one-shot) |
+
+Outbound and inbound copies run on two streams, as a link carries both directions at once; ranks
+run in lockstep, so a peer's chunk is there when this rank has finished the same step.
 
 Strategies: ``bulk`` (communication, then GEMM, or the reverse), ``chunked`` (per-chunk copies
 and cuBLAS GEMMs joined by events), ``fused`` (copy-engine chunks raising flags + ONE Triton GEMM

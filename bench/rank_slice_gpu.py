@@ -21,12 +21,17 @@ HEADSTART_CYCLES = 2_000_000
 
 def measure(shape: dict, regime: str, world: int, dtype: torch.dtype, iters: int) -> dict[str, float]:
     """Median seconds of gemm, gemm_triton, comm, bulk, chunked, fused and the GEMM inside fused,
-    after checking that chunked and fused give bulk's result and that no fused wait gave up."""
+    after checking that chunked and fused give bulk's result and that no fused wait gave up. Each
+    checked run starts from NaN in every buffer data arrives in: a run that reads before its data
+    has landed cannot pass on what the previous run left there."""
     build = {"ag_gemm": _all_gather, "gemm_rs": _reduce_scatter, "gemm_ar": _all_reduce}[shape["pattern"]]
     status = torch.zeros(4, dtype=torch.int32, device="cuda")
     variants = build(shape, regime, world, dtype, status)
+    poison = variants.pop("poison")
+    poison()
     expected = variants["bulk"]().float()
     for name in ("chunked", "fused"):
+        poison()
         got = variants[name]().float()
         error = (got - expected).abs().max().item() / max(expected.abs().max().item(), 1e-30)
         if not error < 2e-2:  # bf16 rounding of differently ordered sums, relative to the largest output
@@ -49,9 +54,14 @@ def _between(start, end, launch):
     return result
 
 
-def _variants(reference, triton_gemm, comm, bulk, chunked, fused) -> dict:
+def _variants(reference, triton_gemm, comm, bulk, chunked, fused, landing: list[torch.Tensor]) -> dict:
+    """The timed variants, and ``poison``: NaN into the ``landing`` buffers (where data arrives)."""
+    def poison():
+        for t in landing:
+            t.fill_(float("nan"))
+
     return {"gemm": reference, "gemm_triton": triton_gemm, "comm": comm, "bulk": bulk, "chunked": chunked, "fused": fused,
-            "fused_gemm": fused}  # fmt: skip
+            "fused_gemm": fused, "poison": poison}  # fmt: skip
 
 
 def _peers(count: int, rows: int, cols: int, dtype: torch.dtype, regime: str) -> list[torch.Tensor]:
@@ -62,11 +72,13 @@ def _peers(count: int, rows: int, cols: int, dtype: torch.dtype, regime: str) ->
 
 
 def _all_gather(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor) -> dict:
+    """Peers' shards come in on one stream while this rank's goes out to each peer on another."""
     m, n_out, k, cur = shape["M"], shape["N"] // world, shape["K"], torch.cuda.current_stream()
     n = m // world
     gathered, own = torch.empty(m, k, device="cuda", dtype=dtype), torch.randn(n, k, device="cuda", dtype=dtype)
     w = torch.randn(n_out, k, device="cuda", dtype=dtype) / k**0.5
-    peers, copy = _peers(world - 1, n, k, dtype, regime), new_stream(cur.device)
+    peers, outgoing = _peers(world - 1, n, k, dtype, regime), _peers(world - 1, n, k, dtype, regime)
+    copy, send = new_stream(cur.device), new_stream(cur.device)
     rows = [gathered[q * n : (q + 1) * n] for q in range(world)]
     chunks = [(rows[q + 1], peers[q]) for q in range(world - 1)]
     flags, epochs = torch.zeros(world, dtype=torch.int32, device="cuda"), itertools.count(1)
@@ -74,10 +86,16 @@ def _all_gather(shape: dict, regime: str, world: int, dtype: torch.dtype, status
     plan = plan_for(gathered, w)
     waiting_plan = leave_sms(plan, gathered.device, 1)  # as the library's AG+GEMM: an SM for the copies it waits on
 
+    def send_own():  # outbound, needing nothing but this rank's shard
+        send.wait_stream(cur)
+        signals.copy_chunks([(out, own) for out in outgoing], stream=send)
+
     def comm():
+        send_own()
         copy.wait_stream(cur)
         signals.copy_chunks(chunks, stream=copy)
         cur.wait_stream(copy)
+        cur.wait_stream(send)
 
     def bulk():
         rows[0].copy_(own)
@@ -85,6 +103,7 @@ def _all_gather(shape: dict, regime: str, world: int, dtype: torch.dtype, status
         return gathered @ w.T
 
     def chunked():
+        send_own()
         copy.wait_stream(cur)
         events = []
         with torch.cuda.stream(copy):
@@ -97,6 +116,7 @@ def _all_gather(shape: dict, regime: str, world: int, dtype: torch.dtype, status
         for q, event in enumerate(events, start=1):
             cur.wait_event(event)
             torch.matmul(rows[q], w.T, out=y[q * n : (q + 1) * n])
+        cur.wait_stream(send)
         return y
 
     def fused(start=None, end=None):
@@ -104,96 +124,114 @@ def _all_gather(shape: dict, regime: str, world: int, dtype: torch.dtype, status
         epoch.fill_(e)
         rows[0].copy_(own)
         signals.write(flags, 0, e)
+        send_own()
         copy.wait_stream(cur)
         signals.copy_chunks(chunks, flags, list(range(1, world)), e, stream=copy)
         y = _between(start, end, lambda: gemm(gathered, w, wait=WaitHook(flags, epoch, n), start_chunk=0, plan=waiting_plan,
                                               check=False, status=status))  # fmt: skip
         cur.wait_stream(copy)
+        cur.wait_stream(send)
         return y
 
-    return _variants(lambda: gathered @ w.T, lambda: gemm(gathered, w, plan=plan), comm, bulk, chunked, fused)
+    return _variants(lambda: gathered @ w.T, lambda: gemm(gathered, w, plan=plan), comm, bulk, chunked, fused, [gathered])
 
 
 def _reduce_scatter(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor) -> dict:
+    """Block q of the partial goes out to rank q while peer q's block of this rank's rows comes in,
+    on two streams (a link carries both directions at once). Ranks run in lockstep: a peer has its
+    block for this rank when this rank has finished its block at the same step of its walk, so the
+    exchange of step q follows this rank's block q (walk 1, 2, ..., W-1, then its own block 0)."""
     m, n_out, k, cur = shape["M"], shape["N"], shape["K"] // world, torch.cuda.current_stream()
     n = m // world
     x, w = torch.randn(m, k, device="cuda", dtype=dtype), torch.randn(n_out, k, device="cuda", dtype=dtype) / k**0.5
     partial, staging = torch.empty(m, n_out, device="cuda", dtype=dtype), torch.empty(world - 1, n, n_out, device="cuda", dtype=dtype)
     outgoing, incoming = _peers(world - 1, n, n_out, dtype, regime), _peers(world - 1, n, n_out, dtype, regime)
     blocks = [partial[q * n : (q + 1) * n] for q in range(world)]
-    copy, counters, epochs = new_stream(cur.device), torch.zeros(world, dtype=torch.int32, device="cuda"), itertools.count(1)
+    send, receive = new_stream(cur.device), new_stream(cur.device)
+    counters, epochs = torch.zeros(world, dtype=torch.int32, device="cuda"), itertools.count(1)
     plan = plan_for(x, w)
     outputs = chunk_outputs(m, n_out, n)
 
-    def pull_in():
-        signals.copy_chunks([(staging[i], incoming[i]) for i in range(world - 1)], stream=copy)
+    def exchange(q):  # step q: block q out, a peer's block of this rank's rows in
+        signals.copy_chunks([(outgoing[q - 1], blocks[q])], stream=send)
+        signals.copy_chunks([(staging[q - 1], incoming[q - 1])], stream=receive)
 
-    def reduce():  # as the operator does: one pass over this rank's block and the pulled ones
+    def joined():  # as the operator does: one pass over this rank's block and the received ones
+        cur.wait_stream(send)
+        cur.wait_stream(receive)
         out = torch.empty(n, n_out, device="cuda", dtype=dtype)
         reduce_into([blocks[0], *staging], "sum", out)
         return out
 
+    def after(stream_event):
+        send.wait_event(stream_event)
+        receive.wait_event(stream_event)
+
     def comm():
-        copy.wait_stream(cur)
-        signals.copy_chunks([(outgoing[q - 1], blocks[q]) for q in range(1, world)], stream=copy)
-        pull_in()
-        cur.wait_stream(copy)
-        return reduce()
+        after(cur.record_event())
+        for q in range(1, world):
+            exchange(q)
+        return joined()
 
     def bulk():
         torch.matmul(x, w.T, out=partial)
         return comm()
 
     def chunked():
-        copy.wait_stream(cur)
-        pull_in()
         for q in list(range(1, world)) + [0]:  # peers' blocks first, so they can leave early
             torch.matmul(x[q * n : (q + 1) * n], w.T, out=blocks[q])
             if q:
-                copy.wait_stream(cur)
-                signals.copy_chunks([(outgoing[q - 1], blocks[q])], stream=copy)
-        cur.wait_stream(copy)
-        return reduce()
+                after(cur.record_event())
+                exchange(q)
+        return joined()
 
     def fused(start=None, end=None):
         e, before = next(epochs), cur.record_event()
         _between(start, end, lambda: gemm(x, w, out=partial, signal=SignalHook(counters, n), start_chunk=1, plan=plan, status=status))
-        copy.wait_event(before)  # waits queued after the GEMM they wait for (shared hardware queues)
-        pull_in()
+        after(before)  # waits queued after the GEMM they wait for (shared hardware queues)
         for q in range(1, world):
-            signals.wait(counters, q, e * outputs[q], copy)  # stream waits on the GEMM's signal counters
-            signals.copy_chunks([(outgoing[q - 1], blocks[q])], stream=copy)
-        cur.wait_stream(copy)
-        return reduce()
+            for stream in (send, receive):  # stream waits on the GEMM's signal counters
+                signals.wait(counters, q, e * outputs[q], stream)
+            exchange(q)
+        return joined()
 
-    return _variants(lambda: x @ w.T, lambda: gemm(x, w, plan=plan), comm, bulk, chunked, fused)
+    return _variants(lambda: x @ w.T, lambda: gemm(x, w, plan=plan), comm, bulk, chunked, fused, [partial, staging])
 
 
 def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor, chunks: int = 4) -> dict:
+    """One-shot: every peer's partial comes in, and this rank's goes out to every peer (W-1 copies
+    of it), chunk by chunk as the ranks finish it in lockstep, on two streams as in _reduce_scatter."""
     m, n_out, k, cur = shape["M"], shape["N"], shape["K"] // world, torch.cuda.current_stream()
     step = -(-m // chunks)
     x, w = torch.randn(m, k, device="cuda", dtype=dtype), torch.randn(n_out, k, device="cuda", dtype=dtype) / k**0.5
     partial, staging = torch.empty(m, n_out, device="cuda", dtype=dtype), torch.empty(world - 1, m, n_out, device="cuda", dtype=dtype)
-    incoming = _peers(world - 1, m, n_out, dtype, regime)
-    copy, counters, epochs = new_stream(cur.device), torch.zeros(chunks, dtype=torch.int32, device="cuda"), itertools.count(1)
+    outgoing, incoming = _peers(world - 1, m, n_out, dtype, regime), _peers(world - 1, m, n_out, dtype, regime)
+    send, receive = new_stream(cur.device), new_stream(cur.device)
+    counters, epochs = torch.zeros(chunks, dtype=torch.int32, device="cuda"), itertools.count(1)
     plan = plan_for(x, w)
     outputs = chunk_outputs(m, n_out, step)
     spans = [slice(c * step, min((c + 1) * step, m)) for c in range(chunks)]
 
-    def pull(span):
-        signals.copy_chunks([(staging[i, span], incoming[i][span]) for i in range(world - 1)], stream=copy)
+    def exchange(span):
+        signals.copy_chunks([(outgoing[i][span], partial[span]) for i in range(world - 1)], stream=send)
+        signals.copy_chunks([(staging[i, span], incoming[i][span]) for i in range(world - 1)], stream=receive)
 
-    def reduce():  # as the operator does: one pass over the parts, after every pull
+    def joined():  # as the operator does: one pass over the parts, after every pull
+        cur.wait_stream(send)
+        cur.wait_stream(receive)
         out = torch.empty(m, n_out, device="cuda", dtype=dtype)
         reduce_into([partial, *staging], "sum", out)
         return out
 
+    def after(stream_event):
+        send.wait_event(stream_event)
+        receive.wait_event(stream_event)
+
     def comm():
-        copy.wait_stream(cur)
+        after(cur.record_event())
         for span in spans:
-            pull(span)
-        cur.wait_stream(copy)
-        return reduce()
+            exchange(span)
+        return joined()
 
     def bulk():
         torch.matmul(x, w.T, out=partial)
@@ -202,19 +240,18 @@ def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status
     def chunked():
         for span in spans:
             torch.matmul(x[span], w.T, out=partial[span])
-            copy.wait_stream(cur)  # peers finish this chunk when this rank does (lockstep)
-            pull(span)
-        cur.wait_stream(copy)
-        return reduce()
+            after(cur.record_event())  # peers finish this chunk when this rank does (lockstep)
+            exchange(span)
+        return joined()
 
     def fused(start=None, end=None):
         e, before = next(epochs), cur.record_event()
         _between(start, end, lambda: gemm(x, w, out=partial, signal=SignalHook(counters, step), plan=plan, status=status))
-        copy.wait_event(before)
+        after(before)
         for c, span in enumerate(spans):
-            signals.wait(counters, c, e * outputs[c], copy)
-            pull(span)
-        cur.wait_stream(copy)
-        return reduce()
+            for stream in (send, receive):
+                signals.wait(counters, c, e * outputs[c], stream)
+            exchange(span)
+        return joined()
 
-    return _variants(lambda: x @ w.T, lambda: gemm(x, w, plan=plan), comm, bulk, chunked, fused)
+    return _variants(lambda: x @ w.T, lambda: gemm(x, w, plan=plan), comm, bulk, chunked, fused, [partial, staging])

@@ -18,6 +18,8 @@ namespace interlace {
 namespace {
 
 using StreamValue32 = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
+using ErrorName = CUresult (*)(CUresult, const char**);
+using CurrentContext = CUresult (*)(CUcontext*);
 constexpr unsigned int kDriverApi = 12000;  // the CUDA 12 semantics of cuStream{Write,Wait}Value32
 
 void check(cudaError_t error, const std::string& what) {
@@ -26,7 +28,8 @@ void check(cudaError_t error, const std::string& what) {
   }
 }
 
-StreamValue32 driver_function(const char* name) {
+template <typename Fn>
+Fn driver_function(const char* name) {
   void* fn = nullptr;
   cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
   check(cudaGetDriverEntryPointByVersion(name, &fn, kDriverApi, cudaEnableDefault, &found),
@@ -34,40 +37,69 @@ StreamValue32 driver_function(const char* name) {
   if (found != cudaDriverEntryPointSuccess || fn == nullptr) {
     throw std::runtime_error(std::string("the CUDA driver has no ") + name + " (query result " + std::to_string(found) + ")");
   }
-  return reinterpret_cast<StreamValue32>(fn);
+  return reinterpret_cast<Fn>(fn);
 }
 
 StreamValue32 write_value32() {
-  static StreamValue32 fn = driver_function("cuStreamWriteValue32");
+  static StreamValue32 fn = driver_function<StreamValue32>("cuStreamWriteValue32");
   return fn;
 }
 
 StreamValue32 wait_value32() {
-  static StreamValue32 fn = driver_function("cuStreamWaitValue32");
+  static StreamValue32 fn = driver_function<StreamValue32>("cuStreamWaitValue32");
   return fn;
 }
 
 void check_driver(CUresult result, const std::string& what) {
-  if (result != CUDA_SUCCESS) throw std::runtime_error(what + ": CUDA driver error " + std::to_string(result));
+  if (result == CUDA_SUCCESS) return;
+  static ErrorName error_name = driver_function<ErrorName>("cuGetErrorName");
+  const char* name = nullptr;
+  std::string known = error_name(result, &name) == CUDA_SUCCESS && name != nullptr ? std::string(name) + " " : "";
+  throw std::runtime_error(what + ": CUDA driver error " + known + "(" + std::to_string(result) + ")");
 }
 
-// Selects a device for one call and restores the caller's current device afterwards.
+// Selects a device for one call; restores the caller's device only if it switched from a thread
+// that had a context. cudaGetDevice says 0 on a thread with none (a watchdog), and setting device
+// 0 back would create a context there, hundreds of MB on another GPU of a multi-GPU node.
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
+    static CurrentContext current = driver_function<CurrentContext>("cuCtxGetCurrent");
+    CUcontext context = nullptr;
+    check_driver(current(&context), "cuCtxGetCurrent");
     check(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice(" + std::to_string(device) + ")");
+    if (context == nullptr || previous_ != device) {
+      check(cudaSetDevice(device), "cudaSetDevice(" + std::to_string(device) + ")");
+      restore_ = context != nullptr;
+    }
   }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
+  ~DeviceGuard() {
+    if (restore_) cudaSetDevice(previous_);
+  }
   DeviceGuard(const DeviceGuard&) = delete;
   DeviceGuard& operator=(const DeviceGuard&) = delete;
 
  private:
   int previous_ = 0;
+  bool restore_ = false;
 };
 
-// What device_load reads through, per device: its stream and a pinned slot, one read at a time.
-// Never freed: a copy that outlived its deadline may still land in the slot.
+// This thread's capture mode relaxed for one call: calls such as cudaStreamQuery or
+// cudaHostAlloc, made while another thread captures a graph in the default global mode, would
+// otherwise fail and invalidate that capture.
+class RelaxedCapture {
+ public:
+  RelaxedCapture() { check(cudaThreadExchangeStreamCaptureMode(&mode_), "relaxing this thread's capture mode"); }
+  ~RelaxedCapture() { cudaThreadExchangeStreamCaptureMode(&mode_); }
+  RelaxedCapture(const RelaxedCapture&) = delete;
+  RelaxedCapture& operator=(const RelaxedCapture&) = delete;
+
+ private:
+  cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
+};
+
+// What device_load and device_malloc's zero fill go through, per device: a private stream and a
+// pinned slot, one use at a time. Never freed: a copy that outlived its deadline may still land.
 struct Loader {
   std::mutex lock;
   cudaStream_t stream = nullptr;
@@ -89,6 +121,20 @@ Loader& loader(int device) {  // on `device` (the caller's DeviceGuard)
   return *found;
 }
 
+// Polls `stream` until its work is done; past `timeout_s` seconds throws DeviceTimeout saying `what`.
+void finish(cudaStream_t stream, double timeout_s, const std::string& what) {
+  const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  cudaError_t state;
+  while ((state = cudaStreamQuery(stream)) == cudaErrorNotReady) {
+    if (std::chrono::steady_clock::now() >= end) {
+      throw DeviceTimeout(what + " did not finish within " + std::to_string(static_cast<long long>(timeout_s * 1000)) +
+                          " ms: it is queued behind work that is not finishing (a stream wait on a peer?)");
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+  check(state, what);
+}
+
 }  // namespace
 
 bool cuda_built() { return true; }
@@ -108,14 +154,19 @@ int cuda_device_count(std::string& why) {
   return count;
 }
 
-uintptr_t device_malloc(size_t nbytes, int device) {
+uintptr_t device_malloc(size_t nbytes, int device, double timeout_s) {
+  RelaxedCapture relaxed;
   DeviceGuard guard(device);
+  Loader& l = loader(device);  // made here, so a later flag read on a stuck device allocates nothing
   void* p = nullptr;
   check(cudaMalloc(&p, nbytes), "cudaMalloc of " + std::to_string(nbytes) + " bytes");
-  cudaError_t error = cudaMemset(p, 0, nbytes);
-  if (error != cudaSuccess) {
+  try {  // on the private stream: the legacy default stream would also wait for torch's streams
+    std::lock_guard<std::mutex> one_use(l.lock);
+    check(cudaMemsetAsync(p, 0, nbytes, l.stream), "zero-filling " + std::to_string(nbytes) + " bytes");
+    finish(l.stream, timeout_s, "zero-filling " + std::to_string(nbytes) + " bytes of new device memory");
+  } catch (...) {
     cudaFree(p);
-    check(error, "cudaMemset");
+    throw;
   }
   return reinterpret_cast<uintptr_t>(p);
 }
@@ -186,22 +237,13 @@ void relax_capture_mode() {
 }
 
 int32_t device_load(uintptr_t address, int device, double timeout_s) {
+  RelaxedCapture relaxed;
   DeviceGuard guard(device);
   Loader& l = loader(device);
   std::lock_guard<std::mutex> one_read(l.lock);  // one slot: a read queued behind a late one waits its turn
   check(cudaMemcpyAsync(l.slot, reinterpret_cast<const void*>(address), sizeof(int32_t), cudaMemcpyDeviceToHost, l.stream),
         "reading a device flag");
-  const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
-  cudaError_t state;
-  while ((state = cudaStreamQuery(l.stream)) == cudaErrorNotReady) {
-    if (std::chrono::steady_clock::now() >= end) {
-      throw DeviceTimeout("the copy reading a device flag did not finish within " +
-                          std::to_string(static_cast<long long>(timeout_s * 1000)) +
-                          " ms: it is queued behind work that is not finishing (a stream wait on a peer?)");
-    }
-    std::this_thread::sleep_for(std::chrono::microseconds(20));
-  }
-  check(state, "reading a device flag");
+  finish(l.stream, timeout_s, "the copy reading a device flag");
   return *static_cast<volatile int32_t*>(l.slot);
 }
 

@@ -21,7 +21,9 @@ std::string cuda_runtime_version();  // of the toolkit built against, e.g. "13.0
 // Devices visible, or a negative number when the runtime cannot start; `why` says what happened.
 int cuda_device_count(std::string& why);
 
-uintptr_t device_malloc(size_t nbytes, int device);  // zero-filled, from cudaMalloc (IPC-able)
+// Zero-filled, from cudaMalloc (IPC-able); the fill goes through a private stream, finished within
+// `timeout_s` seconds or DeviceTimeout.
+uintptr_t device_malloc(size_t nbytes, int device, double timeout_s);
 void device_free(uintptr_t address, int device);
 std::string ipc_handle(uintptr_t address, int device);  // 64 opaque bytes
 uintptr_t ipc_open(const std::string& handle, int device);

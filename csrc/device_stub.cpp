@@ -16,7 +16,7 @@ int cuda_device_count(std::string& why) {
   why = "interlace._C was built without CUDA";
   return -1;
 }
-uintptr_t device_malloc(size_t, int) { unavailable(); }
+uintptr_t device_malloc(size_t, int, double) { unavailable(); }
 void device_free(uintptr_t, int) { unavailable(); }
 std::string ipc_handle(uintptr_t, int) { unavailable(); }
 uintptr_t ipc_open(const std::string&, int) { unavailable(); }

@@ -103,17 +103,21 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("byte_view", &byte_view, py::arg("address"), py::arg("nbytes"), py::arg("device_type"), py::arg("device_id"));
 
-  m.def("device_malloc", &device_malloc, py::arg("nbytes"), py::arg("device"));
+  m.def("device_malloc", &device_malloc, py::arg("nbytes"), py::arg("device"), py::arg("timeout_s"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("device_free", &device_free, py::arg("address"), py::arg("device"));
   m.def("ipc_handle", [](uintptr_t address, int device) { return py::bytes(ipc_handle(address, device)); },
         py::arg("address"), py::arg("device"));
   m.def("ipc_open", [](py::bytes handle, int device) { return ipc_open(std::string(handle), device); },
         py::arg("handle"), py::arg("device"));
   m.def("ipc_close", &ipc_close, py::arg("address"), py::arg("device"));
-  m.def("stream_write_value", &stream_write_value, py::arg("stream"), py::arg("address"), py::arg("value"));
-  m.def("stream_wait_value", &stream_wait_value, py::arg("stream"), py::arg("address"), py::arg("value"));
+  // Enqueues can block on a full hardware queue: without the GIL, so other rank threads go on.
+  m.def("stream_write_value", &stream_write_value, py::arg("stream"), py::arg("address"), py::arg("value"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("stream_wait_value", &stream_wait_value, py::arg("stream"), py::arg("address"), py::arg("value"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("copy_chunks_async", &copy_chunks_async, py::arg("stream"), py::arg("dst"), py::arg("src"),
-        py::arg("nbytes"), py::arg("flags"), py::arg("values"));
+        py::arg("nbytes"), py::arg("flags"), py::arg("values"), py::call_guard<py::gil_scoped_release>());
   m.def("stream_create", &stream_create, py::arg("device"));
   py::register_exception<DeviceTimeout>(m, "DeviceTimeout", PyExc_TimeoutError);
   m.def("device_load", &device_load, py::arg("address"), py::arg("device"), py::arg("timeout_s"),

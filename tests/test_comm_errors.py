@@ -2,6 +2,7 @@
 
 import os
 import re
+import threading
 import time
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from interlace.engine.comm import CollectiveMismatchError, CommTimeoutError, PeerFailedError, RankFailedError, spawn
 from interlace.engine.comm.calls import make_call
-from interlace.engine.device import shared_queues
+from interlace.engine.device import finish_within, shared_queues
 
 CPU = torch.device("cpu")
 TRANSPORTS = ["local", "gloo", "symmetric"]
@@ -235,3 +236,16 @@ def test_rank_threads_with_more_streams_than_queues_warn():
     # conftest sets CUDA_DEVICE_MAX_CONNECTIONS=32: 16 ranks need 33 streams
     with pytest.warns(RuntimeWarning, match="LocalGroup with 16 ranks: 33 streams on one GPU .* use fewer ranks per GPU"):
         assert spawn(lambda group: group.rank, world_size=16, backend="local", device="cuda") == list(range(16))
+
+
+def test_a_blocking_call_past_its_deadline_is_a_timeout_naming_it():
+    """What closing a symmetric buffer waits with: the device drain on a helper thread."""
+    never = threading.Event()
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"^synchronizing cuda:0 \(rank 1 closing\) did not finish within 0.2 s"):
+        finish_within(never.wait, 0.2, "synchronizing cuda:0 (rank 1 closing)")
+    assert time.monotonic() - start < 2
+    never.set()
+    assert finish_within(lambda: 7, 1.0, "a quick call") == 7
+    with pytest.raises(ZeroDivisionError):
+        finish_within(lambda: 1 / 0, 1.0, "a failing call")

@@ -80,6 +80,22 @@ def test_ranks_holding_different_cached_decisions_measure_again_and_agree(tmp_pa
     assert a == b and (a.strategy, a.chunks) == ("chunked", 4) and calls_a == calls_b == 3
 
 
+def decided_then_alone(group, root):
+    """After the first, collective, decision rank 0 asks again alone: were that collective, it would
+    wait for rank 1 (at its barrier) and fail."""
+    timings = Timings([{"bulk": 1.0, "chunkedx2": 0.5, "chunkedx4": 0.9}])
+    d = Dispatcher(root / f"r{group.rank}.json", measure=timings)
+    case = Case.of(group=group, **CASE)
+    first = d.decide(group, case).strategy
+    again = [d.decide(group, case).strategy for _ in range(3)] if group.rank == 0 else [first] * 3
+    group.barrier()
+    return first, again, timings.calls
+
+
+def test_a_decided_case_is_served_without_the_peers(tmp_path):
+    assert spawn(decided_then_alone, 2, "local", args=(tmp_path,), timeout=20) == [("chunked", ["chunked"] * 3, 3)] * 2
+
+
 def real_measurement(group):
     return measure_collectively(group, Case.of(group=group, **CASE), dispatch.OverlapConfig(strategy="chunked", chunks=2))
 

@@ -5,6 +5,7 @@ widened by 1.13 (the largest slope of SiLU and GELU) for activations; bf16 and f
 fp32 under the interpreter only (its bf16 arithmetic is wrong), never on a GPU.
 """
 
+import dataclasses
 import functools
 import threading
 import time
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from interlace.engine.comm import signals
 from interlace.engine.device import new_stream
-from interlace.ops.gemm import SignalHook, WaitHook, chunk_outputs, gemm, interpreter_problem, plan_for
+from interlace.ops.gemm import SignalHook, WaitHook, chunk_outputs, gemm, interpreter_problem, needs_int64, plan_for
 from reference import assert_within, matmul_tolerance
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -97,6 +98,28 @@ def test_out_buffer_is_written_with_its_strides(seed):
     out = torch.full((30, 20), float("nan"), device=DEVICE).t()
     assert gemm(x, w, out=out) is out
     assert_gemm_close(out, x, w, "strided out")
+
+
+@pytest.mark.parametrize("shape,stride,wide", [
+    ((2**16, 2**15), (2**15, 1), False),  # 2**31 elements: the last offset, 2**31 - 1, is an int32
+    ((2**16 + 1, 2**15), (2**15, 1), True),
+    ((4, 3), (1, 2**30), True),  # a transposed view: (rows-1)*1 + (cols-1)*2**30 = 2**31 + 3
+    ((0, 2**40), (1, 1), False),  # empty: no element, no offset
+])  # fmt: skip
+def test_int64_offsets_exactly_when_an_offset_reaches_2_31(shape, stride, wide):
+    assert needs_int64(torch.empty_strided(shape, stride, device="meta")) is wide
+
+
+@pytest.mark.gpu
+def test_operands_past_2_31_elements_multiply_right(seed):
+    """x of 2**31 + 2**16 bf16 elements (4 GB): its last rows sit past int32 offsets."""
+    m, n, k = 2**19 + 16, 16, 2**12
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = torch.randn(m, k, generator=g, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(n, k, generator=g, device=DEVICE, dtype=torch.bfloat16) / k**0.5
+    y = gemm(x, w)
+    for rows in (slice(0, 64), slice(m - 64, m)):
+        assert_gemm_close(y[rows], x[rows], w, f"rows {rows.start}..{rows.stop} of {m}")
 
 
 def test_tolerance_can_fail(seed):
@@ -211,10 +234,12 @@ def test_wait_for_a_flag_raised_by_a_host_thread_during_the_run(seed):
 def test_tiles_start_at_the_given_chunk_and_go_around_the_ring(seed):
     """Chunk 2 is ready first; a host thread releases chunk 0 only once chunk 2's tiles are all
     signalled, and chunk 1 only after chunk 0's: the GEMM can only finish by walking 2, 0, 1."""
-    m, n, k, chunk_rows = 96, 40, 33, 32
+    n, k = 40, 33
+    # One program (the walk is one sequence) of a plan whose tiles never span two chunks: BLOCK_M
+    # is 32 interpreted, 64 or 128 on a GPU, and a tile over chunks 0 and 1 would wait for both.
+    plan = dataclasses.replace(plan_for(*operands(seed, 96, n, k, torch.float32)), programs=1)
+    m, chunk_rows = 3 * plan.block_m, plan.block_m
     x, w = operands(seed, m, n, k, torch.float32)
-    plan = plan_for(x, w)
-    plan = type(plan)(**{**plan.__dict__, "programs": 1})  # one program: the walk is one sequence
     outputs = chunk_outputs(m, n, chunk_rows)
     flags = torch.tensor([0, 0, 1], dtype=torch.int32, device=DEVICE)
     counters = torch.zeros(3, dtype=torch.int32, device=DEVICE)

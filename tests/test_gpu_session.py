@@ -136,3 +136,15 @@ def test_step_defaults_apply_unless_the_session_sets_them(tmp_path, monkeypatch)
     assert gpu_session.run_plan(steps, tmp_path / "a", budget=60, reserve=0)[0].tail == ["quick"]
     monkeypatch.setenv("INTERLACE_TUNE", "full")
     assert gpu_session.run_plan(steps, tmp_path / "b", budget=60, reserve=0)[0].tail == ["full"]
+
+
+def test_carried_python_headers_are_used_only_where_this_python_has_none(tmp_path):
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    own, carried = tmp_path / "include", tmp_path / "repo" / ".pyheaders" / version
+    own.mkdir()
+    assert gpu_session.carried_headers(tmp_path / "repo", own) is None  # none carried
+    carried.mkdir(parents=True)
+    (carried / "Python.h").write_text("")
+    assert gpu_session.carried_headers(tmp_path / "repo", own) == str(carried)
+    (own / "Python.h").write_text("")
+    assert gpu_session.carried_headers(tmp_path / "repo", own) is None  # this Python's own come first

@@ -37,6 +37,8 @@ def compile_for(kernel, capability: int, pointers: dict, ints: dict, constexprs:
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in ints and isinstance(ints[name], float):
             signature[name] = "fp32"
+        elif name in ints and kernel.params[i].do_not_specialize:
+            signature[name] = "i32"
         elif name in ints and ints[name] == 1:
             signature[name], constants[name] = "constexpr", 1
         elif name in ints:
@@ -50,12 +52,13 @@ def compile_for(kernel, capability: int, pointers: dict, ints: dict, constexprs:
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def compile_gemm(capability, dtype, config, hooks, m=4096, n=4096, k=4096):
+def compile_gemm(capability, dtype, config, hooks, m=4096, n=4096, k=4096, int64=False):
     pointers = {name: dtype for name in ("x_ptr", "w_ptr", "y_ptr", "bias_ptr", "res_ptr")}
     pointers |= {name: torch.int32 for name in ("flags_ptr", "counters_ptr", "status_ptr", "epoch_ptr")}
     ints = dict(M=m, N=n, K=k, stride_xm=k, stride_xk=1, stride_wn=k, stride_wk=1, stride_ym=n, stride_yn=1, stride_rm=n,
                 stride_rn=1, chunk_rows=m // 8, start_chunk=3, max_spins=2**23)  # fmt: skip
-    constexprs = dict(config.kwargs, HAS_BIAS=True, HAS_RESIDUAL=True, ACTIVATION=1, WAIT=hooks, SIGNAL=hooks, UPCAST=False)
+    constexprs = dict(config.kwargs, HAS_BIAS=True, HAS_RESIDUAL=True, ACTIVATION=1, WAIT=hooks, SIGNAL=hooks, UPCAST=False,
+                      INT64=int64)
     return compile_for(gemm_kernels.gemm_kernel, capability, pointers, ints, constexprs, config.num_warps, config.num_stages)
 
 
@@ -78,13 +81,15 @@ def report() -> dict:
                                 "pipelined": "async_copy_global_to_local" in ttgir})  # fmt: skip
     config = gemm_kernels.configs(interpreting=False)[0]
     hooks = {str(on): sorted(instructions(compile_gemm(90, torch.bfloat16, config, hooks=on).asm["ptx"])) for on in (True, False)}
+    wide = compile_gemm(90, torch.bfloat16, config, hooks=True, int64=True).asm["ttgir"]
+    int64 = {"wgmma": "warp_group_dot" in wide, "pipelined": "async_copy_global_to_local" in wide}
     loads = {"norm": {}, "sum": {}}  # which global loads each kernel reading peers' rows makes
     for world in (2, 8):
         hidden = 8192
         norm = allreduce_norm.allreduce_residual_rmsnorm_kernel
         ints = dict(hidden=hidden, stride_p=hidden, stride_r=hidden, stride_o=hidden, eps=1e-5)
         compiled = compile_for(norm, 90, dict.fromkeys(norm.arg_names[:12], torch.bfloat16), ints,
-                               dict(WORLD=world, BLOCK=allreduce_norm.block_for(hidden)), num_warps=8)  # fmt: skip
+                               dict(WORLD=world, BLOCK=allreduce_norm.block_for(hidden)), num_warps=allreduce_norm.warps_for(hidden))  # fmt: skip
         loads["norm"][world] = sorted(i for i in instructions(compiled.asm["ptx"]) if i.startswith("ld.global"))
         sums = reduce.sum_parts_kernel
         compiled = compile_for(sums, 90, dict.fromkeys(sums.arg_names[:9], torch.bfloat16), dict(numel=hidden * 512),
@@ -95,7 +100,7 @@ def report() -> dict:
         pointers = {name: torch.int32 for name in ("flags_ptr", "epoch_ptr", "status_ptr")}
         ints = dict(index=3, scale=5, offset=-1, wait_id=2, max_spins=2**23)
         flag[str(wait)] = sorted(instructions(compile_for(flags.flag_kernel, 90, pointers, ints, dict(WAIT=wait), num_warps=1).asm["ptx"]))
-    return {"gemm": gemms, "hooks": hooks, "loads": loads, "flag": flag}
+    return {"gemm": gemms, "hooks": hooks, "int64": int64, "loads": loads, "flag": flag}
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +120,10 @@ def test_every_gemm_config_compiles_pipelined_within_shared_memory(compiled, tar
         assert config["pipelined"], f"{what}: the mainloop is not software-pipelined"
         assert config["wgmma"] == (capability == 90), f"{what}: wgmma on Hopper only"
         assert config["shared"] <= SHARED_LIMIT[capability], f"{what}: {config['shared']} B of shared memory"
+
+
+def test_the_int64_offsets_variant_keeps_the_fast_mainloop(compiled):
+    assert compiled["int64"] == {"wgmma": True, "pipelined": True}
 
 
 def test_gemm_hooks_are_system_scope_and_cost_nothing_when_off(compiled):

@@ -44,7 +44,7 @@ def test_extension_imports_without_a_driver_and_says_why_cuda_is_unusable():
     count, why = native().cuda_device_count()
     assert count < 0 and why  # e.g. cudaErrorInsufficientDriver, or built without CUDA
     with pytest.raises(RuntimeError, match="cudaErrorInsufficientDriver|built without CUDA"):
-        native().device_malloc(16, 0)
+        native().device_malloc(16, 0, 5.0)
 
 
 @pytest.mark.timeout(600)
@@ -76,7 +76,7 @@ def test_cpu_only_build_offers_the_same_api(tmp_path):
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout + done.stderr
     probe = ("import _C; print(_C.build_info()['cuda']); print(sorted(n for n in dir(_C) if not n.startswith('__')));"
-             "\ntry:\n _C.device_malloc(8, 0)\nexcept RuntimeError as e:\n print(e)")  # fmt: skip
+             "\ntry:\n _C.device_malloc(8, 0, 5.0)\nexcept RuntimeError as e:\n print(e)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     lines = out.stdout.splitlines()
     assert lines[0] == "False", out.stderr

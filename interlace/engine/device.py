@@ -9,12 +9,39 @@ import weakref
 import torch
 
 
-def synchronize(device: torch.device | torch.Tensor) -> None:
-    """Wait for all queued work on a CUDA device (no-op on CPUs)."""
+def synchronize(device: torch.device | torch.Tensor, timeout: float | None = None, what: str = "its queued work") -> None:
+    """Wait for all queued work on a CUDA device (no-op on CPUs). With a ``timeout`` (seconds),
+    ``TimeoutError`` past it: a stream parked in a wait on a peer that never comes would
+    otherwise hold the caller forever."""
     if isinstance(device, torch.Tensor):
         device = device.device
-    if device.type == "cuda":
+    if device.type != "cuda":
+        return
+    if timeout is None:
         torch.cuda.synchronize(device)
+    else:
+        finish_within(lambda: torch.cuda.synchronize(device), timeout, f"synchronizing {device} ({what})")
+
+
+def finish_within(fn, timeout: float, what: str):
+    """``fn()``'s result, run on a helper thread; ``TimeoutError`` naming ``what`` when it has not
+    returned after ``timeout`` seconds (the thread is left behind, a daemon)."""
+    done, outcome = threading.Event(), {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as error:  # handed to the caller
+            outcome["error"] = error
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True, name=f"interlace {what}").start()
+    if not done.wait(timeout):
+        raise TimeoutError(f"{what} did not finish within {timeout:g} s: a stream may be waiting on a peer that never came")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
 
 
 def record_event(device: torch.device, stream: torch.cuda.Stream | None = None) -> torch.cuda.Event | None:
@@ -37,13 +64,17 @@ def new_stream(device: torch.device) -> torch.cuda.Stream:
     """A CUDA stream no live wrapper shares. ``torch.cuda.Stream()`` hands out pooled streams
     round-robin (32 per priority), so two of those can be one CUDA stream, and a stream wait queued
     on one would hold back the other's work: every stream that waits on a peer, or that a peer
-    waits on, comes from here. A reused handle may still run its last owner's queued work first."""
+    waits on, comes from here. A freed handle is handed out again only once idle: one still busy may
+    be stuck behind a wait on a peer that never came, and is dropped."""
     from interlace.engine.comm.native import native
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     with _FREE_LOCK:
-        free = _FREE_STREAMS.setdefault(index, [])
-        handle = free.pop() if free else native().stream_create(index)
+        free, handle = _FREE_STREAMS.setdefault(index, []), None
+        while free and handle is None:
+            candidate = free.pop()
+            handle = candidate if torch.cuda.ExternalStream(candidate, device=torch.device("cuda", index)).query() else None
+        handle = handle or native().stream_create(index)
     stream = torch.cuda.ExternalStream(handle, device=torch.device("cuda", index))
     weakref.finalize(stream, _release, index, handle)
     return stream

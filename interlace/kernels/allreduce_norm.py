@@ -38,3 +38,9 @@ def allreduce_residual_rmsnorm_kernel(
 
 def block_for(hidden: int) -> int:
     return triton.next_power_of_2(hidden)
+
+
+def warps_for(hidden: int) -> int:
+    """A warp per 1024 columns, 4 to 16. Measured with ptxas -v (sm_90a, triton 3.7.1, 8 peers): 4 warps
+    take 167 registers at hidden 8192, and 255 with 520 bytes of spills at 16384; this, 126-128, none."""
+    return max(4, min(16, block_for(hidden) // 1024))

@@ -20,6 +20,8 @@ Hooks (int32 flag arrays, one entry per chunk of ``chunk_rows`` rows of x / y):
   (ranks tuned apart still agree on it). Nothing is signalled once ``status`` records a failure:
   a broken operator stops publishing, so its peers time out and say so instead of reading it.
 
+Offsets are int32 unless ``INT64`` (the launcher sets it when an operand spans 2**31 elements).
+
 Flags compare as ``(int32)(flag - value) >= 0`` (what cuStreamWaitValue32 does), so epochs and
 counters may wrap. The hooks' atomics are system-scoped: peers on other GPUs read them over IPC.
 """
@@ -76,11 +78,13 @@ def _wait_chunks(flags_ptr, status_ptr, chunk_first, chunk_last, epoch, max_spin
 
 @triton.jit
 def _mainloop(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, INT64: tl.constexpr):  # fmt: skip
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         k = k0 * BLOCK_K + ks
+        if INT64:
+            k = k.to(tl.int64)
         a = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk, mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
         b = tl.load(w_ptr + cols[None, :] * stride_wn + k[:, None] * stride_wk, mask=(cols[None, :] < N) & (k[:, None] < K), other=0.0)
         if UPCAST:  # the interpreter's bf16 arithmetic is wrong; its fp32 is right
@@ -104,14 +108,16 @@ def _epilogue(acc, rows, cols, M, N, bias_ptr, res_ptr, stride_rm, stride_rn,
     return acc
 
 
-@triton.jit
+# Hook arguments vary by rank (start_chunk) and operator: one compiled variant serves them all, so
+# one eager call of a shape loads everything a CUDA-graph capture of any rank's call launches.
+@triton.jit(do_not_specialize=["chunk_rows", "start_chunk", "max_spins"])
 def gemm_kernel(
     x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, flags_ptr, counters_ptr, status_ptr,
     M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_rm, stride_rn,
     epoch_ptr, chunk_rows, start_chunk, max_spins,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
-    WAIT: tl.constexpr, SIGNAL: tl.constexpr, UPCAST: tl.constexpr,
+    WAIT: tl.constexpr, SIGNAL: tl.constexpr, UPCAST: tl.constexpr, INT64: tl.constexpr,
 ):  # fmt: skip
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     first_m = (start_chunk * chunk_rows) // BLOCK_M
@@ -120,6 +126,8 @@ def gemm_kernel(
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, first_m, GROUP_M)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if INT64:
+            rows, cols = rows.to(tl.int64), cols.to(tl.int64)
         chunk_first = (pid_m * BLOCK_M) // chunk_rows
         chunk_last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) // chunk_rows
         ready = 1
@@ -127,7 +135,7 @@ def gemm_kernel(
             ready = _wait_chunks(flags_ptr, status_ptr, chunk_first, chunk_last, epoch, max_spins)
         if ready == 1:
             acc = _mainloop(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
-                            BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)  # fmt: skip
+                            BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, INT64)  # fmt: skip
             acc = _epilogue(acc, rows, cols, M, N, bias_ptr, res_ptr, stride_rm, stride_rn, HAS_BIAS, HAS_RESIDUAL, ACTIVATION)
             mask = (rows[:, None] < M) & (cols[None, :] < N)
             tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)

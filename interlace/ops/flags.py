@@ -16,7 +16,7 @@ import torch
 
 from interlace.kernels import flags as kernel
 from interlace.ops.describe import describe
-from interlace.ops.gemm import INTERPRETER_LOCK
+from interlace.ops.gemm import launching
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,7 +54,7 @@ def _launch(flags, index, value, stream, status, wait_id, max_spins, *, wait: bo
         raise ValueError(f"flag {index}: status must be >= 4 int32 on {flags.device}, got {describe(status)}")
     if value.epoch.device != flags.device:
         raise ValueError(f"flag {index}: the epoch is on {value.epoch.device}, the flags on {flags.device}")
-    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext(), INTERPRETER_LOCK:
+    with launching(flags.device), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         kernel.flag_kernel[(1,)](flags, index, value.epoch, value.scale, value.offset, status, wait_id, max_spins,
                                  WAIT=wait, num_warps=1)  # fmt: skip
 

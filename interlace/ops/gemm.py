@@ -47,6 +47,14 @@ INTERPRETER_PROGRAMS = 2  # sequential programs under the interpreter: two exerc
 INTERPRETER_LOCK = threading.Lock() if INTERPRETING else contextlib.nullcontext()
 
 
+def launching(device: torch.device):
+    """The context of a Triton launch on ``device``: that device made current (Triton launches on
+    the current one, whatever the tensors' device) and, interpreted, the interpreter's turn."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return INTERPRETER_LOCK
+
+
 def interpreter_problem(interpreting: bool = INTERPRETING, triton_version: str = triton.__version__,
                         numpy_version: str = numpy.__version__) -> str | None:  # fmt: skip
     """Why kernels cannot run under this Triton interpreter, or None. Measured: triton 3.6's
@@ -161,7 +169,7 @@ def gemm(
         wait.status = status
     r = residual if residual is not None else y
     dummy = status  # pointer for absent optional operands; never read
-    with INTERPRETER_LOCK:
+    with launching(x.device):
         kernel.gemm_kernel[(plan.programs,)](
             x, w, y, bias if bias is not None else dummy, r, wait.flags if wait else dummy,
             signal.counters if signal else dummy, status,
@@ -171,11 +179,16 @@ def gemm(
             GROUP_M=plan.group_m if wait is None and signal is None else chunk_major_group(plan, m, chunk_rows),
             HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=kernel.ACTIVATIONS[activation],
             WAIT=wait is not None, SIGNAL=signal is not None, UPCAST=INTERPRETING and x.dtype != torch.float32,
-            num_warps=plan.num_warps, num_stages=plan.num_stages,
+            INT64=needs_int64(x, w, y, r), num_warps=plan.num_warps, num_stages=plan.num_stages,
         )  # fmt: skip
     if check and wait:
         wait.check()
     return y
+
+
+def needs_int64(*tensors: torch.Tensor) -> bool:
+    """Whether an element offset of any of ``tensors`` reaches 2**31 (int32 offsets would wrap)."""
+    return any(t.numel() and sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) >= 2**31 for t in tensors)
 
 
 @functools.lru_cache(maxsize=None)

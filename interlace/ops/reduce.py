@@ -10,7 +10,7 @@ import triton
 from interlace.kernels import allreduce_norm
 from interlace.kernels import reduce as kernel
 from interlace.ops.describe import describe
-from interlace.ops.gemm import INTERPRETER_LOCK
+from interlace.ops.gemm import launching
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -26,7 +26,7 @@ def launch(parts: list[torch.Tensor], out: torch.Tensor) -> None:
     """``sum_parts`` for operands that ``unsupported`` accepted."""
     if out.numel() == 0:
         return
-    with INTERPRETER_LOCK:
+    with launching(out.device):
         kernel.sum_parts_kernel[(triton.cdiv(out.numel(), kernel.BLOCK),)](
             *_padded(parts), out, out.numel(), WORLD=len(parts), BLOCK=kernel.BLOCK, num_warps=kernel.NUM_WARPS
         )
@@ -39,10 +39,10 @@ def allreduce_residual_rmsnorm(peers: list[torch.Tensor], residual: torch.Tensor
     residual, weight = residual.contiguous(), weight.contiguous()
     out, h = torch.empty_like(residual), torch.empty_like(residual)
     rows, hidden = residual.shape
-    with INTERPRETER_LOCK:
+    with launching(out.device):
         allreduce_norm.allreduce_residual_rmsnorm_kernel[(rows,)](
             *_padded(peers), residual, weight, out, h, hidden, peers[0].stride(0), residual.stride(0), out.stride(0), eps,
-            WORLD=len(peers), BLOCK=allreduce_norm.block_for(hidden),
+            WORLD=len(peers), BLOCK=allreduce_norm.block_for(hidden), num_warps=allreduce_norm.warps_for(hidden),
         )  # fmt: skip
     return out, h
 

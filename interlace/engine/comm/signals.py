@@ -110,7 +110,8 @@ def copy_chunks(chunks: list[tuple[torch.Tensor, torch.Tensor]], flags: torch.Te
     dst, src, sizes, cuda = [], [], [], None
     for i, (d, s) in enumerate(chunks):
         _check_chunk(i, d, s)
-        cuda = cuda or next((t for t in (d, s) if t.is_cuda), None)
+        if cuda is None:  # never `cuda or ...`: a tensor's truth value is its content
+            cuda = next((t for t in (d, s) if t.is_cuda), None)
         dst.append(d.data_ptr())
         src.append(s.data_ptr())
         sizes.append(d.nbytes)

@@ -69,7 +69,8 @@ class SymmetricBuffer:
             return
         self._closed = True
         self._views = []
-        synchronize(self.device)  # this rank's queued GPU work may still touch peers' memory
+        # this rank's queued GPU work may still touch peers' memory
+        synchronize(self.device, self.group.timeout, f"rank {self.rank} closing a symmetric buffer")
         self.group.barrier()  # nobody still uses a peer's memory
         for r, a in enumerate(self._addresses):
             if r != self.rank:
@@ -169,8 +170,7 @@ class _DeviceMemory(_Memory):
 
     def allocate(self, nbytes: int) -> list[int]:
         g = self.group
-        own = native().device_malloc(nbytes, self.index)
-        synchronize(self.device)  # the zero fill lands before any peer can read the memory
+        own = native().device_malloc(nbytes, self.index, g.timeout)  # zero-filled before it returns
         try:
             handles = _exchange(g, native().ipc_handle(own, self.index))
             return [own if r == g.rank else native().ipc_open(h, self.index) for r, h in enumerate(handles)]
@@ -197,7 +197,7 @@ class _ThreadMemory(_Memory):
 
     def allocate(self, nbytes: int) -> list[int]:
         own = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
-        synchronize(self.device)  # peers read it from their own streams
+        synchronize(self.device, self.group.timeout, f"rank {self.group.rank} allocating a symmetric buffer")  # peers read it from their own streams
         peers = self.group.share(own)
         self.tensors = {t.data_ptr(): t for t in peers}
         return [t.data_ptr() for t in peers]

@@ -5,8 +5,10 @@ every available candidate in lockstep and the slowest rank's time counts, so all
 same. The fastest wins, but bulk stays unless another is at least ``MARGIN`` faster: the choice is
 never slower than bulk as measured. Decisions are cached in memory and on disk
 (``$INTERLACE_DISPATCH_CACHE``, default ``~/.cache/interlace/dispatch.json``); a cached decision
-is used only when every rank holds the same one (else all measure again), so ranks never diverge. ``explain()`` says what a call will use
-and why, including why fused was left out.
+is used only when every rank holds the same one (else all measure again), so ranks never diverge;
+that agreement is collective once per group and case, then remembered: later calls cost nothing,
+and may be captured in a CUDA graph. ``explain()`` says what a call will use and why, including
+why fused was left out.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import datetime
 import json
 import os
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -73,19 +76,26 @@ class Dispatcher:
         self.path = Path(path if path is not None else default)
         self.measure = measure or measure_collectively
         self.decisions: dict[str, Decision] = _load(self.path)
+        self._agreed: weakref.WeakKeyDictionary[Group, dict[str, Decision]] = weakref.WeakKeyDictionary()
 
     def config_for(self, group: Group, case: Case) -> OverlapConfig:
         return self.decide(group, case).config()
 
     def decide(self, group: Group, case: Case) -> Decision:
-        """Collective on first use of a case (every rank must call it with the same case)."""
+        """Collective on first use of a case in a group (every rank must call it with the same case)."""
+        agreed = self._agreed.setdefault(group, {})
+        if case.key() in agreed:
+            return agreed[case.key()]
+        if group.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"rank {group.rank}: overlap='auto' decides {case.key()} collectively on its first call "
+                               "(it may measure): make that call once before capturing a CUDA graph")  # fmt: skip
         cached = self.decisions.get(case.key())
-        if _agreed(group, cached):
-            return cached
-        decision = self._measure(group, case)
-        self.decisions[case.key()] = decision
-        _store(self.path, case.key(), decision)
-        return decision
+        if not _agreed(group, cached):
+            cached = self._measure(group, case)
+            self.decisions[case.key()] = cached
+            _store(self.path, case.key(), cached)
+        agreed[case.key()] = cached
+        return cached
 
     def explain(self, group: Group, case: Case) -> str:
         d = self.decide(group, case)

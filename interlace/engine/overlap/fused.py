@@ -407,6 +407,9 @@ class FusedAllReduceResidualNorm(_Fused):
                              f"the group has {group.world_size}")  # fmt: skip
         self.rows, self.hidden, self.dtype, self.eps = rows, hidden, dtype, eps
         super().__init__(group, rows * hidden * dtype.itemsize, 2, "AR+norm", check=check, max_spins=None, graph_safe=graph_safe)
+        if group.device.type == "cuda":  # compile and load the kernel now, not inside a CUDA graph's capture
+            scratch = torch.zeros(rows, hidden, dtype=dtype, device=group.device)
+            allreduce_residual_rmsnorm([scratch] * self.world, scratch, scratch[0], eps)
 
     def __call__(self, residual: torch.Tensor, weight: torch.Tensor, partial: torch.Tensor):
         for name, t in (("residual", residual), ("partial", partial)):
