@@ -98,24 +98,31 @@ class RelaxedCapture {
   cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
 };
 
-// What device_load and device_malloc's zero fill go through, per device: a private stream and a
-// pinned slot, one use at a time. Never freed: a copy that outlived its deadline may still land.
+// What device_load (kRead) or device_malloc's zero fill (kFill) goes through, per device: a
+// private stream and a pinned slot, one use at a time. A use that timed out leaves its work queued:
+// renew() swaps in a fresh stream and slot, so later uses do not queue behind it. Nothing is
+// freed: a late copy may still land in an old slot.
 struct Loader {
   std::mutex lock;
   cudaStream_t stream = nullptr;
   int32_t* slot = nullptr;
-};
 
-Loader& loader(int device) {  // on `device` (the caller's DeviceGuard)
+  void renew() {
+    check(cudaHostAlloc(reinterpret_cast<void**>(&slot), sizeof(int32_t), cudaHostAllocPortable),
+          "allocating a pinned slot for device reads");
+    check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "creating a stream for device reads");
+  }
+};
+enum Use { kRead, kFill };
+
+Loader& loader(int device, Use use) {  // on `device` (the caller's DeviceGuard)
   static std::mutex lock;
   static std::unordered_map<int, Loader*> loaders;
   std::lock_guard<std::mutex> guard(lock);
-  Loader*& found = loaders[device];
+  Loader*& found = loaders[2 * device + use];
   if (found == nullptr) {
     auto fresh = std::make_unique<Loader>();
-    check(cudaHostAlloc(reinterpret_cast<void**>(&fresh->slot), sizeof(int32_t), cudaHostAllocPortable),
-          "allocating a pinned slot for device reads");
-    check(cudaStreamCreateWithFlags(&fresh->stream, cudaStreamNonBlocking), "creating a stream for device reads");
+    fresh->renew();
     found = fresh.release();
   }
   return *found;
@@ -157,13 +164,17 @@ int cuda_device_count(std::string& why) {
 uintptr_t device_malloc(size_t nbytes, int device, double timeout_s) {
   RelaxedCapture relaxed;
   DeviceGuard guard(device);
-  Loader& l = loader(device);  // made here, so a later flag read on a stuck device allocates nothing
+  loader(device, kRead);  // made here, so a later flag read on a stuck device allocates nothing
+  Loader& l = loader(device, kFill);
   void* p = nullptr;
   check(cudaMalloc(&p, nbytes), "cudaMalloc of " + std::to_string(nbytes) + " bytes");
+  std::lock_guard<std::mutex> one_use(l.lock);
   try {  // on the private stream: the legacy default stream would also wait for torch's streams
-    std::lock_guard<std::mutex> one_use(l.lock);
     check(cudaMemsetAsync(p, 0, nbytes, l.stream), "zero-filling " + std::to_string(nbytes) + " bytes");
     finish(l.stream, timeout_s, "zero-filling " + std::to_string(nbytes) + " bytes of new device memory");
+  } catch (const DeviceTimeout&) {  // the fill may still land: p stays allocated (cudaFree would wait for it)
+    l.renew();
+    throw;
   } catch (...) {
     cudaFree(p);
     throw;
@@ -231,6 +242,14 @@ uintptr_t stream_create(int device) {
   return reinterpret_cast<uintptr_t>(s);
 }
 
+bool stream_idle(uintptr_t stream) {
+  RelaxedCapture relaxed;
+  cudaError_t state = cudaStreamQuery(reinterpret_cast<cudaStream_t>(stream));
+  if (state == cudaErrorNotReady) return false;
+  check(state, "querying a stream");
+  return true;
+}
+
 void relax_capture_mode() {
   cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
   check(cudaThreadExchangeStreamCaptureMode(&mode), "setting this thread's capture mode to relaxed");
@@ -239,11 +258,16 @@ void relax_capture_mode() {
 int32_t device_load(uintptr_t address, int device, double timeout_s) {
   RelaxedCapture relaxed;
   DeviceGuard guard(device);
-  Loader& l = loader(device);
-  std::lock_guard<std::mutex> one_read(l.lock);  // one slot: a read queued behind a late one waits its turn
+  Loader& l = loader(device, kRead);
+  std::lock_guard<std::mutex> one_read(l.lock);  // one slot: reads take turns, each within its deadline
   check(cudaMemcpyAsync(l.slot, reinterpret_cast<const void*>(address), sizeof(int32_t), cudaMemcpyDeviceToHost, l.stream),
         "reading a device flag");
-  finish(l.stream, timeout_s, "the copy reading a device flag");
+  try {
+    finish(l.stream, timeout_s, "the copy reading a device flag");
+  } catch (const DeviceTimeout&) {
+    l.renew();
+    throw;
+  }
   return *static_cast<volatile int32_t*>(l.slot);
 }
 

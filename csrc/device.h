@@ -40,6 +40,8 @@ void copy_chunks_async(uintptr_t stream, const std::vector<uintptr_t>& dst, cons
 // round-robin: two "new" torch streams can be one CUDA stream, and a lane's stream wait would then
 // hold back a peer's kernels. Never destroyed (see interlace.engine.device.new_stream).
 uintptr_t stream_create(int device);
+// Whether `stream` has finished its queued work (cudaStreamQuery, safe beside another thread's capture).
+bool stream_idle(uintptr_t stream);
 // Read one int32 of device memory through a private non-blocking stream (a copy engine), so a
 // host can watch a flag while kernels hold the device's other streams. The copy can still queue
 // behind blocked work (a stream sharing its hardware queue waits on a peer that never comes):

@@ -28,6 +28,7 @@ void copy_chunks_async(uintptr_t, const std::vector<uintptr_t>&, const std::vect
   unavailable();
 }
 uintptr_t stream_create(int) { unavailable(); }
+bool stream_idle(uintptr_t) { unavailable(); }
 int32_t device_load(uintptr_t, int, double) { unavailable(); }
 void relax_capture_mode() { unavailable(); }
 

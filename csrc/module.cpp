@@ -119,6 +119,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("copy_chunks_async", &copy_chunks_async, py::arg("stream"), py::arg("dst"), py::arg("src"),
         py::arg("nbytes"), py::arg("flags"), py::arg("values"), py::call_guard<py::gil_scoped_release>());
   m.def("stream_create", &stream_create, py::arg("device"));
+  m.def("stream_idle", &stream_idle, py::arg("stream"));
   py::register_exception<DeviceTimeout>(m, "DeviceTimeout", PyExc_TimeoutError);
   m.def("device_load", &device_load, py::arg("address"), py::arg("device"), py::arg("timeout_s"),
         py::call_guard<py::gil_scoped_release>());

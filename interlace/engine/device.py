@@ -73,7 +73,7 @@ def new_stream(device: torch.device) -> torch.cuda.Stream:
         free, handle = _FREE_STREAMS.setdefault(index, []), None
         while free and handle is None:
             candidate = free.pop()
-            handle = candidate if torch.cuda.ExternalStream(candidate, device=torch.device("cuda", index)).query() else None
+            handle = candidate if native().stream_idle(candidate) else None  # safe beside another thread's capture
         handle = handle or native().stream_create(index)
     stream = torch.cuda.ExternalStream(handle, device=torch.device("cuda", index))
     weakref.finalize(stream, _release, index, handle)
