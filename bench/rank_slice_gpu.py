@@ -54,6 +54,16 @@ def _between(start, end, launch):
     return result
 
 
+def _after(event, *streams) -> None:
+    for stream in streams:
+        stream.wait_event(event)
+
+
+def _join(cur, *streams) -> None:
+    for stream in streams:
+        cur.wait_stream(stream)
+
+
 def _variants(reference, triton_gemm, comm, bulk, chunked, fused, landing: list[torch.Tensor]) -> dict:
     """The timed variants, and ``poison``: NaN into the ``landing`` buffers (where data arrives)."""
     def poison():
@@ -94,8 +104,7 @@ def _all_gather(shape: dict, regime: str, world: int, dtype: torch.dtype, status
         send_own()
         copy.wait_stream(cur)
         signals.copy_chunks(chunks, stream=copy)
-        cur.wait_stream(copy)
-        cur.wait_stream(send)
+        _join(cur, copy, send)
 
     def bulk():
         rows[0].copy_(own)
@@ -129,8 +138,7 @@ def _all_gather(shape: dict, regime: str, world: int, dtype: torch.dtype, status
         signals.copy_chunks(chunks, flags, list(range(1, world)), e, stream=copy)
         y = _between(start, end, lambda: gemm(gathered, w, wait=WaitHook(flags, epoch, n), start_chunk=0, plan=waiting_plan,
                                               check=False, status=status))  # fmt: skip
-        cur.wait_stream(copy)
-        cur.wait_stream(send)
+        _join(cur, copy, send)
         return y
 
     return _variants(lambda: gathered @ w.T, lambda: gemm(gathered, w, plan=plan), comm, bulk, chunked, fused, [gathered])
@@ -157,18 +165,13 @@ def _reduce_scatter(shape: dict, regime: str, world: int, dtype: torch.dtype, st
         signals.copy_chunks([(staging[q - 1], incoming[q - 1])], stream=receive)
 
     def joined():  # as the operator does: one pass over this rank's block and the received ones
-        cur.wait_stream(send)
-        cur.wait_stream(receive)
+        _join(cur, send, receive)
         out = torch.empty(n, n_out, device="cuda", dtype=dtype)
         reduce_into([blocks[0], *staging], "sum", out)
         return out
 
-    def after(stream_event):
-        send.wait_event(stream_event)
-        receive.wait_event(stream_event)
-
     def comm():
-        after(cur.record_event())
+        _after(cur.record_event(), send, receive)
         for q in range(1, world):
             exchange(q)
         return joined()
@@ -181,14 +184,14 @@ def _reduce_scatter(shape: dict, regime: str, world: int, dtype: torch.dtype, st
         for q in list(range(1, world)) + [0]:  # peers' blocks first, so they can leave early
             torch.matmul(x[q * n : (q + 1) * n], w.T, out=blocks[q])
             if q:
-                after(cur.record_event())
+                _after(cur.record_event(), send, receive)
                 exchange(q)
         return joined()
 
     def fused(start=None, end=None):
         e, before = next(epochs), cur.record_event()
         _between(start, end, lambda: gemm(x, w, out=partial, signal=SignalHook(counters, n), start_chunk=1, plan=plan, status=status))
-        after(before)  # waits queued after the GEMM they wait for (shared hardware queues)
+        _after(before, send, receive)  # waits queued after the GEMM they wait for (shared hardware queues)
         for q in range(1, world):
             for stream in (send, receive):  # stream waits on the GEMM's signal counters
                 signals.wait(counters, q, e * outputs[q], stream)
@@ -217,18 +220,13 @@ def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status
         signals.copy_chunks([(staging[i, span], incoming[i][span]) for i in range(world - 1)], stream=receive)
 
     def joined():  # as the operator does: one pass over the parts, after every pull
-        cur.wait_stream(send)
-        cur.wait_stream(receive)
+        _join(cur, send, receive)
         out = torch.empty(m, n_out, device="cuda", dtype=dtype)
         reduce_into([partial, *staging], "sum", out)
         return out
 
-    def after(stream_event):
-        send.wait_event(stream_event)
-        receive.wait_event(stream_event)
-
     def comm():
-        after(cur.record_event())
+        _after(cur.record_event(), send, receive)
         for span in spans:
             exchange(span)
         return joined()
@@ -240,14 +238,14 @@ def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status
     def chunked():
         for span in spans:
             torch.matmul(x[span], w.T, out=partial[span])
-            after(cur.record_event())  # peers finish this chunk when this rank does (lockstep)
+            _after(cur.record_event(), send, receive)  # peers finish this chunk when this rank does (lockstep)
             exchange(span)
         return joined()
 
     def fused(start=None, end=None):
         e, before = next(epochs), cur.record_event()
         _between(start, end, lambda: gemm(x, w, out=partial, signal=SignalHook(counters, step), plan=plan, status=status))
-        after(before)
+        _after(before, send, receive)
         for c, span in enumerate(spans):
             for stream in (send, receive):
                 signals.wait(counters, c, e * outputs[c], stream)
