@@ -10,6 +10,7 @@ memory: PCIe speed). Measured with CUDA events, median of ``iters`` after warm-u
 | ag_gemm | [W n, K] x [N/W, K]^T        | pull W-1 peer shards [n, K] into the gathered rows while this rank's goes to W-1 peers |
 | gemm_rs | [W n, K/W] x [N, K/W]^T      | send W-1 blocks [n, N] out while W-1 come in, reduce |
 | gemm_ar | [M, K/W] x [N, K/W]^T        | send the partial [M, N] to W-1 peers while theirs come in, reduce (one-shot) |
+| gemm_ar_two_shot | as gemm_ar              | per row chunk: send piece q to rank q while the peers' pieces of this rank's come in, reduce, send the sum to W-1 peers while theirs come in |
 
 Outbound and inbound copies run on two streams, as a link carries both directions at once; ranks
 run in lockstep, so a peer's chunk is there when this rank has finished the same step.
@@ -33,7 +34,7 @@ import torch
 from .common import overlap_metrics, report_table
 from .layers import MODELS
 
-PATTERNS = ("ag_gemm", "gemm_rs", "gemm_ar")
+PATTERNS = ("ag_gemm", "gemm_rs", "gemm_ar", "gemm_ar_two_shot")
 STRATEGIES = ("bulk", "chunked", "fused")
 REGIMES = ("d2d", "host")
 
@@ -58,6 +59,7 @@ def shapes(config: Config) -> list[dict]:
         layers = {"ag_gemm": {"attn-qkv": ((heads + 2 * max(kv, w)) * d, hidden), "mlp-gate-up": (2 * ffn, hidden)},
                   "gemm_rs": {"attn-o": (hidden, heads * d), "mlp-down": (hidden, ffn)},
                   "gemm_ar": {"attn-o": (hidden, heads * d), "mlp-down": (hidden, ffn)}}  # fmt: skip
+        layers["gemm_ar_two_shot"] = layers["gemm_ar"]
         for pattern in config.patterns:
             for layer, (n, k) in layers[pattern].items():
                 for m in config.tokens:

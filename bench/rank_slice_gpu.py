@@ -14,6 +14,7 @@ from interlace.ops.gemm import SignalHook, WaitHook, chunk_outputs, gemm, leave_
 from .common import around, event_median
 
 WARMUP = 3
+REDUCE_SMS = 8  # what FusedMatmulAllReduceTwoShot leaves free for its reductions by default
 # GPU time, not Python's: each timed run is queued behind a ~1 ms sleep kernel, so the host has
 # enqueued the whole run (a fused call is several launches) before its start event is reached.
 HEADSTART_CYCLES = 2_000_000
@@ -24,7 +25,7 @@ def measure(shape: dict, regime: str, world: int, dtype: torch.dtype, iters: int
     after checking that chunked and fused give bulk's result and that no fused wait gave up. Each
     checked run starts from NaN in every buffer data arrives in: a run that reads before its data
     has landed cannot pass on what the previous run left there."""
-    build = {"ag_gemm": _all_gather, "gemm_rs": _reduce_scatter, "gemm_ar": _all_reduce}[shape["pattern"]]
+    build = {"ag_gemm": _all_gather, "gemm_rs": _reduce_scatter, "gemm_ar": _all_reduce, "gemm_ar_two_shot": _all_reduce_two_shot}[shape["pattern"]]
     status = torch.zeros(4, dtype=torch.int32, device="cuda")
     variants = build(shape, regime, world, dtype, status)
     poison = variants.pop("poison")
@@ -253,3 +254,74 @@ def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status
         return joined()
 
     return _variants(lambda: x @ w.T, lambda: gemm(x, w, plan=plan), comm, bulk, chunked, fused, [partial, staging])
+
+
+def _all_reduce_two_shot(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor, chunks: int = 4) -> dict:
+    """Two-shot, chunk by chunk as the ranks finish it in lockstep (this rank is rank 0): piece q of
+    the chunk goes out to rank q while the peers' pieces of this rank's rows come in; their sum (a
+    kernel, on the SMs a fused GEMM leaves free) is written back over this rank's piece, as the
+    operator publishes it, then goes out to every peer while the peers' sums come in. Two streams,
+    as in _reduce_scatter; 2(W-1)/W of the output each way."""
+    m, n_out, k, cur = shape["M"], shape["N"], shape["K"] // world, torch.cuda.current_stream()
+    step = -(-m // chunks)
+    x, w = torch.randn(m, k, device="cuda", dtype=dtype), torch.randn(n_out, k, device="cuda", dtype=dtype) / k**0.5
+    partial, y = torch.empty(m, n_out, device="cuda", dtype=dtype), torch.empty(m, n_out, device="cuda", dtype=dtype)
+    spans = [(c * step, min((c + 1) * step, m)) for c in range(chunks)]
+
+    def piece(span: tuple[int, int], owner: int) -> slice:
+        a, b = span
+        return slice(a + (b - a) * owner // world, a + (b - a) * (owner + 1) // world)
+
+    widest = max(piece(span, 0).stop - piece(span, 0).start for span in spans)
+    staging = torch.empty(world - 1, widest, n_out, device="cuda", dtype=dtype)
+    outgoing, incoming = _peers(world - 1, m, n_out, dtype, regime), _peers(world - 1, m, n_out, dtype, regime)
+    send, receive = new_stream(cur.device), new_stream(cur.device)
+    counters, epochs = torch.zeros(chunks, dtype=torch.int32, device="cuda"), itertools.count(1)
+    plan = plan_for(x, w)
+    spare_plan = leave_sms(plan, x.device, REDUCE_SMS)  # room for the reductions beside the persistent GEMM
+    outputs = chunk_outputs(m, n_out, step)
+
+    def exchange(span):
+        mine, theirs = piece(span, 0), [piece(span, q) for q in range(1, world)]
+        staged = [staging[i, : mine.stop - mine.start] for i in range(world - 1)]
+        signals.copy_chunks([(outgoing[i][rows], partial[rows]) for i, rows in enumerate(theirs)], stream=send)
+        signals.copy_chunks([(staged[i], incoming[i][mine]) for i in range(world - 1)], stream=receive)
+        with torch.cuda.stream(receive):
+            reduce_into([partial[mine], *staged], "sum", y[mine])
+        signals.copy_chunks([(partial[mine], y[mine])], stream=receive)
+        send.wait_event(receive.record_event())
+        signals.copy_chunks([(outgoing[i][mine], y[mine]) for i in range(world - 1)], stream=send)
+        signals.copy_chunks([(y[rows], incoming[i][rows]) for i, rows in enumerate(theirs)], stream=receive)
+
+    def joined():
+        _join(cur, send, receive)
+        return y
+
+    def comm():
+        _after(cur.record_event(), send, receive)
+        for span in spans:
+            exchange(span)
+        return joined()
+
+    def bulk():
+        torch.matmul(x, w.T, out=partial)
+        return comm()
+
+    def chunked():
+        for span in spans:
+            torch.matmul(x[span[0] : span[1]], w.T, out=partial[span[0] : span[1]])
+            _after(cur.record_event(), send, receive)
+            exchange(span)
+        return joined()
+
+    def fused(start=None, end=None):
+        e, before = next(epochs), cur.record_event()
+        _between(start, end, lambda: gemm(x, w, out=partial, signal=SignalHook(counters, step), plan=spare_plan, status=status))
+        _after(before, send, receive)
+        for c, span in enumerate(spans):
+            for stream in (send, receive):
+                signals.wait(counters, c, e * outputs[c], stream)
+            exchange(span)
+        return joined()
+
+    return _variants(lambda: x @ w.T, lambda: gemm(x, w, plan=plan), comm, bulk, chunked, fused, [partial, staging, y])

@@ -117,6 +117,20 @@ def test_pipeline_benchmark_measures_against_predictions(tmp_path):
         assert r["measured_ms"] >= 0.95 * r["predicted_ms"], "sleeping stages cannot finish early"
 
 
+def test_rank_slice_shape_table_is_the_layers_of_each_pattern():
+    from bench import rank_slice
+
+    rows = rank_slice.shapes(rank_slice.Config(models=["llama3-70b"], tokens=[2048]))
+    table = {(r["pattern"], r["name"]): (r["M"], r["N"], r["K"]) for r in rows}
+    assert len(table) == len(rows) == 2 * len(rank_slice.PATTERNS)
+    # Llama-3-70B: hidden 8192, ffn 28672, 64 query and 8 key/value heads of 128 (full layer; the harness shards it)
+    assert table["ag_gemm", "llama3-70b/tp8/attn-qkv/m2048"] == (2048, (64 + 2 * 8) * 128, 8192)
+    assert table["gemm_rs", "llama3-70b/tp8/mlp-down/m2048"] == (2048, 8192, 28672)
+    for layer in ("attn-o", "mlp-down"):  # both all-reduces of a layer, one-shot and two-shot
+        name = f"llama3-70b/tp8/{layer}/m2048"
+        assert table["gemm_ar_two_shot", name] == table["gemm_ar", name] == (2048, 8192, 8192 if layer == "attn-o" else 28672)
+
+
 def synthetic_rank_slice():
     """A rank-slice result as the GPU run writes it, with made-up times (bookkeeping only)."""
     from bench.common import overlap_metrics as metrics
@@ -202,7 +216,7 @@ def test_rank_slice_says_why_it_skips_without_a_gpu(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pattern", ["ag_gemm", "gemm_rs", "gemm_ar"])
+@pytest.mark.parametrize("pattern", ["ag_gemm", "gemm_rs", "gemm_ar", "gemm_ar_two_shot"])
 @pytest.mark.parametrize("regime", ["d2d", "host"])
 def test_rank_slice_measures_every_variant_on_a_gpu(pattern, regime):
     import math

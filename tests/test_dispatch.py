@@ -80,6 +80,46 @@ def test_ranks_holding_different_cached_decisions_measure_again_and_agree(tmp_pa
     assert a == b and (a.strategy, a.chunks) == ("chunked", 4) and calls_a == calls_b == 3
 
 
+def shots_disagree(group, root):
+    """Cached fused decisions that differ only in GEMM+AR's shots are different decisions."""
+    timings = Timings([{"bulk": 1.0, "chunkedx2": 0.9, "chunkedx4": 0.5}])
+    d = Dispatcher(root / f"r{group.rank}.json", measure=timings)
+    case = Case.of(group=group, **CASE)
+    d.decisions[case.key()] = dispatch.Decision("fused", 4, {"bulk": 1.0}, "stale", shots=1 + group.rank)
+    return d.decide(group, case).config(), timings.calls
+
+
+def test_cached_decisions_differing_in_shots_only_are_measured_again(tmp_path):
+    (a, calls_a), (b, calls_b) = spawn(shots_disagree, 2, "local", args=(tmp_path,))
+    assert a == b and (a.strategy, a.chunks, a.shots) == ("chunked", 4, 1) and calls_a == calls_b == 3
+
+
+def cached_two_shot(group, path):
+    case = Case.of(group=group, **CASE)
+    if group.rank == 0:
+        dispatch._store(path, case.key(), dispatch.Decision("fused", 4, {"bulk": 1.0, "fused-two-shot": 0.5}, "50% faster than bulk", shots=2))
+    group.barrier()
+    d = Dispatcher(path, measure=Timings([{}]))  # a measurement would raise: the cached decision must serve
+    return d.decide(group, case).config(), d.explain(group, case)
+
+
+def test_a_cached_two_shot_decision_configures_two_shot(tmp_path):
+    for config, text in spawn(cached_two_shot, 2, "local", args=(tmp_path / "d.json",)):
+        assert (config.strategy, config.chunks, config.shots) == ("fused", 4, 2)
+        assert ": fused (two-shot) (50% faster than bulk); measured fused-two-shot 500.000 ms, bulk 1000.000 ms" in text
+
+
+def candidate_labels(group):
+    return sorted(dispatch.candidates_for(group, Case.of(group=group, **CASE))[0])
+
+
+@pytest.mark.gpu
+def test_two_shot_is_a_candidate_where_it_moves_fewer_bytes():
+    one_shot = ["bulk", "chunkedx2", "chunkedx4", "fused"]
+    assert spawn(candidate_labels, 2, "local", device="cuda") == [one_shot] * 2  # W = 2: the same bytes either way
+    assert spawn(candidate_labels, 3, "local", device="cuda") == [one_shot + ["fused-two-shot"]] * 3
+
+
 def decided_then_alone(group, root):
     """After the first, collective, decision rank 0 asks again alone: were that collective, it would
     wait for rank 1 (at its barrier) and fail."""

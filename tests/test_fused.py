@@ -2,6 +2,7 @@
 and processes sharing memory (SymmetricGroup), under the Triton interpreter. Several epochs through
 the same workspace with fresh rank-dependent inputs, against float64; the flags exactly."""
 
+import dataclasses
 import re
 import time
 
@@ -15,8 +16,8 @@ from interlace.ops.gemm import INTERPRETING
 from interlace.ops.reduce import unsupported
 from interlace.ops.flags import EpochValue
 from interlace.engine.overlap.fused import (
-    FusedAllGatherMatmul, FusedAllReduceResidualNorm, FusedMatmulAllReduce, FusedMatmulGroupAllReduce, FusedMatmulReduceScatter,
-    check_workspaces, close_workspaces, fused_unavailable, workspace,
+    FusedAllGatherMatmul, FusedAllReduceResidualNorm, FusedMatmulAllReduce, FusedMatmulAllReduceTwoShot, FusedMatmulGroupAllReduce,
+    FusedMatmulReduceScatter, check_workspaces, close_workspaces, fused_unavailable, workspace,
 )  # fmt: skip
 from reference import assert_within, matmul_tolerance, rand
 
@@ -80,6 +81,44 @@ def test_fused_all_gather_reduce_scatter_all_reduce(transport, world_size, devic
     assert spawn(fused_matmuls, world_size, transport, timeout=DEADLINE, device=device, args=(seed,)) == [True] * world_size
 
 
+def two_shot(group, seed, graph_safe=False):
+    """Two-shot GEMM+AR over several epochs against float64, with the bits of the one-shot operator
+    on every rank (each element is summed once, in rank order, by one owner), and its flags exactly.
+    Uneven pieces (a chunk's rows do not split evenly among ranks), and a few rows in 2 chunks, so
+    that at W >= 3 most pieces are empty."""
+    w, r, chunks = group.world_size, group.rank, 3
+    for m in (w * ROWS + 5, 2):
+        with (
+            FusedMatmulAllReduceTwoShot(group, m, N, torch.float32, chunks, graph_safe=graph_safe) as two,
+            FusedMatmulAllReduce(group, m, N, torch.float32, chunks, graph_safe=graph_safe) as one,
+        ):
+            step = -(-m // chunks)
+            outputs = [min(step, m - c * step) * N for c in range(two.chunks)]
+            for e in range(1, EPOCHS + 1):
+                xk = [base_rand(seed + 300 * e + q, (m, K)).to(group.device) * (q + 1) for q in range(w)]
+                wk = [base_rand(seed + 500 * e + q, (N, K)).to(group.device) for q in range(w)]
+                exact = sum(d64(xk[q]) @ d64(wk[q]).T for q in range(w))
+                mag = sum(d64(xk[q]).abs() @ d64(wk[q]).abs().T for q in range(w))
+                y = two(xk[r], wk[r])
+                assert_within(y.cpu(), exact, matmul_tolerance(mag, torch.float32, K, w + 1), f"two-shot AR m{m} e{e}")
+                assert torch.equal(y, one(xk[r], wk[r])), f"two-shot and one-shot differ, m {m} e{e}"
+                assert all(torch.equal(y, other) for other in group.all_gather(y[None])), "ranks differ"
+                assert two.buffer.flags(r).tolist() == [e * t for t in outputs] + [e] * (two.chunks + 1)  # counters, REDUCED, DONE
+    return True
+
+
+@pytest.mark.parametrize("transport,world_size,device,graph_safe", [
+    *(pytest.param("local", w, "cpu", False, id=f"local-{w}", marks=CPU) for w in (1, 2, 3, 8)),
+    pytest.param("symmetric", 3, "cpu", False, id="symmetric-3", marks=CPU),
+    pytest.param("local", 2, "cpu", True, id="graph-safe-local-2", marks=CPU),
+    *(pytest.param("local", w, "cuda", False, id=f"local-cuda-{w}", marks=pytest.mark.gpu) for w in (2, 4, 8)),
+    pytest.param("local", 4, "cuda", True, id="graph-safe-local-cuda-4", marks=pytest.mark.gpu),
+    pytest.param("symmetric", 2, "cuda", False, id="cuda-ipc-2", marks=pytest.mark.gpu),
+])  # fmt: skip
+def test_two_shot_all_reduce_gives_one_shots_bits_on_every_rank(transport, world_size, device, graph_safe, seed):
+    assert spawn(two_shot, world_size, transport, timeout=DEADLINE, device=device, args=(seed, graph_safe)) == [True] * world_size
+
+
 @pytest.mark.parametrize("transport,world_size,device", [
     pytest.param("local", 2, "cpu", id="local-2", marks=CPU), pytest.param("symmetric", 2, "cpu", id="symmetric-2", marks=CPU),
     pytest.param("local", 4, "cuda", id="local-cuda-4", marks=pytest.mark.gpu),
@@ -101,7 +140,7 @@ def replayed(group, seed):
 
     def verify(outs, e, when):
         d = [{name: t.to(torch.float64) for name, t in data(e, q).items()} for q in range(w)]
-        y_ag, y_rs, y_ar, (normed, h) = outs
+        y_ag, y_rs, y_ar, y_ar2, (normed, h) = outs
         x_all = torch.cat([dq["x_ag"] for dq in d])
         assert_within(y_ag.cpu(), x_all @ d[r]["w_ag"].T, matmul_tolerance(x_all.abs() @ d[r]["w_ag"].abs().T, torch.float32, K, 1), when)
         exact = sum(dq["x"] @ dq["w"].T for dq in d)
@@ -109,6 +148,7 @@ def replayed(group, seed):
         mine = slice(r * rows, (r + 1) * rows)
         assert_within(y_rs.cpu(), exact[mine], matmul_tolerance(mag[mine], torch.float32, K, w + 1), when)
         assert_within(y_ar.cpu(), exact, matmul_tolerance(mag, torch.float32, K, w + 1), when)
+        assert torch.equal(y_ar2, y_ar), f"{when}: two-shot differs from one-shot"
         h64 = d[r]["residual"] + sum(dq["partial"] for dq in d)
         assert_within(h.cpu(), h64, 4 * w * torch.finfo(torch.float32).eps * (d[r]["residual"].abs() + sum(dq["partial"].abs() for dq in d)), when)
         ref = h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + 1e-5) * d[r]["norm_w"]
@@ -116,10 +156,12 @@ def replayed(group, seed):
 
     ag, rs = workspace(group, "ag_gemm", rows, K, torch.float32), workspace(group, "gemm_rs", rows, N, torch.float32)
     ar = workspace(group, "gemm_ar", w * rows, N, torch.float32, 3)  # as the layers make them
+    ar2 = workspace(group, "gemm_ar", w * rows, N, torch.float32, 3, shots=2)
     with FusedAllReduceResidualNorm(group, rows, N, torch.float32) as norm:
         def step():
             s = static
-            return ag(s["x_ag"], [s["w_ag"]])[0], rs(s["x"], s["w"]), ar(s["x"], s["w"]), norm(s["residual"], s["norm_w"], s["partial"])
+            return (ag(s["x_ag"], [s["w_ag"]])[0], rs(s["x"], s["w"]), ar(s["x"], s["w"]), ar2(s["x"], s["w"]),
+                    norm(s["residual"], s["norm_w"], s["partial"]))  # fmt: skip
 
         verify(step(), 0, "eager, before capture")  # also tunes the GEMMs: tuning cannot be captured
         graph = torch.cuda.CUDAGraph()
@@ -128,7 +170,7 @@ def replayed(group, seed):
                 with torch.cuda.graph(graph, stream=new_stream(dev), capture_error_mode="thread_local"):
                     outs = step()
             group.barrier()  # no replay before every rank has captured: a capture synchronises the device
-        assert all(op.graph_safe for op in (ag, rs, ar, norm))
+        assert all(op.graph_safe for op in (ag, rs, ar, ar2, norm))
         for e in range(1, 4):
             for name, t in data(e, r).items():
                 static[name].copy_(t)
@@ -139,7 +181,7 @@ def replayed(group, seed):
         for name, t in data(4, r).items():
             static[name].copy_(t)
         verify(step(), 4, "eager, after the replays")
-        assert [op.epoch_now.item() for op in (ag, rs, ar, norm)] == [5] * 4  # 1 eager + 3 replays + 1 eager
+        assert [op.epoch_now.item() for op in (ag, rs, ar, ar2, norm)] == [5] * 5  # 1 eager + 3 replays + 1 eager
     close_workspaces(group)
     return True
 
@@ -400,6 +442,9 @@ def fused_across_nodes(group, seed):
     assert isinstance(workspace(group, "gemm_ar", 2 * ROWS, N, torch.float32, 2), FusedMatmulGroupAllReduce)
     with pytest.raises(RuntimeError, match=r"rank \d: overlap='fused' cannot run here: fused ag_gemm needs memory shared"):
         all_gather_matmul(x[group.rank], weight, group, fused)
+    with pytest.raises(RuntimeError, match=r"rank \d: overlap='fused' cannot run here: two-shot fused gemm_ar needs memory shared "
+                       r"by every rank: DistGroup ranks may span nodes .*whose algorithm the transport picks \(use shots=1\)"):
+        matmul_all_reduce(x[group.rank], weight[group.rank], group, dataclasses.replace(fused, shots=2))
     close_workspaces(group)
     return True
 

@@ -24,6 +24,8 @@ STRATEGIES = ["bulk", "chunked"]
 
 
 def config(strategy):
+    if strategy == "fused-two-shot":
+        return OverlapConfig(strategy="fused", chunks=2, shots=2)
     return OverlapConfig(strategy=strategy, chunks=2)
 
 
@@ -93,6 +95,13 @@ def row_body(group, seed, sequence_parallel, strategy, dtype_name):
 def test_fused_linear_layers_match_unsharded(body, sequence_parallel, world_size, seed):
     """The fused path (one Triton GEMM + symmetric memory + flags), forward and backward."""
     assert spawn(body, world_size, "local", timeout=60, args=(seed, sequence_parallel, "fused", "float32")) == [True] * world_size
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_fused_two_shot_row_parallel_layer_matches_unsharded(world_size, seed):
+    """A row-parallel layer's all-reduce fused two-shot, forward and backward."""
+    assert spawn(row_body, world_size, "local", timeout=60, args=(seed, False, "fused-two-shot", "float32")) == [True] * world_size
 
 
 @pytest.mark.parametrize("transport,world_size", TRANSPORTS)

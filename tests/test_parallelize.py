@@ -261,5 +261,7 @@ def test_overlap_config_is_validated():
         OverlapConfig(strategy="ring")
     with pytest.raises(ValueError, match="chunks must be a positive int, got 0"):
         OverlapConfig(strategy="chunked", chunks=0)
+    with pytest.raises(ValueError, match=r"shots must be 1 \(one-shot\) or 2 \(two-shot\), got 3"):
+        OverlapConfig(strategy="fused", shots=3)
     with pytest.raises(ValueError, match="norm_rows must be a non-negative int, got -1"):
         OverlapConfig(strategy="fused", norm_rows=-1)

@@ -105,7 +105,7 @@ def _resolve(config: OverlapConfig, group: Group, pattern: str, m: int, n: int, 
 def _fused(group: Group, config: OverlapConfig, pattern: str, *shape):
     from .fused import workspace  # the fused path needs Triton: imported only when used
 
-    return workspace(group, pattern, *shape, check=config.check)
+    return workspace(group, pattern, *shape, check=config.check, shots=config.shots)
 
 
 def _pieces(rows: int, chunks: int) -> list[tuple[int, int]]:

@@ -23,6 +23,13 @@ class OverlapConfig:
     """Pieces per call for ``"chunked"`` GEMM+RS and GEMM+AR (fewer when there are fewer rows).
     AG+GEMM always uses one chunk per rank, passed around a ring (see collective_matmul.py)."""
 
+    shots: int = 1
+    """``"fused"`` GEMM+AR where ranks share memory: ``1``, one-shot (every rank pulls every peer's
+    partial: (W-1)·M·N elements in, fewest steps, for few rows); ``2``, two-shot (each rank sums
+    1/W of every row chunk, then gathers the others' sums: 2(W-1)/W·M·N, for many rows at large W;
+    see ``FusedMatmulAllReduceTwoShot``). Other patterns have one way only. Across nodes, two-shot
+    raises: there fused GEMM+AR runs over the group's all-reduce, whose algorithm it picks."""
+
     norm_rows: int = 16
     """``"fused"`` in ``parallelize()``d decoder layers: a call of at most this many token rows
     (decode), without autograd, all-reduces the attention output projection, adds the residual and
@@ -39,6 +46,8 @@ class OverlapConfig:
             raise ValueError(f"OverlapConfig.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if not isinstance(self.chunks, int) or self.chunks < 1:
             raise ValueError(f"OverlapConfig.chunks must be a positive int, got {self.chunks!r}")
+        if self.shots not in (1, 2):
+            raise ValueError(f"OverlapConfig.shots must be 1 (one-shot) or 2 (two-shot), got {self.shots!r}")
         if not isinstance(self.norm_rows, int) or self.norm_rows < 0:
             raise ValueError(f"OverlapConfig.norm_rows must be a non-negative int, got {self.norm_rows!r}")
 

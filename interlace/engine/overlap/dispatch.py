@@ -62,9 +62,13 @@ class Decision:
     times: dict[str, float]
     why: str
     measured: str = field(default_factory=lambda: datetime.datetime.now().isoformat(timespec="seconds"))
+    shots: int = 1  # fused GEMM+AR: one-shot or two-shot (decisions cached before it existed are one-shot)
 
     def config(self) -> OverlapConfig:
-        return OverlapConfig(strategy=self.strategy, chunks=self.chunks)
+        return OverlapConfig(strategy=self.strategy, chunks=self.chunks, shots=self.shots)
+
+    def label(self) -> str:
+        return self.strategy + {"chunked": f" x{self.chunks}", "fused": " (two-shot)" if self.shots == 2 else ""}.get(self.strategy, "")
 
 
 Measure = Callable[[Group, Case, OverlapConfig], float]
@@ -100,7 +104,7 @@ class Dispatcher:
     def explain(self, group: Group, case: Case) -> str:
         d = self.decide(group, case)
         times = ", ".join(f"{label} {t * 1e3:.3f} ms" for label, t in sorted(d.times.items(), key=lambda kv: kv[1]))
-        return f"{case.key()}: {d.strategy}" + (f" x{d.chunks}" if d.strategy == "chunked" else "") + f" ({d.why}); measured {times} on {d.measured}; cache {self.path}"
+        return f"{case.key()}: {d.label()} ({d.why}); measured {times} on {d.measured}; cache {self.path}"
 
     def _measure(self, group: Group, case: Case) -> Decision:
         candidates, excluded = candidates_for(group, case)
@@ -115,12 +119,12 @@ class Dispatcher:
         if excluded:
             why += f"; fused not considered: {excluded}"
         chosen = candidates[label]
-        return Decision(chosen.strategy, chosen.chunks, times, why)
+        return Decision(chosen.strategy, chosen.chunks, times, why, shots=chosen.shots)
 
 
 def _agreed(group: Group, decision: Decision | None) -> bool:
     """True when every rank holds the same cached decision (caches are per machine: they can differ)."""
-    code = -1.0 if decision is None else float(["bulk", "chunked", "fused"].index(decision.strategy) * 1000 + decision.chunks)
+    code = -1.0 if decision is None else float((["bulk", "chunked", "fused"].index(decision.strategy) * 10 + decision.shots) * 1000 + decision.chunks)
     low = group.all_reduce(torch.tensor([code], dtype=torch.float64, device=group.device), "max")
     high = group.all_reduce(torch.tensor([-code], dtype=torch.float64, device=group.device), "max")
     return code >= 0 and low.item() == -high.item() == code
@@ -137,6 +141,9 @@ def candidates_for(group: Group, case: Case) -> tuple[dict[str, OverlapConfig], 
     why_not = fused_unavailable(group, case.pattern, timing=True)
     if why_not is None:
         configs["fused"] = OverlapConfig(strategy="fused", chunks=4, check=False)  # timed as deployed; checked once after
+        # two-shot moves 2(W-1)/W of the output where one-shot moves W-1 times it: the same at W = 2
+        if case.pattern == "gemm_ar" and case.world_size > 2 and fused_unavailable(group, "gemm_ar", timing=True, shots=2) is None:
+            configs["fused-two-shot"] = OverlapConfig(strategy="fused", chunks=4, shots=2, check=False)
     return configs, why_not
 
 

@@ -8,6 +8,7 @@ GEMM (a GPU, or the interpreter). Construction and ``close()`` are collective.
 | ``FusedAllGatherMatmul`` | x_shard_m [n, K] -> y [W*n, N] | each rank publishes its rows in its own buffer (flag r = epoch); the lane pulls every peer's rows into the local gathered buffer with copy-engine chunks, a flag per chunk; ONE GEMM waits per tile on its chunk's flag, own rows first |
 | ``FusedMatmulReduceScatter`` | x [W*n, K_s] -> y_shard_m [n, N] | ONE GEMM writes its partial products into the symmetric buffer, counting finished outputs per destination block (peers' blocks first); the lane waits (stream waits, no spinning kernel) on each peer's count for this rank's block and pulls it with the copy engines while the GEMMs go on; then one local reduction in rank order |
 | ``FusedMatmulAllReduce`` | x [M, K_s] -> y [M, N] | the same GEMM counting row chunks; the lane pulls every peer's chunk as soon as that peer has finished it, then reduces locally in rank order (every rank gets the same bits) |
+| ``FusedMatmulAllReduceTwoShot`` | x [M, K_s] -> y [M, N] | the same GEMM counting row chunks; per chunk, each rank pulls and sums its 1/W piece of every peer's rows, publishes the sum, and pulls the peers' sums a chunk later: 2(W-1)/W of the output moved, where one-shot moves W-1 times it |
 | ``FusedMatmulGroupAllReduce`` | x [M, K_s] -> y [M, N] | for ranks that share no memory (several nodes): the same GEMM counting row chunks in a private counter; the lane waits on each chunk's count and all-reduces it with the group's own all-reduce (NCCL) while the GEMM goes on |
 | ``FusedAllReduceResidualNorm`` | partial [M, H] -> RMSNorm(residual + sum), residual + sum | decode (small M): each rank writes its partial into symmetric memory and raises a flag; ONE kernel per rank reads every peer's rows, sums in rank order, adds the residual and normalises |
 
@@ -355,6 +356,103 @@ class FusedMatmulAllReduce(_MatmulThenReduce):
         return self._run(x, weight, 0, ring(self.rank, self.world))  # every rank goes chunk by chunk
 
 
+class FusedMatmulAllReduceTwoShot(_Fused):
+    """``y = all_reduce(x @ w.T)`` in two shots per row chunk: x ``[m, k_shard]``, y ``[m, n]``.
+
+    Each chunk's rows are cut into W pieces, piece q owned by rank q. As soon as every rank has
+    finished a chunk, rank r pulls piece r of it from each peer (copy engines), sums the parts in
+    rank order (a kernel on the ``reduce_sms`` SMs the persistent GEMM leaves free), writes the sum
+    over piece r of its own buffer and raises the chunk's REDUCED flag; one chunk later it pulls
+    every peer's summed piece into its output. A rank moves 2(W-1)/W of the output, where one-shot
+    moves W-1 times it: the choice for many rows at large W. Every element is summed once, by its
+    owner, in rank order, so every rank gets the same bits (those of the one-shot operator).
+    ``staging``: the pieces of one chunk pulled from peers, about ``(W-1) m / (W chunks)`` rows.
+    Flags: the GEMM's counter per chunk, then REDUCED per chunk, then DONE (this rank finished
+    reading its peers)."""
+
+    def __init__(self, group: Group, m: int, n: int, dtype: torch.dtype, chunks: int = 4, *, check: bool = True,
+                 max_spins: int | None = None, graph_safe: bool = False, reduce_sms: int = 8):  # fmt: skip
+        """``reduce_sms``: SMs the persistent GEMM leaves free, where each chunk's reduction runs
+        while the GEMM goes on; with none it would wait for the GEMM to end, and every chunk's
+        second shot with it. 8 is a starting point, not yet measured."""
+        self.m, self.n, self.dtype, self.reduce_sms = m, n, dtype, reduce_sms
+        self.chunk_rows = _chunk_rows(m, chunks)
+        self.chunks = -(-m // self.chunk_rows)
+        self.reduced, self.done = self.chunks, 2 * self.chunks  # flag indices: REDUCED of chunk c is reduced + c
+        super().__init__(group, m * n * dtype.itemsize, 2 * self.chunks + 1, "GEMM+AR(two-shot)", check=check,
+                         max_spins=max_spins, graph_safe=graph_safe)  # fmt: skip
+        widest = max(p.stop - p.start for p in (self._piece(c, self.rank) for c in range(self.chunks)))
+        self.staging = torch.empty(self.world - 1, widest, n, dtype=dtype, device=group.device)
+        if group.device.type == "cuda" and self.world <= MAX_WORLD:
+            # Compile and load the one-pass sum for every piece now (their offsets may specialise
+            # it apart), not inside a CUDA graph's capture; and fail here if it cannot take them.
+            scratch = torch.empty(m, n, dtype=dtype, device=group.device)
+            for c in range(self.chunks):
+                rows = self._piece(c, self.rank)
+                sum_parts(self._parts(rows), scratch[rows])
+
+    def _partial(self, rank: int) -> torch.Tensor:
+        return self.buffer.peer(rank, self.dtype, (self.m, self.n))
+
+    def _piece(self, chunk: int, owner: int) -> slice:
+        """The rows of ``chunk`` that rank ``owner`` sums (W near-equal pieces; some empty when
+        the chunk has fewer rows than ranks)."""
+        start, stop = chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.m)
+        return slice(start + (stop - start) * owner // self.world, start + (stop - start) * (owner + 1) // self.world)
+
+    def _staged(self, rank: int, rows: slice) -> torch.Tensor:
+        return self.staging[(rank - self.rank - 1) % self.world][: rows.stop - rows.start]
+
+    def _parts(self, rows: slice) -> list[torch.Tensor]:
+        """Every rank's ``rows`` in rank order: this rank's partial, its peers' pulled."""
+        return [self._partial(q)[rows] if q == self.rank else self._staged(q, rows) for q in range(self.world)]
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        _expect(x, (self.m, x.shape[1]), self.dtype, self.rank, f"{self.name} x")
+        capturing, plan = self._begin(x, weight, spare=self.reduce_sms)
+        r, buf = self.rank, self.buffer
+        self._after_peers_read(self.done)  # peers finished reading my partials and sums of the last epoch
+        outputs = chunk_outputs(self.m, self.n, self.chunk_rows)
+        y = torch.empty(self.m, self.n, dtype=self.dtype, device=x.device)
+
+        def reduce_piece(c: int) -> None:  # first shot: sum piece r of chunk c, publish it
+            rows = self._piece(c, r)
+            for q in ring(r, self.world):
+                self._await(q, c, self._value(outputs[c]), f"rank {q}'s tiles of chunk {c}")
+                self.lane.move([(self._staged(q, rows), self._partial(q)[rows])])
+            self._await(r, c, self._value(outputs[c]), f"its own tiles of chunk {c}")
+            reduce_into(self._parts(rows), "sum", y[rows])
+            self.lane.move([(self._partial(r)[rows], y[rows])])  # no peer reads piece r of my partial
+            self.lane.publish(buf.flags(r), self.reduced + c, self._value())
+
+        def gather_pieces(c: int) -> None:  # second shot: every peer's sum of its piece of chunk c
+            for q in ring(r, self.world):
+                self._await(q, self.reduced + c, self._value(), f"rank {q}'s sum of its piece of chunk {c}")
+                rows = self._piece(c, q)
+                self.lane.move([(y[rows], self._partial(q)[rows])])
+
+        def consume():
+            for c in range(self.chunks):  # the second shot trails by a chunk: its sums are ready sooner
+                reduce_piece(c)
+                if c:
+                    gather_pieces(c - 1)
+            gather_pieces(self.chunks - 1)
+            self.lane.publish(buf.flags(r), self.done, self._value())
+
+        def produce():
+            gemm(x, weight, out=self._partial(r), signal=SignalHook(buf.flags(r), self.chunk_rows), plan=plan,
+                 max_spins=self.max_spins, status=self.status)  # fmt: skip
+
+        self.lane.alongside(consume, produce)
+        self.lane.join()
+        awaited = [(q, c, outputs[c]) for q in range(self.world) for c in range(self.chunks)]
+        self._finish(awaited + [(q, self.reduced + c, 1) for q in range(self.world) for c in range(self.chunks)], capturing)
+        return y
+
+    def _await(self, rank: int, index: int, value: int | EpochValue, what: str) -> None:
+        self.lane.wait_flag(self.buffer.flags(rank), index, value, f"{self.name} rank {self.rank}: {what}: ")
+
+
 class FusedMatmulGroupAllReduce(_Fused):
     """``y = all_reduce(x @ w.T)`` where ranks share no memory (several nodes): x ``[m, k_shard]``,
     y ``[m, n]``. ONE GEMM counts finished outputs per row chunk; the lane all-reduces each chunk
@@ -442,18 +540,19 @@ _SHARED = {"ag_gemm": FusedAllGatherMatmul, "gemm_rs": FusedMatmulReduceScatter,
 _UNSHARED = {"gemm_ar": FusedMatmulGroupAllReduce}  # what runs where ranks share no memory
 
 
-def workspace(group: Group, pattern: str, *shape, check: bool = True) -> _Fused:
+def workspace(group: Group, pattern: str, *shape, check: bool = True, shots: int = 1) -> _Fused:
     """The fused operator for ``pattern`` and this shape on ``group``, made (collectively: every rank
     reaches it with the same shape) on first use and kept with the group; ``check`` applies to the
-    calls that follow."""
+    calls that follow. ``shots``: 2 makes GEMM+AR two-shot (other patterns have one way only)."""
     table = group.__dict__.setdefault("_fused_workspaces", {})
-    key = (pattern, *shape)
+    shots = shots if pattern == "gemm_ar" else 1
+    key = (pattern, *shape, shots)
     if key not in table:
-        reason = fused_unavailable(group, pattern)
+        reason = fused_unavailable(group, pattern, shots=shots)
         if reason is not None:
             raise RuntimeError(f"rank {group.rank}: overlap='fused' cannot run here: {reason}")
         kind = _SHARED[pattern] if _no_shared_memory(group) is None else _UNSHARED[pattern]
-        table[key] = kind(group, *shape, check=check)
+        table[key] = (FusedMatmulAllReduceTwoShot if shots == 2 else kind)(group, *shape, check=check)
     table[key].check_calls = check
     return table[key]
 
@@ -472,8 +571,9 @@ def close_workspaces(group: Group) -> None:
         table[key].close()
 
 
-def fused_unavailable(group: Group, pattern: str, *, timing: bool = False) -> str | None:
-    """Why fused ``pattern`` cannot run (or, with ``timing``, cannot be timed meaningfully) on ``group``."""
+def fused_unavailable(group: Group, pattern: str, *, timing: bool = False, shots: int = 1) -> str | None:
+    """Why fused ``pattern`` (two-shot GEMM+AR with ``shots=2``) cannot run (or, with ``timing``,
+    cannot be timed meaningfully) on ``group``."""
     if not (INTERPRETING or torch.cuda.is_available()):
         return "Triton needs a GPU (TRITON_INTERPRET=1 runs kernels on CPU, for tests)"
     if group.device.type != "cuda" and not INTERPRETING:
@@ -484,6 +584,9 @@ def fused_unavailable(group: Group, pattern: str, *, timing: bool = False) -> st
     if pattern == "ar_norm" and group.world_size > MAX_WORLD:
         return f"the fused all-reduce + RMSNorm reads at most {MAX_WORLD} ranks, the group has {group.world_size}"
     reason = _no_shared_memory(group)
+    if reason is not None and shots == 2:
+        return (f"two-shot fused gemm_ar needs memory shared by every rank: {reason}; across nodes fused gemm_ar runs "
+                "over the group's all-reduce, whose algorithm the transport picks (use shots=1)")  # fmt: skip
     return None if reason is None or pattern in _UNSHARED else f"fused {pattern} needs memory shared by every rank: {reason}"
 
 
