@@ -9,12 +9,12 @@ import torch
 from interlace.engine.comm import signals
 from interlace.engine.comm.reduce import reduce_into
 from interlace.engine.device import new_stream
+from interlace.engine.overlap.fused import REDUCE_SMS
 from interlace.ops.gemm import SignalHook, WaitHook, chunk_outputs, gemm, leave_sms, plan_for
 
 from .common import around, event_median
 
 WARMUP = 3
-REDUCE_SMS = 8  # what FusedMatmulAllReduceTwoShot leaves free for its reductions by default
 # GPU time, not Python's: each timed run is queued behind a ~1 ms sleep kernel, so the host has
 # enqueued the whole run (a fused call is several launches) before its start event is reached.
 HEADSTART_CYCLES = 2_000_000
@@ -30,10 +30,10 @@ def measure(shape: dict, regime: str, world: int, dtype: torch.dtype, iters: int
     variants = build(shape, regime, world, dtype, status)
     poison = variants.pop("poison")
     poison()
-    expected = variants["bulk"]().float()
+    expected = variants["bulk"]().to(torch.float32, copy=True)  # a copy: a variant may return a buffer that poison() fills
     for name in ("chunked", "fused"):
         poison()
-        got = variants[name]().float()
+        got = variants[name]().to(torch.float32, copy=True)
         error = (got - expected).abs().max().item() / max(expected.abs().max().item(), 1e-30)
         if not error < 2e-2:  # bf16 rounding of differently ordered sums, relative to the largest output
             raise AssertionError(f"rank slice {shape['name']} [{regime}]: {name} differs from bulk by {error:.3g} (relative)")

@@ -109,6 +109,20 @@ def test_a_cached_two_shot_decision_configures_two_shot(tmp_path):
         assert ": fused (two-shot) (50% faster than bulk); measured fused-two-shot 500.000 ms, bulk 1000.000 ms" in text
 
 
+def unrunnable_two_shot(group, root):
+    """A cached two-shot decision where ranks may not share memory (gloo processes, which may span
+    nodes) is measured again, not run (it would raise)."""
+    timings = Timings([{"bulk": 1.0, "chunkedx2": 0.9, "chunkedx4": 0.5}])
+    d = Dispatcher(root / f"r{group.rank}.json", measure=timings)
+    case = Case.of(group=group, **CASE)
+    d.decisions[case.key()] = dispatch.Decision("fused", 4, {"bulk": 1.0}, "measured on one node", shots=2)
+    return d.decide(group, case).config().strategy, timings.calls
+
+
+def test_a_cached_decision_that_cannot_run_here_is_measured_again(tmp_path):
+    assert spawn(unrunnable_two_shot, 2, "gloo", args=(tmp_path,)) == [("chunked", 3)] * 2
+
+
 def candidate_labels(group):
     return sorted(dispatch.candidates_for(group, Case.of(group=group, **CASE))[0])
 

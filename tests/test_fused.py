@@ -281,6 +281,31 @@ def test_epoch_flag_kernels_write_and_wait_at_the_device_epoch(device, seed):
     assert status.tolist() == [2, 9, epoch_value, 0] and flags[2].item() == 0
 
 
+def back_to_back(group, seed, kind):
+    """Calls with nothing between them and a slow reader: rank 0's pulls each start 50 ms late, so a
+    peer's next GEMM would overwrite the partial rank 0 is still reading, unless it waited for rank
+    0's DONE of the call before."""
+    w, r, m = group.world_size, group.rank, group.world_size * ROWS
+    calls = [[(base_rand(seed + 300 * e + q, (m, K)) * (q + 1), base_rand(seed + 500 * e + q, (N, K))) for q in range(w)]
+             for e in range(EPOCHS)]  # fmt: skip
+    with kind(group, m, N, torch.float32, 3) as op:
+        if r == 0:
+            move = op.lane.move
+            op.lane.move = lambda chunks: (time.sleep(0.05), move(chunks))
+        ys = [op(*inputs[r]) for inputs in calls]
+    for e, (inputs, y) in enumerate(zip(calls, ys)):
+        exact = sum(d64(x) @ d64(wt).T for x, wt in inputs)
+        assert_within(y, exact, matmul_tolerance(sum(d64(x).abs() @ d64(wt).abs().T for x, wt in inputs), torch.float32, K, w + 1),
+                      f"{op.name} call {e}, rank {r}")  # fmt: skip
+    return True
+
+
+@CPU
+@pytest.mark.parametrize("kind", [FusedMatmulAllReduce, FusedMatmulAllReduceTwoShot], ids=["one-shot", "two-shot"])
+def test_a_rank_does_not_overwrite_what_a_slow_peer_still_reads(kind, seed):
+    assert spawn(back_to_back, 3, "local", timeout=DEADLINE, args=(seed, kind)) == [True] * 3
+
+
 def late_peer(group, pattern, delay):
     """Rank 1 sets the workspace up, then calls ``delay`` seconds late (or never: None): rank 0 must
     give up, naming what it waited on."""

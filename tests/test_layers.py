@@ -101,7 +101,13 @@ def test_fused_linear_layers_match_unsharded(body, sequence_parallel, world_size
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_fused_two_shot_row_parallel_layer_matches_unsharded(world_size, seed):
     """A row-parallel layer's all-reduce fused two-shot, forward and backward."""
-    assert spawn(row_body, world_size, "local", timeout=60, args=(seed, False, "fused-two-shot", "float32")) == [True] * world_size
+    assert spawn(two_shot_row, world_size, "local", timeout=60, args=(seed,)) == [["FusedMatmulAllReduceTwoShot"]] * world_size
+
+
+def two_shot_row(group, seed):
+    """``row_body`` with two-shot; which fused operators it made."""
+    assert row_body(group, seed, False, "fused-two-shot", "float32")
+    return [type(op).__name__ for op in group.__dict__["_fused_workspaces"].values()]
 
 
 @pytest.mark.parametrize("transport,world_size", TRANSPORTS)

@@ -46,7 +46,7 @@ class OverlapConfig:
             raise ValueError(f"OverlapConfig.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if not isinstance(self.chunks, int) or self.chunks < 1:
             raise ValueError(f"OverlapConfig.chunks must be a positive int, got {self.chunks!r}")
-        if self.shots not in (1, 2):
+        if type(self.shots) is not int or self.shots not in (1, 2):
             raise ValueError(f"OverlapConfig.shots must be 1 (one-shot) or 2 (two-shot), got {self.shots!r}")
         if not isinstance(self.norm_rows, int) or self.norm_rows < 0:
             raise ValueError(f"OverlapConfig.norm_rows must be a non-negative int, got {self.norm_rows!r}")

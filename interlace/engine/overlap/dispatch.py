@@ -18,7 +18,7 @@ import json
 import os
 import time
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -93,7 +93,7 @@ class Dispatcher:
         if group.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"rank {group.rank}: overlap='auto' decides {case.key()} collectively on its first call "
                                "(it may measure): make that call once before capturing a CUDA graph")  # fmt: skip
-        cached = self.decisions.get(case.key())
+        cached = _runnable(group, case, self.decisions.get(case.key()))
         if not _agreed(group, cached):
             cached = self._measure(group, case)
             self.decisions[case.key()] = cached
@@ -120,6 +120,17 @@ class Dispatcher:
             why += f"; fused not considered: {excluded}"
         chosen = candidates[label]
         return Decision(chosen.strategy, chosen.chunks, times, why, shots=chosen.shots)
+
+
+def _runnable(group: Group, case: Case, decision: Decision | None) -> Decision | None:
+    """``decision``, or None when it is fused and cannot run on ``group`` (a cache shared between
+    machines, or a key that does not say whether ranks share memory): it is measured again. Alike
+    on every rank: it depends on the group only."""
+    if decision is None or decision.strategy != "fused":
+        return decision
+    from .fused import fused_unavailable
+
+    return None if fused_unavailable(group, case.pattern, shots=decision.shots) else decision
 
 
 def _agreed(group: Group, decision: Decision | None) -> bool:
@@ -228,7 +239,8 @@ def _load(path: Path) -> dict[str, Decision]:
         raw = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return {k: Decision(**v) for k, v in raw.items()}
+    known = {f.name for f in fields(Decision)}  # a file written by another version may hold more
+    return {k: Decision(**{name: value for name, value in v.items() if name in known}) for k, v in raw.items()}
 
 
 def _store(path: Path, key: str, decision: Decision) -> None:

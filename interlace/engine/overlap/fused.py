@@ -48,6 +48,10 @@ from .lane import SideLane
 from .watchdog import WATCHDOG, log
 
 
+# SMs a two-shot GEMM+AR's persistent GEMM leaves free for its reductions: a starting point, not yet measured.
+REDUCE_SMS = 8
+
+
 class _Fused:
     """Shared machinery: the symmetric buffer (``nbytes`` None: none, only this rank's flags), the
     lane, the epoch, the GEMM plan."""
@@ -362,23 +366,24 @@ class FusedMatmulAllReduceTwoShot(_Fused):
     Each chunk's rows are cut into W pieces, piece q owned by rank q. As soon as every rank has
     finished a chunk, rank r pulls piece r of it from each peer (copy engines), sums the parts in
     rank order (a kernel on the ``reduce_sms`` SMs the persistent GEMM leaves free), writes the sum
-    over piece r of its own buffer and raises the chunk's REDUCED flag; one chunk later it pulls
-    every peer's summed piece into its output. A rank moves 2(W-1)/W of the output, where one-shot
-    moves W-1 times it: the choice for many rows at large W. Every element is summed once, by its
-    owner, in rank order, so every rank gets the same bits (those of the one-shot operator).
+    over piece r of its own buffer and raises the chunk's REDUCED flag, then pulls every peer's
+    summed piece into its output while the GEMM computes the next chunk. A rank moves 2(W-1)/W of
+    the output, where one-shot moves W-1 times it: the choice for many rows at large W. Every
+    element is summed once, by its owner, in rank order, so every rank gets the same bits (those
+    of the one-shot operator).
     ``staging``: the pieces of one chunk pulled from peers, about ``(W-1) m / (W chunks)`` rows.
     Flags: the GEMM's counter per chunk, then REDUCED per chunk, then DONE (this rank finished
     reading its peers)."""
 
     def __init__(self, group: Group, m: int, n: int, dtype: torch.dtype, chunks: int = 4, *, check: bool = True,
-                 max_spins: int | None = None, graph_safe: bool = False, reduce_sms: int = 8):  # fmt: skip
-        """``reduce_sms``: SMs the persistent GEMM leaves free, where each chunk's reduction runs
-        while the GEMM goes on; with none it would wait for the GEMM to end, and every chunk's
-        second shot with it. 8 is a starting point, not yet measured."""
+                 max_spins: int | None = None, graph_safe: bool = False, reduce_sms: int = REDUCE_SMS):  # fmt: skip
+        """``reduce_sms``: SMs the persistent GEMM leaves free on its GPU (shared by the ranks of a
+        LocalGroup on one GPU), where each chunk's reduction runs while the GEMM goes on; with none
+        it would wait for the GEMM to end, and every chunk's second shot with it."""
         self.m, self.n, self.dtype, self.reduce_sms = m, n, dtype, reduce_sms
         self.chunk_rows = _chunk_rows(m, chunks)
         self.chunks = -(-m // self.chunk_rows)
-        self.reduced, self.done = self.chunks, 2 * self.chunks  # flag indices: REDUCED of chunk c is reduced + c
+        self.summed, self.done = self.chunks, 2 * self.chunks  # flag indices: REDUCED of chunk c is summed + c
         super().__init__(group, m * n * dtype.itemsize, 2 * self.chunks + 1, "GEMM+AR(two-shot)", check=check,
                          max_spins=max_spins, graph_safe=graph_safe)  # fmt: skip
         widest = max(p.stop - p.start for p in (self._piece(c, self.rank) for c in range(self.chunks)))
@@ -423,20 +428,18 @@ class FusedMatmulAllReduceTwoShot(_Fused):
             self._await(r, c, self._value(outputs[c]), f"its own tiles of chunk {c}")
             reduce_into(self._parts(rows), "sum", y[rows])
             self.lane.move([(self._partial(r)[rows], y[rows])])  # no peer reads piece r of my partial
-            self.lane.publish(buf.flags(r), self.reduced + c, self._value())
+            self.lane.publish(buf.flags(r), self.summed + c, self._value())
 
         def gather_pieces(c: int) -> None:  # second shot: every peer's sum of its piece of chunk c
             for q in ring(r, self.world):
-                self._await(q, self.reduced + c, self._value(), f"rank {q}'s sum of its piece of chunk {c}")
+                self._await(q, self.summed + c, self._value(), f"rank {q}'s sum of its piece of chunk {c}")
                 rows = self._piece(c, q)
                 self.lane.move([(y[rows], self._partial(q)[rows])])
 
         def consume():
-            for c in range(self.chunks):  # the second shot trails by a chunk: its sums are ready sooner
+            for c in range(self.chunks):  # a chunk's second shot runs while the GEMM computes the next
                 reduce_piece(c)
-                if c:
-                    gather_pieces(c - 1)
-            gather_pieces(self.chunks - 1)
+                gather_pieces(c)
             self.lane.publish(buf.flags(r), self.done, self._value())
 
         def produce():
@@ -446,7 +449,7 @@ class FusedMatmulAllReduceTwoShot(_Fused):
         self.lane.alongside(consume, produce)
         self.lane.join()
         awaited = [(q, c, outputs[c]) for q in range(self.world) for c in range(self.chunks)]
-        self._finish(awaited + [(q, self.reduced + c, 1) for q in range(self.world) for c in range(self.chunks)], capturing)
+        self._finish(awaited + [(q, self.summed + c, 1) for q in range(self.world) for c in range(self.chunks)], capturing)
         return y
 
     def _await(self, rank: int, index: int, value: int | EpochValue, what: str) -> None:

@@ -116,8 +116,11 @@ class SideLane:
             epoch_flags.write(flags, index, value, self.status, self.stream)
 
     def move(self, chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """(On the lane) copy-engine chunks, raising no flag."""
-        signals.copy_chunks(chunks, stream=self.stream)
+        """(On the lane) copy-engine chunks, raising no flag; empty ones are left out (no zero-byte
+        copies, whose pointers may lie one past a buffer's end)."""
+        chunks = [(dst, src) for dst, src in chunks if dst.numel()]
+        if chunks:
+            signals.copy_chunks(chunks, stream=self.stream)
 
     def join(self) -> None:
         """The caller's stream waits for the lane (GPU), or the caller waits (CPU, with a deadline)."""
