@@ -11,6 +11,7 @@ import torch
 
 from interlace.engine.comm import spawn
 from interlace.engine.device import new_stream
+from interlace.kernels.flags import ABORTED
 from interlace.ops import flags as epoch_flags
 from interlace.ops.gemm import INTERPRETING
 from interlace.ops.reduce import unsupported
@@ -306,11 +307,11 @@ def test_a_rank_does_not_overwrite_what_a_slow_peer_still_reads(kind, seed):
     assert spawn(back_to_back, 3, "local", timeout=DEADLINE, args=(seed, kind)) == [True] * 3
 
 
-def late_peer(group, pattern, delay):
+def late_peer(group, pattern, delay, spins=300):
     """Rank 1 sets the workspace up, then calls ``delay`` seconds late (or never: None): rank 0 must
     give up, naming what it waited on."""
     w = group.world_size
-    make = {"ag": lambda: FusedAllGatherMatmul(group, ROWS, K, torch.float32, max_spins=300),
+    make = {"ag": lambda: FusedAllGatherMatmul(group, ROWS, K, torch.float32, max_spins=spins),
             "rs": lambda: FusedMatmulReduceScatter(group, ROWS, N, torch.float32)}[pattern]  # fmt: skip
     op = make()
     call = {"ag": lambda: op(rand(0, (ROWS, K)), [rand(1, (N, K))]), "rs": lambda: op(rand(0, (w * ROWS, K)), rand(1, (N, K)))}
@@ -329,14 +330,16 @@ def late_peer(group, pattern, delay):
     return "no error"
 
 
-@pytest.mark.parametrize("pattern,delay,message", [
-    ("ag", None, r"AG\+GEMM rank 0: rank 1's rows: flag 1 did not reach 1 within [\d.]+ s \(observed 0\)"),
-    ("ag", 1.0, r"rank 0: AG\+GEMM: the GEMM's wait on chunk 1 timed out: expected flag >= 1, observed 0"),
-    ("rs", None, r"GEMM\+RS rank 0: rank 1's tiles of chunk 0: flag 0 did not reach \d+ within [\d.]+ s \(observed 0\)"),
-], ids=["ag-silent", "ag-late-gemm-spin-bound", "rs-silent"])  # fmt: skip
+@pytest.mark.parametrize("pattern,delay,spins,message", [
+    ("ag", None, 300, r"AG\+GEMM rank 0: rank 1's rows: flag 1 did not reach 1 within [\d.]+ s \(observed 0\)"),
+    ("ag", 1.0, 300, r"rank 0: AG\+GEMM: the GEMM's wait on chunk 1 timed out: expected flag >= 1, observed 0"),
+    # the GEMM spins without bound: it stops when the lane's wait gives up at the deadline, not in hours
+    ("ag", None, 2**31 - 1, r"AG\+GEMM rank 0: rank 1's rows: flag 1 did not reach 1 within [\d.]+ s \(observed 0\)"),
+    ("rs", None, 300, r"GEMM\+RS rank 0: rank 1's tiles of chunk 0: flag 0 did not reach \d+ within [\d.]+ s \(observed 0\)"),
+], ids=["ag-silent", "ag-late-gemm-spin-bound", "ag-silent-gemm-stopped-at-the-deadline", "rs-silent"])  # fmt: skip
 @CPU  # on a GPU an eager stream wait has no bound: a silent peer leaves the lane's stream blocked
-def test_a_silent_or_late_peer_is_named_not_waited_for_forever(pattern, delay, message):
-    elapsed, text = spawn(late_peer, 2, "local", timeout=2.0, args=(pattern, delay))[0]
+def test_a_silent_or_late_peer_is_named_not_waited_for_forever(pattern, delay, spins, message):
+    elapsed, text = spawn(late_peer, 2, "local", timeout=2.0, deadline=60, args=(pattern, delay, spins))[0]
     assert re.search(message, text), text
     assert elapsed < 30
 
@@ -387,6 +390,7 @@ def reported_late(group):
         assert op._report_late([(0, 0, 1)], 10**6, done=lambda: True) is False and op.late is None
         assert op._report_late([(0, 0, 1)], 10**6, done=lambda: False) is True  # this one is still running
         first = op.late
+        assert op.status.tolist() == [ABORTED, 0, 0, 0], "the operator's spinning kernels are told to stop"
         assert op._report_late([(0, 0, 1)], 7, done=lambda: False) is True  # later late calls wait behind the first
         assert op.late == first
         for call in (lambda: op(x, weight), op.check):

@@ -5,7 +5,8 @@ when the kernel runs: inside a captured CUDA graph each replay sees the epoch of
 a stream memory operation would replay the value it was captured with. A wait spins (acquire,
 system scope) at most ``max_spins`` times, then records ``status = [2, wait_id, value, observed]``
 (first failure wins) and returns; it also gives up at once when ``status`` already records a
-failure, so a broken call ends quickly instead of stalling every later wait. A write does nothing
+failure, so a broken call ends quickly instead of stalling every later wait, and a host that
+writes ``ABORTED`` into ``status`` at a deadline stops every spin in time, whatever ``max_spins``. A write does nothing
 once ``status`` records a failure: a broken operator stops publishing, so its peers time out and
 say so instead of reading buffers it no longer guards.
 
@@ -19,6 +20,7 @@ import triton
 import triton.language as tl
 
 FLAG_WAIT_FAILED = 2  # status[0] after a flag wait gave up (the kernel writes 2; the GEMM's waits write 1)
+ABORTED = 3  # status[0] written by the host at a call's deadline: every spin gives up at once
 
 
 @triton.jit

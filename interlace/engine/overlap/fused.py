@@ -34,7 +34,7 @@ from interlace.engine.comm import Group, SymmetricBuffer, signals
 from interlace.engine.comm.group import ring
 from interlace.engine.comm.reduce import reduce_into
 from interlace.engine.device import new_stream
-from interlace.kernels.flags import FLAG_WAIT_FAILED
+from interlace.kernels.flags import ABORTED, FLAG_WAIT_FAILED
 from interlace.kernels.reduce import MAX_WORLD
 from interlace.ops import flags as epoch_flags
 from interlace.ops.flags import EpochValue
@@ -105,6 +105,8 @@ class _Fused:
             raise TimeoutError(f"{who}: the GEMM's wait on chunk {where} timed out: expected flag >= {value}, observed {observed}")
         if failed == FLAG_WAIT_FAILED:
             raise TimeoutError(f"{self.lane.wait_name(where)} did not reach {value} (observed {observed})")
+        if failed == ABORTED:
+            raise TimeoutError(f"{who}: a call was stopped at its deadline ({self.lane.timeout} s); its ranks no longer agree on epochs")
         if failed:
             raise RuntimeError(f"{who}: unknown failure record {[failed, where, value, observed]}")
 
@@ -139,6 +141,7 @@ class _Fused:
             return
         while gpu and not done.query():
             if time.monotonic() > self.lane.deadline:
+                self.lane.abort()
                 raise TimeoutError(self._behind(awaited, epoch))
             time.sleep(1e-4)
         self.check()
@@ -153,6 +156,7 @@ class _Fused:
             return False
         by = " (a call made with check=False, reported by the watchdog)"
         self.late = self._late(epoch) + by
+        self.lane.abort()
         log.error(self.late + "; reading the flags it waits on")
         self.late = self._behind(awaited, epoch) + by
         log.error(self.late)
