@@ -2,11 +2,12 @@
 ranks. Synthetic timings test the decision logic; real timings test that every rank sees one value."""
 
 import copy
+import json
 
 import pytest
 import torch
 
-from interlace import parallelize
+from interlace import OverlapConfig, parallelize
 from interlace.engine.comm import spawn
 from interlace.engine.overlap import dispatch
 from interlace.engine.overlap.dispatch import MARGIN, Case, Dispatcher, measure_collectively
@@ -121,6 +122,13 @@ def unrunnable_two_shot(group, root):
 
 def test_a_cached_decision_that_cannot_run_here_is_measured_again(tmp_path):
     assert spawn(unrunnable_two_shot, 2, "gloo", args=(tmp_path,)) == [("chunked", 3)] * 2
+
+
+def test_cache_entries_this_version_cannot_read_are_left_out(tmp_path):
+    path = tmp_path / "d.json"
+    newer = {"strategy": "fused", "chunks": 4, "times": {"bulk": 1.0}, "why": "w", "measured": "m", "shots": 2, "added_later": 1}
+    path.write_text(json.dumps({"newer": newer, "older": {"strategy": "bulk"}, "garbled": [1, 2]}))
+    assert {k: d.config() for k, d in Dispatcher(path).decisions.items()} == {"newer": OverlapConfig(strategy="fused", shots=2)}
 
 
 def candidate_labels(group):

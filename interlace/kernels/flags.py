@@ -5,10 +5,10 @@ when the kernel runs: inside a captured CUDA graph each replay sees the epoch of
 a stream memory operation would replay the value it was captured with. A wait spins (acquire,
 system scope) at most ``max_spins`` times, then records ``status = [2, wait_id, value, observed]``
 (first failure wins) and returns; it also gives up at once when ``status`` already records a
-failure, so a broken call ends quickly instead of stalling every later wait, and a host that
-writes ``ABORTED`` into ``status`` at a deadline stops every spin in time, whatever ``max_spins``. A write does nothing
-once ``status`` records a failure: a broken operator stops publishing, so its peers time out and
-say so instead of reading buffers it no longer guards.
+failure, so a broken call ends quickly instead of stalling every later wait (a CPU lane whose
+host wait gives up records ``ABORTED``, stopping the spins at its deadline, whatever
+``max_spins``). A write does nothing once ``status`` records a failure: a broken operator stops
+publishing, so its peers time out and say so instead of reading buffers it no longer guards.
 
 No int argument is specialised: one compiled variant serves every call, so a warm-up before a
 CUDA-graph capture loads everything the capture will launch.
@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 FLAG_WAIT_FAILED = 2  # status[0] after a flag wait gave up (the kernel writes 2; the GEMM's waits write 1)
-ABORTED = 3  # status[0] written by the host at a call's deadline: every spin gives up at once
+ABORTED = 3  # status[0] written by a CPU lane whose wait gave up at the deadline: every spin gives up at once
 
 
 @triton.jit

@@ -239,8 +239,14 @@ def _load(path: Path) -> dict[str, Decision]:
         raw = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    known = {f.name for f in fields(Decision)}  # a file written by another version may hold more
-    return {k: Decision(**{name: value for name, value in v.items() if name in known}) for k, v in raw.items()}
+    known = {f.name for f in fields(Decision)}  # a file written by another version may hold more, or less
+    decisions = {}
+    for key, entry in raw.items() if isinstance(raw, dict) else ():
+        try:
+            decisions[key] = Decision(**{name: value for name, value in entry.items() if name in known})
+        except (AttributeError, TypeError):  # not a decision this version can read: measured again
+            continue
+    return decisions
 
 
 def _store(path: Path, key: str, decision: Decision) -> None:

@@ -8,7 +8,7 @@ GEMM (a GPU, or the interpreter). Construction and ``close()`` are collective.
 | ``FusedAllGatherMatmul`` | x_shard_m [n, K] -> y [W*n, N] | each rank publishes its rows in its own buffer (flag r = epoch); the lane pulls every peer's rows into the local gathered buffer with copy-engine chunks, a flag per chunk; ONE GEMM waits per tile on its chunk's flag, own rows first |
 | ``FusedMatmulReduceScatter`` | x [W*n, K_s] -> y_shard_m [n, N] | ONE GEMM writes its partial products into the symmetric buffer, counting finished outputs per destination block (peers' blocks first); the lane waits (stream waits, no spinning kernel) on each peer's count for this rank's block and pulls it with the copy engines while the GEMMs go on; then one local reduction in rank order |
 | ``FusedMatmulAllReduce`` | x [M, K_s] -> y [M, N] | the same GEMM counting row chunks; the lane pulls every peer's chunk as soon as that peer has finished it, then reduces locally in rank order (every rank gets the same bits) |
-| ``FusedMatmulAllReduceTwoShot`` | x [M, K_s] -> y [M, N] | the same GEMM counting row chunks; per chunk, each rank pulls and sums its 1/W piece of every peer's rows, publishes the sum, and pulls the peers' sums a chunk later: 2(W-1)/W of the output moved, where one-shot moves W-1 times it |
+| ``FusedMatmulAllReduceTwoShot`` | x [M, K_s] -> y [M, N] | the same GEMM counting row chunks; per chunk, each rank pulls and sums its 1/W piece of every peer's rows, publishes the sum, and pulls the peers' sums while the GEMM computes the next chunk: 2(W-1)/W of the output moved, where one-shot moves W-1 times it |
 | ``FusedMatmulGroupAllReduce`` | x [M, K_s] -> y [M, N] | for ranks that share no memory (several nodes): the same GEMM counting row chunks in a private counter; the lane waits on each chunk's count and all-reduces it with the group's own all-reduce (NCCL) while the GEMM goes on |
 | ``FusedAllReduceResidualNorm`` | partial [M, H] -> RMSNorm(residual + sum), residual + sum | decode (small M): each rank writes its partial into symmetric memory and raises a flag; ONE kernel per rank reads every peer's rows, sums in rank order, adds the residual and normalises |
 
@@ -141,8 +141,10 @@ class _Fused:
             return
         while gpu and not done.query():
             if time.monotonic() > self.lane.deadline:
-                self.lane.abort()
-                raise TimeoutError(self._behind(awaited, epoch))
+                # Recorded for good: the streams stay blocked behind the call, so a later call (or
+                # check(), whose read would queue behind them) must raise at once, not wait.
+                self.late = self._behind(awaited, epoch)
+                raise TimeoutError(self.late)
             time.sleep(1e-4)
         self.check()
 
@@ -156,7 +158,6 @@ class _Fused:
             return False
         by = " (a call made with check=False, reported by the watchdog)"
         self.late = self._late(epoch) + by
-        self.lane.abort()
         log.error(self.late + "; reading the flags it waits on")
         self.late = self._behind(awaited, epoch) + by
         log.error(self.late)

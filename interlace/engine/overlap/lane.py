@@ -92,26 +92,16 @@ class SideLane:
             try:
                 signals.host_wait(flags, index, _now(value), max(0.0, self.deadline - time.monotonic()), what=what)
             except TimeoutError:
-                self.abort()  # the caller's GEMM may be spinning on what this wait was to bring
+                # The caller's GEMM may spin on what this wait was to bring: ABORTED in status stops
+                # it now, not after max_spins (the first failure recorded wins).
+                if int(self.status[0]) == 0:
+                    signals.write(self.status, 0, ABORTED)
                 raise
         elif isinstance(value, EpochValue):
             wait_id = self._wait_names.setdefault(f"{what}flag {index}", len(self._wait_names))
             epoch_flags.wait(flags, index, value, self.status, wait_id, self.max_spins, self.stream)
         else:
             signals.wait(flags, index, value, self.stream)
-
-    def abort(self) -> None:
-        """At a call's deadline: make the operator's spinning kernels (the GEMM's waits, graph-safe
-        flag waits) give up now rather than after ``max_spins``, by recording ``ABORTED`` in
-        ``status`` unless a failure is recorded already. On a GPU, a stream write on a stream of
-        its own, which runs beside the blocked ones. Stream waits on peers' flags cannot be stopped."""
-        if self.stream is None:
-            if int(self.status[0]) == 0:  # the first failure recorded wins
-                signals.write(self.status, 0, ABORTED)
-            return
-        if self.device not in _ABORT_STREAMS:
-            _ABORT_STREAMS.setdefault(self.device, new_stream(self.device))
-        signals.write(self.status, 0, ABORTED, _ABORT_STREAMS[self.device])
 
     def wait_name(self, wait_id: int) -> str:
         return next((what for what, i in self._wait_names.items() if i == wait_id), f"unknown wait {wait_id}")
@@ -136,7 +126,7 @@ class SideLane:
     def move(self, chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """(On the lane) copy-engine chunks, raising no flag; empty ones are left out (no zero-byte
         copies, whose pointers may lie one past a buffer's end)."""
-        chunks = [(dst, src) for dst, src in chunks if dst.numel()]
+        chunks = [(dst, src) for dst, src in chunks if dst.numel() or src.numel()]
         if chunks:
             signals.copy_chunks(chunks, stream=self.stream)
 
@@ -161,10 +151,6 @@ class SideLane:
                 self._pending -= 1
                 if self._pending == 0:
                     self._idle.set()
-
-
-# One per device, shared by every lane: an abort must not queue behind the work it stops.
-_ABORT_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def _now(value: int | EpochValue) -> int:
