@@ -205,55 +205,21 @@ def _reduce_scatter(shape: dict, regime: str, world: int, dtype: torch.dtype, st
 def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor, chunks: int = 4) -> dict:
     """One-shot: every peer's partial comes in, and this rank's goes out to every peer (W-1 copies
     of it), chunk by chunk as the ranks finish it in lockstep, on two streams as in _reduce_scatter."""
-    m, n_out, k, cur = shape["M"], shape["N"], shape["K"] // world, torch.cuda.current_stream()
-    step = -(-m // chunks)
+    m, n_out, k = shape["M"], shape["N"], shape["K"] // world
     x, w = torch.randn(m, k, device="cuda", dtype=dtype), torch.randn(n_out, k, device="cuda", dtype=dtype) / k**0.5
     partial, staging = torch.empty(m, n_out, device="cuda", dtype=dtype), torch.empty(world - 1, m, n_out, device="cuda", dtype=dtype)
     outgoing, incoming = _peers(world - 1, m, n_out, dtype, regime), _peers(world - 1, m, n_out, dtype, regime)
-    send, receive = new_stream(cur.device), new_stream(cur.device)
-    counters, epochs = torch.zeros(chunks, dtype=torch.int32, device="cuda"), itertools.count(1)
-    plan = plan_for(x, w)
-    outputs = chunk_outputs(m, n_out, step)
-    spans = [slice(c * step, min((c + 1) * step, m)) for c in range(chunks)]
 
-    def exchange(span):
+    def exchange(span, send, receive):
         signals.copy_chunks([(outgoing[i][span], partial[span]) for i in range(world - 1)], stream=send)
         signals.copy_chunks([(staging[i, span], incoming[i][span]) for i in range(world - 1)], stream=receive)
 
-    def joined():  # as the operator does: one pass over the parts, after every pull
-        _join(cur, send, receive)
+    def finish():  # as the operator does: one pass over the parts, after every pull
         out = torch.empty(m, n_out, device="cuda", dtype=dtype)
         reduce_into([partial, *staging], "sum", out)
         return out
 
-    def comm():
-        _after(cur.record_event(), send, receive)
-        for span in spans:
-            exchange(span)
-        return joined()
-
-    def bulk():
-        torch.matmul(x, w.T, out=partial)
-        return comm()
-
-    def chunked():
-        for span in spans:
-            torch.matmul(x[span], w.T, out=partial[span])
-            _after(cur.record_event(), send, receive)  # peers finish this chunk when this rank does (lockstep)
-            exchange(span)
-        return joined()
-
-    def fused(start=None, end=None):
-        e, before = next(epochs), cur.record_event()
-        _between(start, end, lambda: gemm(x, w, out=partial, signal=SignalHook(counters, step), plan=plan, status=status))
-        _after(before, send, receive)
-        for c, span in enumerate(spans):
-            for stream in (send, receive):
-                signals.wait(counters, c, e * outputs[c], stream)
-            exchange(span)
-        return joined()
-
-    return _variants(lambda: x @ w.T, lambda: gemm(x, w, plan=plan), comm, bulk, chunked, fused, [partial, staging])
+    return _by_row_chunks(x, w, partial, chunks, exchange, finish, status, [partial, staging])
 
 
 def _all_reduce_two_shot(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor, chunks: int = 4) -> dict:
@@ -262,26 +228,19 @@ def _all_reduce_two_shot(shape: dict, regime: str, world: int, dtype: torch.dtyp
     kernel, on the SMs a fused GEMM leaves free) is written back over this rank's piece, as the
     operator publishes it, then goes out to every peer while the peers' sums come in. Two streams,
     as in _reduce_scatter; 2(W-1)/W of the output each way."""
-    m, n_out, k, cur = shape["M"], shape["N"], shape["K"] // world, torch.cuda.current_stream()
-    step = -(-m // chunks)
+    m, n_out, k = shape["M"], shape["N"], shape["K"] // world
     x, w = torch.randn(m, k, device="cuda", dtype=dtype), torch.randn(n_out, k, device="cuda", dtype=dtype) / k**0.5
     partial, y = torch.empty(m, n_out, device="cuda", dtype=dtype), torch.empty(m, n_out, device="cuda", dtype=dtype)
-    spans = [(c * step, min((c + 1) * step, m)) for c in range(chunks)]
 
-    def piece(span: tuple[int, int], owner: int) -> slice:
-        a, b = span
+    def piece(span: slice, owner: int) -> slice:
+        a, b = span.start, span.stop
         return slice(a + (b - a) * owner // world, a + (b - a) * (owner + 1) // world)
 
-    widest = max(piece(span, 0).stop - piece(span, 0).start for span in spans)
+    widest = max(piece(span, 0).stop - piece(span, 0).start for span in _spans(m, chunks))
     staging = torch.empty(world - 1, widest, n_out, device="cuda", dtype=dtype)
     outgoing, incoming = _peers(world - 1, m, n_out, dtype, regime), _peers(world - 1, m, n_out, dtype, regime)
-    send, receive = new_stream(cur.device), new_stream(cur.device)
-    counters, epochs = torch.zeros(chunks, dtype=torch.int32, device="cuda"), itertools.count(1)
-    plan = plan_for(x, w)
-    spare_plan = leave_sms(plan, x.device, REDUCE_SMS)  # room for the reductions beside the persistent GEMM
-    outputs = chunk_outputs(m, n_out, step)
 
-    def exchange(span):
+    def exchange(span, send, receive):
         mine, theirs = piece(span, 0), [piece(span, q) for q in range(1, world)]
         staged = [staging[i, : mine.stop - mine.start] for i in range(world - 1)]
         signals.copy_chunks([(outgoing[i][rows], partial[rows]) for i, rows in enumerate(theirs)], stream=send)
@@ -293,14 +252,36 @@ def _all_reduce_two_shot(shape: dict, regime: str, world: int, dtype: torch.dtyp
         signals.copy_chunks([(outgoing[i][mine], y[mine]) for i in range(world - 1)], stream=send)
         signals.copy_chunks([(y[rows], incoming[i][rows]) for i, rows in enumerate(theirs)], stream=receive)
 
+    # the fused GEMM leaves SMs free for the reductions, as the operator's does
+    return _by_row_chunks(x, w, partial, chunks, exchange, lambda: y, status, [partial, staging, y], spare_sms=REDUCE_SMS)
+
+
+def _spans(m: int, chunks: int) -> list[slice]:
+    step = -(-m // chunks)
+    return [slice(c * step, min((c + 1) * step, m)) for c in range(chunks)]
+
+
+def _by_row_chunks(x, w, partial, chunks, exchange, finish, status, landing, spare_sms=0) -> dict:
+    """The variants of a GEMM+AR whose communication goes row chunk by row chunk, in lockstep:
+    ``exchange(span, send, receive)`` queues a chunk's copies once this rank has its rows of
+    ``partial``, on two streams; ``finish()`` (after both) returns the result."""
+    m, n_out, cur = partial.shape[0], partial.shape[1], torch.cuda.current_stream()
+    spans = _spans(m, chunks)
+    send, receive = new_stream(cur.device), new_stream(cur.device)
+    counters, epochs = torch.zeros(len(spans), dtype=torch.int32, device="cuda"), itertools.count(1)
+    plan = plan_for(x, w)
+    fused_plan = leave_sms(plan, x.device, spare_sms)
+    step = spans[0].stop - spans[0].start
+    outputs = chunk_outputs(m, n_out, step)
+
     def joined():
         _join(cur, send, receive)
-        return y
+        return finish()
 
     def comm():
         _after(cur.record_event(), send, receive)
         for span in spans:
-            exchange(span)
+            exchange(span, send, receive)
         return joined()
 
     def bulk():
@@ -309,19 +290,19 @@ def _all_reduce_two_shot(shape: dict, regime: str, world: int, dtype: torch.dtyp
 
     def chunked():
         for span in spans:
-            torch.matmul(x[span[0] : span[1]], w.T, out=partial[span[0] : span[1]])
-            _after(cur.record_event(), send, receive)
-            exchange(span)
+            torch.matmul(x[span], w.T, out=partial[span])
+            _after(cur.record_event(), send, receive)  # peers finish this chunk when this rank does (lockstep)
+            exchange(span, send, receive)
         return joined()
 
     def fused(start=None, end=None):
         e, before = next(epochs), cur.record_event()
-        _between(start, end, lambda: gemm(x, w, out=partial, signal=SignalHook(counters, step), plan=spare_plan, status=status))
+        _between(start, end, lambda: gemm(x, w, out=partial, signal=SignalHook(counters, step), plan=fused_plan, status=status))
         _after(before, send, receive)
         for c, span in enumerate(spans):
             for stream in (send, receive):
                 signals.wait(counters, c, e * outputs[c], stream)
-            exchange(span)
+            exchange(span, send, receive)
         return joined()
 
-    return _variants(lambda: x @ w.T, lambda: gemm(x, w, plan=plan), comm, bulk, chunked, fused, [partial, staging, y])
+    return _variants(lambda: x @ w.T, lambda: gemm(x, w, plan=plan), comm, bulk, chunked, fused, landing)
