@@ -2,7 +2,7 @@
 
 Shapes, for world size W (``y = x @ w.T`` throughout; rows are tokens):
 
-Strategies: ``bulk`` and ``chunked`` below; ``fused`` (fused.py) and ``auto`` (dispatch.py).
+Strategies: ``bulk`` and ``chunked`` below; ``fused`` (the fused package) and ``auto`` (dispatch.py).
 
 | function              | x                   | w            | result                          |
 |-----------------------|---------------------|--------------|---------------------------------|

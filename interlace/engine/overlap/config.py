@@ -16,7 +16,7 @@ class OverlapConfig:
     ``"chunked"``: GEMM and collective split into ``chunks`` pieces; the collective of one piece
     runs (on the transport's thread or stream) while the next piece computes.
     ``"fused"``: one GEMM launch overlapped through symmetric memory and flags (ranks sharing a
-    node; see fused.py).
+    node; see the fused package).
     ``"auto"``: what the dispatcher measured fastest for this call, never slower than bulk."""
 
     chunks: int = 4

@@ -1,0 +1,204 @@
+"""What every fused operator shares: the symmetric buffer, the side lane, the epoch, the GEMM plan,
+deadlines and the failure record (see the package's docstring for the protocol)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from interlace.engine.comm import Group, SymmetricBuffer, signals
+from interlace.engine.comm.group import ring
+from interlace.engine.device import new_stream
+from interlace.kernels.flags import ABORTED, FLAG_WAIT_FAILED
+from interlace.ops import flags as epoch_flags
+from interlace.ops.flags import EpochValue
+from interlace.ops.gemm import DEFAULT_MAX_SPINS, GEMM_WAIT_FAILED, Plan, leave_sms, plan_for
+
+from ..lane import SideLane
+from ..watchdog import WATCHDOG, log
+
+
+class FusedOp:
+    """Shared machinery: the symmetric buffer (``nbytes`` None: none, only this rank's flags), the
+    lane, the epoch, the GEMM plan."""
+
+    unseen = "the GPU is slow"  # why a call can be late with every flag it awaits raised
+
+    def __init__(self, group: Group, nbytes: int | None, flags: int, name: str, *, check: bool, max_spins: int | None,
+                 graph_safe: bool):  # fmt: skip
+        self.group, self.rank, self.world = group, group.rank, group.world_size
+        self.buffer = None if nbytes is None else SymmetricBuffer.allocate(group, nbytes, flags)
+        self.own_flags = torch.zeros(flags, dtype=torch.int32, device=group.device) if nbytes is None else None
+        self.epoch, self.check_calls, self.name, self.graph_safe = 0, check, name, graph_safe
+        self.late: str | None = None  # a call the watchdog found past its deadline (check=False)
+        self.epoch_now = torch.zeros(1, dtype=torch.int32, device=group.device)
+        self.status = torch.zeros(4, dtype=torch.int32, device=group.device)  # a wait that gave up: see check()
+        self.max_spins = max_spins if max_spins is not None else DEFAULT_MAX_SPINS
+        self.lane = SideLane(group.device, group.timeout, f"{name} r{group.rank}", self.status, self.max_spins, _lane_stream(group))
+        self._plans: dict[tuple, Plan] = {}
+        if group.device.type == "cuda":
+            epoch_flags.warm_up(group.device)
+
+    def close(self) -> None:
+        """Collective when the operator has a symmetric buffer."""
+        self.lane.close()
+        if self.buffer is not None:
+            self.buffer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # peers may be anywhere: no collective on an error path
+            self.lane.close()
+            if self.buffer is not None:
+                self.buffer.abandon()
+
+    def _flags(self, rank: int) -> torch.Tensor:
+        """Rank ``rank``'s flags (without a symmetric buffer, this rank's own are all there is)."""
+        return self.own_flags if self.buffer is None else self.buffer.flags(rank)
+
+    def check(self) -> None:
+        """Raise ``TimeoutError`` if a wait of this operator gave up, or a call was late (synchronises).
+        A failure stays recorded: the operator's ranks no longer agree on epochs, so every later
+        call fails too."""
+        self._raise_late()
+        failed, where, value, observed = self.status.tolist()
+        who = f"rank {self.rank}: {self.name}"
+        if failed == GEMM_WAIT_FAILED:
+            raise TimeoutError(f"{who}: the GEMM's wait on chunk {where} timed out: expected flag >= {value}, observed {observed}")
+        if failed == FLAG_WAIT_FAILED:
+            raise TimeoutError(f"{self.lane.wait_name(where)} did not reach {value} (observed {observed})")
+        if failed == ABORTED:
+            raise TimeoutError(f"{who}: a call was stopped at its deadline ({self.lane.timeout} s); its ranks no longer agree on epochs")
+        if failed:
+            raise RuntimeError(f"{who}: unknown failure record {[failed, where, value, observed]}")
+
+    def _begin(self, x: torch.Tensor | None = None, w: torch.Tensor | None = None, **plan: int) -> tuple[bool, Plan | None]:
+        """Start a call on the caller's stream: whether it is being captured in a CUDA graph, and
+        the plan of the GEMM of ``x`` and ``w`` (made first: tuning counts against no deadline)."""
+        self._raise_late()
+        capturing = self.group.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        self.graph_safe |= capturing
+        chosen = self._plan(x, w, capturing=capturing, **plan) if x is not None else None
+        self.lane.start_call()
+        self.epoch += 1
+        self.epoch_now.add_(1)  # before everything this call enqueues, on the caller's stream
+        return capturing, chosen
+
+    def _value(self, scale: int = 1, offset: int = 0) -> int | EpochValue:
+        """``scale * epoch + offset`` for this call's flags: host-side, or read on the device."""
+        return EpochValue(self.epoch_now, scale, offset) if self.graph_safe else self.epoch * scale + offset
+
+    def _finish(self, awaited: list[tuple[int, int, int]], capturing: bool) -> None:
+        """Eagerly on a GPU, where stream waits have no deadline of their own: with ``check``, block
+        the host until this call's work is done, or raise naming every awaited (rank, flag, scale)
+        still below ``scale * epoch``, then raise what ``status`` records; without, have the
+        watchdog say the same if the work is not done by the deadline (the next call raises it)."""
+        if capturing:
+            return
+        gpu, epoch = self.group.device.type == "cuda", self.epoch
+        done = torch.cuda.current_stream(self.group.device).record_event() if gpu else None
+        if not self.check_calls:
+            if gpu:
+                WATCHDOG.watch(self, done.query, self.lane.deadline, lambda: self._report_late(awaited, epoch, done.query))
+            return
+        while gpu and not done.query():
+            if time.monotonic() > self.lane.deadline:
+                # Recorded for good: the streams stay blocked behind the call, so a later call (or
+                # check(), whose read would queue behind them) must raise at once, not wait.
+                self.late = self._behind(awaited, epoch)
+                raise TimeoutError(self.late)
+            time.sleep(1e-4)
+        self.check()
+
+    def _report_late(self, awaited: list[tuple[int, int, int]], epoch: int, done) -> bool:
+        """(The watchdog's thread) log and record a late call, unless it has just finished; whether
+        it did. The failure is recorded before the flags are read: a read could queue behind
+        blocked work, or fail."""
+        if self.late is not None:
+            return True
+        if done():
+            return False
+        by = " (a call made with check=False, reported by the watchdog)"
+        self.late = self._late(epoch) + by
+        log.error(self.late + "; reading the flags it waits on")
+        self.late = self._behind(awaited, epoch) + by
+        log.error(self.late)
+        return True
+
+    def _raise_late(self) -> None:
+        if self.late is not None:
+            raise TimeoutError(self.late)
+
+    def _behind(self, awaited: list[tuple[int, int, int]], epoch: int) -> str:
+        """What call ``epoch`` (host-side; graph-safe operators read the device's) waits for."""
+        try:
+            epoch = signals.read(self.epoch_now, 0) if self.graph_safe else epoch
+            seen = [(q, i, signals.read(self._flags(q), i), signals.wrap(epoch * s)) for q, i, s in awaited]  # one read each
+        except TimeoutError as error:  # the reads queue behind the blocked work
+            return f"{self._late(epoch)}; its flags cannot be read: {error}"
+        behind = [f"rank {q} flag {i} is {value}, needs {target}" for q, i, value, target in seen if signals.wrap(value - target) < 0]
+        return f"{self._late(epoch)}; behind: {'; '.join(behind) or f'nothing this rank can see ({self.unseen})'}"
+
+    def _late(self, epoch: int) -> str:
+        return f"rank {self.rank}: {self.name} epoch {epoch} did not finish within {self.lane.timeout} s"
+
+    def _plan(self, x: torch.Tensor, w: torch.Tensor, *, capturing: bool, waits: bool = False, spare: int = 0) -> Plan:
+        """The GEMM's plan. Rank threads sharing one GPU split its multiprocessors, so that every
+        rank's persistent GEMM is resident at once (a waiting kernel must not starve its producer).
+        It leaves an SM per lane on the GPU for the lanes' kernels: graph-safe flag kernels (which a
+        waiting GEMM needs, and which overlap the GEMM only if resident beside it), and, for a GEMM
+        that ``waits``, the copies it waits for, which the driver may run on SMs when same-device;
+        and ``spare`` more (a collective's kernels).
+        On a GPU the first for a shape (eager: it may tune) ends in a barrier, so that no rank's
+        kernels run while a peer times its own; never under capture (tuning cannot be captured)."""
+        shape = (tuple(x.shape), tuple(w.shape), x.dtype)
+        key = (*shape, waits, spare, self.graph_safe)
+        if key not in self._plans:
+            sharing = self.world if hasattr(self.group, "share") else 1
+            lanes = sharing if self.graph_safe or waits else 0
+            self._plans[key] = leave_sms(plan_for(x, w), x.device, lanes + spare, sharing)
+            if x.is_cuda and not capturing and not any(k[:3] == shape for k in self._plans if k != key):
+                self.group.barrier()
+        return self._plans[key]
+
+    def _after_peers_read(self, index: int) -> None:
+        """Block writes to this rank's buffer until every peer's ``flags[index]`` >= epoch - 1."""
+        if self.epoch == 1 and not self.graph_safe:
+            return
+        value, buf = self._value(1, -1), self.buffer
+
+        def wait():
+            for q in ring(self.rank, self.world):
+                self.lane.wait_flag(buf.flags(q), index, value, f"{self.name} rank {self.rank}: rank {q} finishing its last call: ")
+
+        self.lane.after_current_stream()
+        self.lane.run(wait)
+        self.lane.join()
+
+
+def chunk_rows_for(m: int, chunks: int) -> int:
+    """Rows per chunk for at most ``chunks`` chunks of ``m`` rows (the last may be shorter)."""
+    return -(-m // max(1, min(chunks, m)))
+
+
+def _lane_stream(group: Group) -> torch.cuda.Stream | None:
+    """One lane stream per rank, shared by its fused operators (their calls never interleave): with
+    a lane per operator, rank threads on one GPU would soon have more streams than the device has
+    hardware queues (CUDA_DEVICE_MAX_CONNECTIONS, at most 32), and streams sharing a queue wait for
+    each other's stream waits."""
+    if group.device.type != "cuda":
+        return None
+    if "_fused_lane" not in group.__dict__:
+        group.__dict__["_fused_lane"] = new_stream(group.device)
+    return group.__dict__["_fused_lane"]
+
+
+def expect_operand(t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, rank: int, what: str) -> None:
+    if tuple(t.shape) != shape or t.dtype != dtype:
+        raise ValueError(f"rank {rank}: {what} must be {str(dtype).removeprefix('torch.')}{list(shape)}, "
+                         f"got {str(t.dtype).removeprefix('torch.')}{list(t.shape)}")  # fmt: skip

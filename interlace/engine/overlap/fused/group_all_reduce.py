@@ -1,0 +1,51 @@
+"""GEMM+AR across nodes: one GEMM counts finished outputs per chunk; the lane all-reduces each chunk with the group's own all-reduce."""
+
+from __future__ import annotations
+
+import torch
+
+from interlace.engine.comm import Group
+from interlace.ops.gemm import SignalHook, chunk_outputs, gemm
+
+from .base import FusedOp, chunk_rows_for, expect_operand
+
+
+class FusedMatmulGroupAllReduce(FusedOp):
+    """``y = all_reduce(x @ w.T)`` where ranks share no memory (several nodes): x ``[m, k_shard]``,
+    y ``[m, n]``. ONE GEMM counts finished outputs per row chunk; the lane all-reduces each chunk
+    with the group's own all-reduce (NCCL on GPUs) once this rank has finished it, while the GEMM
+    goes on with the next. Every rank goes chunk by chunk, so the all-reduces pair up."""
+
+    unseen = "the GPU is slow, or a peer has not joined the group's all-reduce of a chunk"
+
+    def __init__(self, group: Group, m: int, n: int, dtype: torch.dtype, chunks: int = 4, *, check: bool = True,
+                 max_spins: int | None = None, graph_safe: bool = False, collective_sms: int = 8):  # fmt: skip
+        """``collective_sms``: SMs the persistent GEMM leaves free, where the group's all-reduce
+        kernels (NCCL's, a block per channel) run beside it; with none they would wait for the
+        GEMM to end. 8 is a starting point, not yet measured."""
+        self.m, self.n, self.dtype, self.collective_sms = m, n, dtype, collective_sms
+        self.chunk_rows = chunk_rows_for(m, chunks)
+        self.chunks = -(-m // self.chunk_rows)
+        super().__init__(group, None, self.chunks, "GEMM+AR(group)", check=check, max_spins=max_spins, graph_safe=graph_safe)
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        expect_operand(x, (self.m, x.shape[1]), self.dtype, self.rank, f"{self.name} x")
+        capturing, plan = self._begin(x, weight, spare=self.collective_sms)
+        outputs = chunk_outputs(self.m, self.n, self.chunk_rows)
+        y = torch.empty(self.m, self.n, dtype=self.dtype, device=x.device)
+
+        def all_reduce_chunks():
+            for c in range(self.chunks):
+                what = f"{self.name} rank {self.rank}: its own tiles of chunk {c}: "
+                self.lane.wait_flag(self.own_flags, c, self._value(outputs[c]), what)
+                rows = y[c * self.chunk_rows : (c + 1) * self.chunk_rows]
+                self.group.all_reduce(rows, out=rows)
+
+        def produce():
+            gemm(x, weight, out=y, signal=SignalHook(self.own_flags, self.chunk_rows), plan=plan, max_spins=self.max_spins,
+                 status=self.status)  # fmt: skip
+
+        self.lane.alongside(all_reduce_chunks, produce)
+        self.lane.join()
+        self._finish([(self.rank, c, outputs[c]) for c in range(self.chunks)], capturing)
+        return y

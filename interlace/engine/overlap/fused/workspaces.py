@@ -1,0 +1,83 @@
+"""The fused operators a group keeps, one per (pattern, shape, shots), and why one cannot run."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from interlace.engine.comm import Group
+from interlace.kernels.reduce import MAX_WORLD
+from interlace.ops.gemm import INTERPRETING
+
+from .base import FusedOp
+from .gather import FusedAllGatherMatmul
+from .group_all_reduce import FusedMatmulGroupAllReduce
+from .norm import FusedAllReduceResidualNorm
+from .one_shot import FusedMatmulAllReduce, FusedMatmulReduceScatter
+from .two_shot import FusedMatmulAllReduceTwoShot
+
+
+_SHARED = {"ag_gemm": FusedAllGatherMatmul, "gemm_rs": FusedMatmulReduceScatter, "gemm_ar": FusedMatmulAllReduce,
+           "ar_norm": FusedAllReduceResidualNorm}  # fmt: skip
+_UNSHARED = {"gemm_ar": FusedMatmulGroupAllReduce}  # what runs where ranks share no memory
+
+
+def workspace(group: Group, pattern: str, *shape, check: bool = True, shots: int = 1) -> FusedOp:
+    """The fused operator for ``pattern`` and this shape on ``group``, made (collectively: every rank
+    reaches it with the same shape) on first use and kept with the group; ``check`` applies to the
+    calls that follow. ``shots``: 2 makes GEMM+AR two-shot (other patterns have one way only)."""
+    table = group.__dict__.setdefault("_fused_workspaces", {})
+    shots = shots if pattern == "gemm_ar" else 1
+    key = (pattern, *shape, shots)
+    if key not in table:
+        reason = fused_unavailable(group, pattern, shots=shots)
+        if reason is not None:
+            raise RuntimeError(f"rank {group.rank}: overlap='fused' cannot run here: {reason}")
+        kind = _SHARED[pattern] if _no_shared_memory(group) is None else _UNSHARED[pattern]
+        table[key] = (FusedMatmulAllReduceTwoShot if shots == 2 else kind)(group, *shape, check=check)
+    table[key].check_calls = check
+    return table[key]
+
+
+def check_workspaces(group: Group) -> None:
+    """Raise what any fused operator made for ``group`` recorded: after CUDA-graph replays, which
+    never block the host, this says whether they completed (synchronises)."""
+    for op in group.__dict__.get("_fused_workspaces", {}).values():
+        op.check()
+
+
+def close_workspaces(group: Group) -> None:
+    """Collective: release every fused operator made for ``group``, in one order on every rank."""
+    table = group.__dict__.pop("_fused_workspaces", {})
+    for key in sorted(table, key=repr):
+        table[key].close()
+
+
+def fused_unavailable(group: Group, pattern: str, *, timing: bool = False, shots: int = 1) -> str | None:
+    """Why fused ``pattern`` (two-shot GEMM+AR with ``shots=2``) cannot run (or, with ``timing``,
+    cannot be timed meaningfully) on ``group``."""
+    if not (INTERPRETING or torch.cuda.is_available()):
+        return "Triton needs a GPU (TRITON_INTERPRET=1 runs kernels on CPU, for tests)"
+    if group.device.type != "cuda" and not INTERPRETING:
+        return (f"the group's tensors are on {group.device} and Triton runs kernels on the GPU "
+                "(TRITON_INTERPRET=1, set before Triton is imported, runs them on CPU, for tests)")  # fmt: skip
+    if timing and INTERPRETING:
+        return "under the Triton interpreter a timing measures Python, not a kernel"
+    if pattern == "ar_norm" and group.world_size > MAX_WORLD:
+        return f"the fused all-reduce + RMSNorm reads at most {MAX_WORLD} ranks, the group has {group.world_size}"
+    reason = _no_shared_memory(group)
+    if reason is not None and shots == 2:
+        return (f"two-shot fused gemm_ar needs memory shared by every rank: {reason}; across nodes fused gemm_ar runs "
+                "over the group's all-reduce, whose algorithm the transport picks (use shots=1)")  # fmt: skip
+    return None if reason is None or pattern in _UNSHARED else f"fused {pattern} needs memory shared by every rank: {reason}"
+
+
+def _no_shared_memory(group: Group) -> str | None:
+    """Why ``group``'s ranks may not share memory, or None when they do."""
+    if hasattr(group, "share") or type(group).__name__ == "SymmetricGroup":
+        return None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+    if local == group.world_size:
+        return None
+    return f"{type(group).__name__} ranks may span nodes (LOCAL_WORLD_SIZE={local or 'unset'}, world {group.world_size})"
