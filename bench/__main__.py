@@ -143,11 +143,12 @@ BENCHMARKS = {"collectives": (collectives, _add_collectives, _collectives_config
 
 
 # Long GPU runs write their rows as they go (marked "complete": false): a run cut off keeps them.
-CHECKPOINTED = ("gemm", "rank_slice")
+CHECKPOINTED = ("decode", "gemm", "layers", "rank_slice")
 
 
-def run_benchmark(name: str, config, out: Path | None) -> tuple[Path, list[dict]]:
-    """Run, print, write; returns the path and the rows that failed (each with its ``failed`` (why))."""
+def run_benchmark(name: str, config, out: Path | None) -> tuple[Path, list[dict], str | None]:
+    """Run, print, write; returns the path, the rows that failed (each with its ``failed`` (why)),
+    and why the run stopped with a GPU stream stuck (or None)."""
     module, path = BENCHMARKS[name][0], result_path(name, out)
     print(f"{name}: measuring (rank processes start in about a second)...", file=sys.stderr, flush=True)
     if name in CHECKPOINTED:
@@ -158,7 +159,7 @@ def run_benchmark(name: str, config, out: Path | None) -> tuple[Path, list[dict]
     extra = {k: v for k, v in result.items() if k not in ("rows", "config")}
     write_result(name, result["config"], result["rows"], path, **extra)
     print(f"wrote {path}\n")
-    return path, [r for r in result["rows"] if "failed" in r]
+    return path, [r for r in result["rows"] if "failed" in r], result.get("stuck")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for name in names:
         bench_args = parser.parse_args([name]) if args.command == "demo" else args
-        failed += run_benchmark(name, BENCHMARKS[name][2](bench_args), bench_args.out)[1]
+        _, failures, stuck = run_benchmark(name, BENCHMARKS[name][2](bench_args), bench_args.out)
+        failed += failures
+        if stuck:  # tearing CUDA down behind a blocked stream could wait for good: results are written, leave
+            print(f"{name} stopped: {stuck}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(3)
     return 1 if failed else 0  # each table lists its failed rows
 
 

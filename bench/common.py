@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import statistics
 import sys
 import time
@@ -32,7 +33,9 @@ def write_result(name: str, config: dict[str, Any], rows: list[dict[str, Any]], 
     path.parent.mkdir(parents=True, exist_ok=True)
     command = "python -m bench " + " ".join(sys.argv[1:])
     payload = {"benchmark": name, "command": command, "envelope": envelope(), "config": config, "rows": rows, **extra}
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    partial = path.with_name(path.name + ".partial")  # a run killed while writing leaves the last complete file
+    partial.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(partial, path)
     return path
 
 
@@ -115,11 +118,32 @@ def median_time(fn: Callable[[], Any], device: torch.device, iters: int, repeats
 L2_SCRUB_BYTES = 256 << 20  # several times any GPU's L2 (H100 50 MB, H200 60 MB), as triton's do_bench
 
 
-def event_median(run: Callable[[Any, Any], Any], iters: int, *, warmup: int, headstart_cycles: int = 0) -> float:
+# A GPU benchmark's call that has not finished after this long is stuck (a stream wait on a flag
+# never raised), not slow: the largest shape's run takes milliseconds.
+STUCK_AFTER_S = 60.0
+
+
+class StuckStream(TimeoutError):
+    """Queued GPU work did not finish by its deadline: the stream stays blocked, so nothing more can
+    be measured in this process."""
+
+
+def settle(what: str, seconds: float = STUCK_AFTER_S) -> None:
+    """Block until the work queued on the current stream is done, or raise ``StuckStream`` naming
+    ``what`` after ``seconds`` (a synchronize would block for good behind a stuck stream wait)."""
+    done, deadline = torch.cuda.current_stream().record_event(), time.monotonic() + seconds
+    while not done.query():
+        if time.monotonic() > deadline:
+            raise StuckStream(f"{what}: the GPU work queued did not finish within {seconds:.0f} s (a stream wait is stuck)")
+        time.sleep(1e-4)
+
+
+def event_median(run: Callable[[Any, Any], Any], iters: int, *, warmup: int, headstart_cycles: int = 0, what: str = "a timed run") -> float:
     """Median seconds between two CUDA events that ``run(start, end)`` records, over ``iters`` calls
     after ``warmup``, each after the L2 cache is overwritten (a layer's operands are not in it
     when its turn comes). With ``headstart_cycles``, each call is queued behind a sleep kernel that
-    long, so the host has enqueued all of it before its start event is reached (GPU time, not Python's)."""
+    long, so the host has enqueued all of it before its start event is reached (GPU time, not Python's).
+    ``StuckStream`` (naming ``what``) if a call does not finish."""
     def events():
         return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
@@ -133,7 +157,7 @@ def event_median(run: Callable[[Any, Any], Any], iters: int, *, warmup: int, hea
         if headstart_cycles:
             torch.cuda._sleep(headstart_cycles)
         run(start, end)
-        end.synchronize()
+        settle(what)
         samples.append(start.elapsed_time(end) * 1e-3)
     return statistics.median(samples)
 

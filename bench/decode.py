@@ -46,7 +46,8 @@ class Config:
     iters: int = 50
 
 
-def run(config: Config) -> dict:
+def run(config: Config, checkpoint: Callable[[list[dict]], None] | None = None) -> dict:
+    """Every (model, world size, M), ``checkpoint(rows)`` after each."""
     if not torch.cuda.is_available():
         why = "needs a GPU: under the Triton interpreter a timing measures Python, not a kernel"
         return {"rows": [], "skipped": [{"backend": "decode", "why": why}], "config": asdict(config)}
@@ -60,6 +61,8 @@ def run(config: Config) -> dict:
                 print(f"  {name}", file=sys.stderr, flush=True)
                 measured = _measure(m, hidden, world, dtype, config.iters, copy_bps)
                 rows.append({"name": name, "world_size": world, "M": m, "H": hidden, **measured})
+                if checkpoint is not None:
+                    checkpoint(rows)
     return {"rows": rows, "skipped": [], "config": asdict(config)}
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -137,7 +138,8 @@ def summarize(per_rank: list[list[dict]], backend: str, world: int) -> list[dict
     return rows
 
 
-def run(config: Config) -> dict:
+def run(config: Config, checkpoint: Callable[[list[dict]], None] | None = None) -> dict:
+    """Every backend and world size, ``checkpoint(rows)`` after each."""
     targets, skipped = available_backends(config.backends)
     rows = []
     for backend, device in targets:
@@ -145,6 +147,8 @@ def run(config: Config) -> dict:
             print(f"  {backend} ({device}), world size {w}:", file=sys.stderr, flush=True)
             per_rank = spawn(measure_rank, w, backend, timeout=600, device=device, check=False, args=(config,))
             rows += summarize(per_rank, backend, w)
+            if checkpoint is not None:
+                checkpoint(rows)
     return {"rows": rows, "skipped": skipped, "config": asdict(config), "cpu_count": os.cpu_count()}
 
 

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .common import overlap_metrics, report_table
+from .common import StuckStream, overlap_metrics, report_table
 from .layers import MODELS
 
 PATTERNS = ("ag_gemm", "gemm_rs", "gemm_ar", "gemm_ar_two_shot")
@@ -76,21 +76,23 @@ def run(config: Config, checkpoint: Callable[[list[dict]], None] | None = None) 
         return {"rows": [], "skipped": [{"backend": "rank_slice", "why": why}], "config": asdict(config)}
     from . import rank_slice_gpu
 
-    rows = []
-    for shape in shapes(config):
-        for regime in config.regimes:
-            print(f"  {shape['name']} [{regime}]", file=sys.stderr, flush=True)
-            row = {**shape, "regime": regime, "world_size": config.world_size}
-            try:
-                times = rank_slice_gpu.measure(shape, regime, config.world_size, getattr(torch, config.dtype), config.iters)
-            except AssertionError as error:
-                rows.append({**row, "failed": str(error)})
-            else:
-                derived = overlap_metrics(times)
-                derived["ideal_us"] = derived.pop("ideal") * 1e6
-                rows.append({**row, **{f"{k}_us": v * 1e6 for k, v in times.items()}, **derived})
-            if checkpoint is not None:
-                checkpoint(rows)
+    rows, cases = [], [(shape, regime) for shape in shapes(config) for regime in config.regimes]
+    for i, (shape, regime) in enumerate(cases):
+        print(f"  [{i + 1}/{len(cases)}] {shape['name']} [{regime}]", file=sys.stderr, flush=True)
+        row = {**shape, "regime": regime, "world_size": config.world_size}
+        try:
+            times, chosen = rank_slice_gpu.measure(shape, regime, config.world_size, getattr(torch, config.dtype), config.iters)
+        except StuckStream as error:  # the stream stays blocked: nothing after it could be measured
+            rows.append({**row, "failed": str(error)})
+            return {"rows": rows, "skipped": [], "config": asdict(config), "stuck": str(error), "complete": False}
+        except Exception as error:  # this shape's failure, named in its row; the next shape still runs
+            rows.append({**row, "failed": f"{type(error).__name__}: {error}"})
+        else:
+            derived = overlap_metrics(times)
+            derived["ideal_us"] = derived.pop("ideal") * 1e6
+            rows.append({**row, **{f"{k}_us": v * 1e6 for k, v in times.items()}, **derived, "auto": chosen})
+        if checkpoint is not None:
+            checkpoint(rows)
     return {"rows": rows, "skipped": [], "config": asdict(config)}
 
 

@@ -9,10 +9,11 @@ import torch
 from interlace.engine.comm import signals
 from interlace.engine.comm.reduce import reduce_into
 from interlace.engine.device import new_stream
+from interlace.engine.overlap.dispatch import pick
 from interlace.engine.overlap.fused import REDUCE_SMS
 from interlace.ops.gemm import SignalHook, WaitHook, chunk_outputs, gemm, leave_sms, plan_for
 
-from .common import around, event_median
+from .common import around, event_median, settle
 
 WARMUP = 3
 # GPU time, not Python's: each timed run is queued behind a ~1 ms sleep kernel, so the host has
@@ -20,12 +21,16 @@ WARMUP = 3
 HEADSTART_CYCLES = 2_000_000
 
 
-def measure(shape: dict, regime: str, world: int, dtype: torch.dtype, iters: int) -> dict[str, float]:
-    """Median seconds of gemm, gemm_triton, comm, bulk, chunked, fused and the GEMM inside fused,
-    after checking that chunked and fused give bulk's result and that no fused wait gave up. Each
-    checked run starts from NaN in every buffer data arrives in: a run that reads before its data
-    has landed cannot pass on what the previous run left there."""
+def measure(shape: dict, regime: str, world: int, dtype: torch.dtype, iters: int) -> tuple[dict[str, float], str]:
+    """``(times, pick)``: median seconds of gemm, gemm_triton, comm, bulk, chunked, fused and the
+    GEMM inside fused; and, where the dispatcher's rule (``dispatch.pick``) picks other than bulk on
+    those, of fresh runs of its pick (``auto``) and of bulk (``auto_bulk``): whether the pick holds
+    up. Checks first that chunked and fused give bulk's result, and after that no fused wait gave
+    up. Each checked run starts from NaN in every buffer data arrives in: a run that reads before
+    its data has landed cannot pass on what the previous run left there. ``StuckStream`` when
+    queued work does not finish (nothing more can run in this process)."""
     build = {"ag_gemm": _all_gather, "gemm_rs": _reduce_scatter, "gemm_ar": _all_reduce, "gemm_ar_two_shot": _all_reduce_two_shot}[shape["pattern"]]
+    label = f"rank slice {shape['name']} [{regime}]"
     status = torch.zeros(4, dtype=torch.int32, device="cuda")
     variants = build(shape, regime, world, dtype, status)
     poison = variants.pop("poison")
@@ -34,15 +39,23 @@ def measure(shape: dict, regime: str, world: int, dtype: torch.dtype, iters: int
     for name in ("chunked", "fused"):
         poison()
         got = variants[name]().to(torch.float32, copy=True)
+        settle(f"{label}: checking {name}")
         error = (got - expected).abs().max().item() / max(expected.abs().max().item(), 1e-30)
         if not error < 2e-2:  # bf16 rounding of differently ordered sums, relative to the largest output
-            raise AssertionError(f"rank slice {shape['name']} [{regime}]: {name} differs from bulk by {error:.3g} (relative)")
-    timing = dict(warmup=WARMUP, headstart_cycles=HEADSTART_CYCLES)
-    times = {name: event_median(around(fn), iters, **timing) for name, fn in variants.items() if name != "fused_gemm"}
-    times["fused_gemm"] = event_median(variants["fused_gemm"], iters, **timing)  # records its events around the GEMM inside
+            raise AssertionError(f"{label}: {name} differs from bulk by {error:.3g} (relative)")
+
+    def median(name: str, run) -> float:
+        return event_median(run, iters, warmup=WARMUP, headstart_cycles=HEADSTART_CYCLES, what=f"{label}: timing {name}")
+
+    times = {name: median(name, around(fn)) for name, fn in variants.items() if name != "fused_gemm"}
+    times["fused_gemm"] = median("fused_gemm", variants["fused_gemm"])  # records its events around the GEMM inside
+    chosen = pick({name: times[name] for name in ("bulk", "chunked", "fused")})[0]
+    if chosen != "bulk":  # the dispatcher's rule decides on the runs above; fresh runs check it against bulk
+        times["auto"] = median(f"auto ({chosen})", around(variants[chosen]))
+        times["auto_bulk"] = median("auto's bulk", around(variants["bulk"]))
     if status.any():
-        raise AssertionError(f"rank slice {shape['name']} [{regime}]: a fused wait gave up: status {status.tolist()}")
-    return times
+        raise AssertionError(f"{label}: a fused wait gave up: status {status.tolist()}")
+    return times, chosen
 
 
 def _between(start, end, launch):

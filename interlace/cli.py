@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 from interlace.engine.pipeline.generators import KINDS
 
@@ -13,17 +15,39 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     env = commands.add_parser("env", help="versions, commit, GPUs and topology: the envelope of every result")
     env.add_argument("--json", action="store_true", help="print the envelope as JSON")
+    env.add_argument("--out", default=None, help="also write the envelope as JSON to this file")
+    env.add_argument("--require-gpu", action="store_true",
+                     help="exit 1, saying why, unless torch sees a CUDA GPU and interlace._C was built with CUDA")  # fmt: skip
     _schedule_parser(commands)
     args = parser.parse_args(argv)
-    return _env(args.json) if args.command == "env" else _schedule(args)
+    return _env(args) if args.command == "env" else _schedule(args)
 
 
-def _env(as_json: bool) -> int:
+def _env(args) -> int:
     from interlace.engine.telemetry import envelope, format_envelope
 
     env = envelope()
-    print(json.dumps(env, indent=2) if as_json else format_envelope(env))
+    print(json.dumps(env, indent=2) if args.json else format_envelope(env))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(env, indent=2) + "\n")
+    missing = gpu_missing(env) if args.require_gpu else None
+    if missing:
+        print(f"interlace env --require-gpu: {missing}", file=sys.stderr)
+        return 1
     return 0
+
+
+def gpu_missing(env: dict) -> str | None:
+    """Why the envelope's machine cannot run interlace's GPU paths, or None."""
+    ext = env["extension"]
+    if not env["cuda"]["available"]:
+        return f"torch sees no CUDA GPU (torch built with CUDA {env['cuda']['torch_cuda'] or 'none'}; {env['gpu_status']})"
+    if not ext["loaded"]:
+        return f"interlace._C does not load: {ext['error']}"
+    if not ext["cuda"]:
+        return "interlace._C was built without CUDA (rebuild with INTERLACE_CUDA=ON where nvcc is found)"
+    return None
 
 
 def _schedule_parser(commands) -> None:

@@ -133,21 +133,26 @@ def test_rank_slice_shape_table_is_the_layers_of_each_pattern():
 
 def synthetic_rank_slice():
     """A rank-slice result as the GPU run writes it, with made-up times (bookkeeping only)."""
+    import dataclasses
+
+    from bench import rank_slice
     from bench.common import overlap_metrics as metrics
+    from interlace.engine.overlap.dispatch import pick
     from interlace.engine.telemetry import envelope
 
     rows = []
-    for name, pattern, regime, t in [
-        ("a/tp8/attn-o/m2048", "gemm_rs", "d2d", dict(gemm=1.0, gemm_triton=1.05, comm=0.5, bulk=1.5, chunked=1.2, fused=1.08, fused_gemm=1.1)),
-        ("a/tp8/mlp-down/m2048", "gemm_rs", "d2d", dict(gemm=2.0, gemm_triton=2.0, comm=0.6, bulk=2.6, chunked=2.5, fused=2.5, fused_gemm=2.4)),
-        ("a/tp8/attn-o/m2048", "gemm_rs", "host", dict(gemm=1.0, gemm_triton=1.0, comm=3.0, bulk=4.0, chunked=3.5, fused=3.2, fused_gemm=1.2)),
+    for name, pattern, regime, t in [  # auto, auto_bulk: fresh runs of the pick and of bulk, where the pick is not bulk
+        ("a/tp8/attn-o/m2048", "gemm_rs", "d2d", dict(gemm=1.0, gemm_triton=1.05, comm=0.5, bulk=1.5, chunked=1.2, fused=1.08, fused_gemm=1.1, auto=1.1, auto_bulk=1.49)),
+        ("a/tp8/mlp-down/m2048", "gemm_rs", "d2d", dict(gemm=2.0, gemm_triton=2.0, comm=0.6, bulk=2.6, chunked=2.5, fused=2.5, fused_gemm=2.4, auto=2.52, auto_bulk=2.61)),
+        ("a/tp8/attn-o/m2048", "gemm_rs", "host", dict(gemm=1.0, gemm_triton=1.0, comm=3.0, bulk=4.0, chunked=3.5, fused=3.2, fused_gemm=1.2, auto=3.3, auto_bulk=4.1)),
         ("a/tp8/qkv/m2048", "ag_gemm", "d2d", dict(gemm=1.0, gemm_triton=1.0, comm=0.4, bulk=1.4, chunked=1.5, fused=1.45, fused_gemm=1.3)),
     ]:  # fmt: skip
         m = metrics({k: v * 1e-3 for k, v in t.items()})
         m["ideal_us"] = m.pop("ideal") * 1e6
         rows.append({"name": name, "pattern": pattern, "regime": regime, "M": 2048, "N": 1, "K": 1, "world_size": 8,
-                     **{f"{k}_us": v * 1e3 for k, v in t.items()}, **m})  # fmt: skip
-    return {"benchmark": "rank_slice", "envelope": envelope(), "config": {"world_size": 8, "dtype": "bfloat16", "iters": 10}, "rows": rows}
+                     **{f"{k}_us": v * 1e3 for k, v in t.items()}, **m, "auto": pick({s: t[s] for s in ("bulk", "chunked", "fused")})[0]})  # fmt: skip
+    config = dataclasses.asdict(rank_slice.Config(world_size=8, models=["llama3-8b"], tokens=[2048]))
+    return {"benchmark": "rank_slice", "envelope": envelope(), "config": config, "rows": rows}
 
 
 def test_rank_slice_metrics_follow_the_definitions():
@@ -172,7 +177,10 @@ def test_report_checks_the_targets_and_draws_one_plot_per_pattern_and_regime(tmp
     # compute-bound d2d rows: attn-o (fused 1.08 vs ideal 1.0: within 1.1x, eta 0.84), mlp-down (2.5 vs 2.0: no), qkv (1.45: no)
     assert "fused within 1.1x the ideal on compute-bound d2d shapes: 1 of 3" in text
     assert "overlap efficiency >= 0.8 on those shapes: 1 of 3" in text
-    assert "`auto` never slower than bulk on any row: yes" in text
+    # picks: fused, chunked (2.5 ties fused; 2.5 <= 0.98 x 2.6), fused, bulk (nothing 2% faster)
+    assert [r["auto"] for r in result["rows"]] == ["fused", "chunked", "fused", "bulk"]
+    assert ("`auto` never slower than bulk on any row: yes; it picks other than bulk on 3 of 4 rows, where fresh runs "
+            "of its pick take at most 0.97x bulk's") in text  # fmt: skip
     assert "| a/tp8/qkv/m2048 | d2d | 1000 | 400 | 1400 | 1500 | 1450 | 1000 |" in text and text.count("| bulk |") == 1
     svgs = sorted(p.name for p in (tmp_path / "out").glob("*.svg"))
     assert svgs == ["rank_slice_ag_gemm_d2d.svg", "rank_slice_gemm_rs_d2d.svg", "rank_slice_gemm_rs_host.svg"]
@@ -192,10 +200,23 @@ def test_report_names_a_cut_off_run_and_failed_shapes_and_leaves_them_out(tmp_pa
     result["complete"] = False
     (tmp_path / "r.json").write_text(json.dumps(result))
     text = report.main(tmp_path / "r.json", tmp_path / "out").read_text()
-    assert "**Partial:** the run was cut off after 5 of its shapes" in text
+    assert "**Partial:** the run was cut off after 5 of its 16 rows (shape and regime)" in text  # llama3-8b at m2048: 8 shapes x 2 regimes
     assert f"**Failed (1):** not measured, and left out below.\n\n- a/tp8/mlp-up/m2048 [d2d]: {error}" in text
     assert "| a/tp8/mlp-up/m2048 |" not in text
     assert "fused within 1.1x the ideal on compute-bound d2d shapes: 1 of 3" in text  # as without the failed row
+
+
+def test_report_says_when_autos_pick_was_slower_than_bulk_and_why_a_run_stopped(tmp_path):
+    from bench import report
+
+    result = synthetic_rank_slice()
+    result["rows"][2]["auto_us"] = 4200.0  # the fresh run of the host row's pick (fused) lost to bulk's 4100 us
+    result |= {"complete": False, "stuck": "rank slice x [d2d]: timing fused: the GPU work queued did not finish within 60 s"}
+    (tmp_path / "r.json").write_text(json.dumps(result))
+    text = report.main(tmp_path / "r.json", tmp_path / "out").read_text()
+    assert ("`auto` never slower than bulk on any row: NO (a/tp8/attn-o/m2048 [host] fused 4200 us vs bulk 4100 us); it picks "
+            "other than bulk on 3 of 4 rows, where fresh runs of its pick take at most 1.02x bulk's") in text  # fmt: skip
+    assert f"**Partial:** the run stopped ({result['stuck']}) after 4 of its 16 rows" in text
 
 
 def test_printed_tables_list_failed_rows_after_the_measured_ones():
@@ -223,8 +244,9 @@ def test_rank_slice_measures_every_variant_on_a_gpu(pattern, regime):
 
     from bench import rank_slice_gpu
 
-    times = rank_slice_gpu.measure({"pattern": pattern, "M": 256, "N": 512, "K": 512}, regime, 2, torch.bfloat16, 2)
-    assert set(times) == {"gemm", "gemm_triton", "comm", "bulk", "chunked", "fused", "fused_gemm"}
+    times, chosen = rank_slice_gpu.measure({"pattern": pattern, "M": 256, "N": 512, "K": 512}, regime, 2, torch.bfloat16, 2)
+    confirmed = {"auto", "auto_bulk"} if chosen != "bulk" else set()
+    assert set(times) == {"gemm", "gemm_triton", "comm", "bulk", "chunked", "fused", "fused_gemm", *confirmed}
     assert all(math.isfinite(t) and t > 0 for t in times.values())
 
 

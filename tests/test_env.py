@@ -53,6 +53,28 @@ def test_env_without_driver_says_so_and_succeeds():
     assert "no NVIDIA driver found" in done.stdout
 
 
+def test_require_gpu_fails_saying_why_where_the_gpu_paths_cannot_run(tmp_path):
+    done = run_env("--require-gpu", "--out", str(tmp_path / "env" / "env.json"))
+    written = json.loads((tmp_path / "env" / "env.json").read_text())
+    assert written["cuda"]["available"] == torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        assert done.returncode == 1 and "interlace env --require-gpu: torch sees no CUDA GPU" in done.stderr
+    elif not written["extension"]["cuda"]:
+        assert done.returncode == 1 and "interlace._C was built without CUDA" in done.stderr
+    else:
+        assert done.returncode == 0, done.stderr
+
+
+def test_gpu_missing_names_each_reason():
+    from interlace.cli import gpu_missing
+
+    env = {"cuda": {"available": True, "torch_cuda": "13.0"}, "gpu_status": "1 GPU", "extension": {"loaded": True, "cuda": True}}
+    assert gpu_missing(env) is None
+    assert "built without CUDA" in gpu_missing({**env, "extension": {"loaded": True, "cuda": False}})
+    assert gpu_missing({**env, "extension": {"loaded": False, "error": "no _C"}}) == "interlace._C does not load: no _C"
+    assert gpu_missing({**env, "cuda": {"available": False, "torch_cuda": None}}).startswith("torch sees no CUDA GPU (torch built with CUDA none")
+
+
 class StandInNVML:
     """The NVML calls probe() makes, answering for a machine we do not have: two H100s joined
     by 18 NVLinks and a third GPU reachable only across the CPU interconnect."""

@@ -1,7 +1,7 @@
 """tools/gpu_session.py: every step under a deadline that the whole session's budget bounds."""
 
 import json
-import re
+import os
 import shutil
 import subprocess
 import sys
@@ -83,9 +83,9 @@ def test_every_planned_file_and_benchmark_exists():
             assert step.argv[3] in {*BENCHMARKS, "report"}, step.name
 
 
-def test_steps_can_be_picked_by_name_and_set_up_always_runs():
+def test_steps_can_be_picked_by_name_and_set_up_and_env_always_run():
     plan = gpu_session.plans("x")["all"]
-    assert [s.name for s in gpu_session.select(plan, "bench-gemm, test-rest")] == ["setup", "test-rest", "bench-gemm"]
+    assert [s.name for s in gpu_session.select(plan, "bench-gemm, test-rest")] == ["setup", "env", "test-rest", "bench-gemm"]
     assert gpu_session.select(plan, None) == plan
     with pytest.raises(SystemExit, match=r"unknown steps \['bench-gem'\]; this plan has \['setup', 'env'"):
         gpu_session.select(plan, "bench-gem")
@@ -148,3 +148,51 @@ def test_carried_python_headers_are_used_only_where_this_python_has_none(tmp_pat
     assert gpu_session.carried_headers(tmp_path / "repo", own) == str(carried)
     (own / "Python.h").write_text("")
     assert gpu_session.carried_headers(tmp_path / "repo", own) is None  # this Python's own come first
+
+
+def test_a_step_that_cannot_start_fails_like_a_shell_and_the_rest_still_run(tmp_path):
+    packed = []
+    steps = [Step("missing", [str(tmp_path / "no-such-program")], 30), Step("after", [PY, "-c", "print('after ran')"], 30)]
+    missing, after = gpu_session.run_plan(steps, tmp_path, budget=60, reserve=0, after_step=lambda: packed.append(1))
+    assert missing.rc == 127 and missing.tail[0].startswith(f"cannot start {tmp_path / 'no-such-program'}")
+    assert after.rc == 0 and after.tail == ["after ran"]
+    assert packed == [1, 1]  # the results are packed again after every step run
+
+
+def test_pack_leaves_out_files_being_written_and_replaces_the_archive_whole(tmp_path):
+    results = tmp_path / "bench" / "results" / "h100"
+    results.mkdir(parents=True)
+    (results / "gemm.json").write_text("{}")
+    (results / "rank_slice.json.partial").write_text("{")
+    archive = tmp_path / "r.tar.gz"
+    gpu_session.pack(results, archive, root=tmp_path)
+    with tarfile.open(archive) as tar:
+        assert {m.name for m in tar.getmembers() if m.isfile()} == {"bench/results/h100/gemm.json"}
+    assert not archive.with_name("r.tar.gz.partial").exists()
+
+
+def test_a_copy_without_git_needs_the_commit_it_was_sent_from(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gpu_session, "REPO", tmp_path)
+    monkeypatch.delenv("INTERLACE_COMMIT", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        gpu_session.main(["--out", str(tmp_path / "out")])
+    assert stop.value.code == 2 and "this copy has no .git: set INTERLACE_COMMIT" in capsys.readouterr().err
+
+
+def test_nvcc_is_found_off_path_in_a_cuda_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert gpu_session.find_nvcc((str(tmp_path / "cuda"),)) is None
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(0o755)
+    assert gpu_session.find_nvcc((str(tmp_path / "none"), str(tmp_path / "cuda"))) == str(nvcc)
+    monkeypatch.setenv("PATH", str(nvcc.parent) + os.pathsep + os.environ["PATH"])
+    assert gpu_session.find_nvcc(()) == str(nvcc)  # PATH first
+
+
+def test_without_a_usable_gpu_the_session_stops_after_set_up():
+    env = next(s for s in gpu_session.plans("x")["all"] if s.name == "env")
+    assert env.required and "--require-gpu" in env.argv and env.argv[-1] == "bench/results/x/env.json"
+    tests = [s for s in gpu_session.plans("x")["check"] if s.name.startswith("test-")]
+    assert all(f"--junitxml=bench/results/x/tests/{s.name}.xml" in s.argv for s in tests)

@@ -12,8 +12,11 @@ after it still run. Standard library only.
 
 Under ``--out``: ``session.log`` (every step's output, headed by its command), ``summary.json``
 (per step: command, exit code, seconds, whether it was cut off or skipped and why) and
-``results.tar.gz`` (``bench/results/<machine>/``, to unpack at the repository root and commit).
-The device copy of the repository has no ``.git``: set ``INTERLACE_COMMIT`` to the commit sent,
+``results.tar.gz`` (``bench/results/<machine>/``, to unpack at the repository root and commit:
+the envelope ``env.json``, each test step's JUnit XML under ``tests/``, each benchmark's JSON and
+the report), packed again after every step, so a session killed from outside still brings back
+what it did. Set-up is required to succeed, and so is ``env``, which fails unless torch sees a
+GPU and the extension was built with CUDA: without those every GPU test would skip. The device copy of the repository has no ``.git``: set ``INTERLACE_COMMIT`` to the commit sent,
 and the result envelopes record it. Where the device's Python has no headers (no python3-dev),
 the build uses those carried in ``.pyheaders/python3.X`` (copied from a Python of that version
 elsewhere; an ignored folder, named in the call's carry).
@@ -25,12 +28,14 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -64,20 +69,28 @@ class Outcome:
 
 def plans(results: str) -> dict[str, list[Step]]:
     """Named step lists; ``results`` is the folder (under bench/results) for this machine's JSON."""
-    # INTERLACE_CUDA=ON: a build that finds no nvcc fails here, instead of a CPU-only extension failing every test later
-    setup = [Step("setup", ["env", "INTERLACE_CUDA=ON", "make", "PYTHON=python3", ".venv/.interlace-installed"], 300, required=True),
-             Step("env", [PY, "-m", "interlace", "env"], 60)]  # fmt: skip
+    out = f"bench/results/{results}"
+    # INTERLACE_CUDA=ON: a build that finds no nvcc fails here, instead of a CPU-only extension failing
+    # every test later. No network: pip gives up at once instead of retrying for minutes.
+    offline = {"PIP_RETRIES": "0", "PIP_TIMEOUT": "5", "PIP_NO_INPUT": "1"}
+    setup = [Step("setup", ["env", "INTERLACE_CUDA=ON", "make", "PYTHON=python3", ".venv/.interlace-installed"], 300,
+                  required=True, defaults=offline),
+             # Without a usable GPU every GPU test skips and every benchmark writes "skipped": stop instead.
+             Step("env", [PY, "-m", "interlace", "env", "--require-gpu", "--out", f"{out}/env.json"], 60, required=True)]  # fmt: skip
+
+    def pytest(name: str, limit: float, *args: str) -> Step:  # its outcomes kept with the results
+        return Step(name, [*PYTEST, f"--junitxml={out}/tests/{name}.xml", *args], limit)
+
     tests = [
-        Step("test-symmetric", [*PYTEST, "--timeout=60", "tests/test_symmetric.py"], 150),  # cheapest first
+        pytest("test-symmetric", 150, "--timeout=60", "tests/test_symmetric.py"),  # cheapest first
         # what fused runs on; cold, it compiles dozens of kernel variants at seconds each
-        Step("test-kernels", [*PYTEST, "--timeout=120", "tests/test_gemm.py", "tests/test_reduce.py"], 360),
+        pytest("test-kernels", 360, "--timeout=120", "tests/test_gemm.py", "tests/test_reduce.py"),
         # pytest's timeouts above the tests' group deadlines (tests/test_fused.py DEADLINE, 60 s on a
         # GPU; 90 s for graph replays): those fail one test naming the wait, pytest's kill the run.
-        Step("test-fused-2", [*PYTEST, "--timeout=120", "tests/test_fused.py", "-k", "cuda-ipc-2 or local-cuda-2"], 180),
-        Step("test-fused", [*PYTEST, "--timeout=120", "tests/test_fused.py", "-k", "not (cuda-ipc-2 or local-cuda-2)"], 300),
-        Step("test-rest", [*PYTEST, "--timeout=120", "tests", *(f"--ignore=tests/{f}" for f in FIRST)], 420),
+        pytest("test-fused-2", 180, "--timeout=120", "tests/test_fused.py", "-k", "cuda-ipc-2 or local-cuda-2"),
+        pytest("test-fused", 300, "--timeout=120", "tests/test_fused.py", "-k", "not (cuda-ipc-2 or local-cuda-2)"),
+        pytest("test-rest", 420, "--timeout=120", "tests", *(f"--ignore=tests/{f}" for f in FIRST)),
     ]
-    out = f"bench/results/{results}"
     # The rank slice first: the issue's numbers. Quick tuning by default: full tuning compiles 8
     # GEMM configs per shape, for about a dozen shapes; its envelope records which (export
     # INTERLACE_TUNE=full to override). Each benchmark keeps its rows if cut off.
@@ -85,8 +98,8 @@ def plans(results: str) -> dict[str, list[Step]]:
         Step("bench-rank-slice", [PY, "-m", "bench", "rank_slice", "--out", f"{out}/rank_slice.json"], 330,
              defaults={"INTERLACE_TUNE": "quick"}),
         Step("report", [PY, "-m", "bench", "report", f"{out}/rank_slice.json", "--out-dir", f"{out}/report"], 60),
+        Step("bench-decode", [PY, "-m", "bench", "decode", "--out", f"{out}/decode.json"], 120),  # seconds: small shapes
         Step("bench-gemm", [PY, "-m", "bench", "gemm", "--out", f"{out}/gemm.json"], 240),
-        Step("bench-decode", [PY, "-m", "bench", "decode", "--out", f"{out}/decode.json"], 120),
         Step("bench-layers", [PY, "-m", "bench", "layers", *LAYERS, "--out", f"{out}/layers.json"], 240),
     ]
     return {"check": setup + tests, "measure": setup + measure, "all": setup + tests + measure}
@@ -110,6 +123,14 @@ def carried_headers(root: Path = REPO, include: Path = Path(sysconfig.get_paths(
     if (include / "Python.h").is_file() or not (carried / "Python.h").is_file():
         return None
     return str(carried)
+
+
+def find_nvcc(cuda_homes: tuple[str, ...] = ("/usr/local/cuda", "/usr/local/cuda-13.0", "/opt/cuda")) -> str | None:
+    """nvcc on PATH, else in a usual CUDA home (CMake only looks on PATH and in CUDACXX)."""
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    return next((str(nvcc) for home in cuda_homes if (nvcc := Path(home) / "bin" / "nvcc").is_file()), None)
 
 
 def machine_name() -> str:
@@ -136,8 +157,13 @@ def run_step(step: Step, limit: float, log_path: Path) -> Outcome:
         log.flush()
         begin = log.tell()
         start = time.monotonic()
-        proc = subprocess.Popen(step.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**step.defaults, **os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+        try:
+            proc = subprocess.Popen(step.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**step.defaults, **os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+        except OSError as error:  # no such program: the step fails as a shell's would, and the session goes on
+            log.write(f"cannot start {step.argv[0]}: {error}\n")
+            outcome.rc, outcome.tail = 127, [f"cannot start {step.argv[0]}: {error}"]
+            return outcome
         try:
             proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
@@ -179,10 +205,12 @@ def _kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
-def run_plan(steps: list[Step], out: Path, budget: float, reserve: float = sum(KILL_GRACE) + 10, least: float = LEAST) -> list[Outcome]:
+def run_plan(steps: list[Step], out: Path, budget: float, reserve: float = sum(KILL_GRACE) + 10, least: float = LEAST,
+             after_step: Callable[[], None] = lambda: None) -> list[Outcome]:  # fmt: skip
     """Each step under ``min(its limit, budget left - reserve)`` (``reserve`` covers killing a step
     and packing); skipped when less than ``least`` seconds are left, or when a required step
-    before it failed. ``summary.json`` is rewritten after every step. Progress goes to stderr."""
+    before it failed. ``summary.json`` is rewritten, and ``after_step()`` called, after every step
+    run. Progress goes to stderr."""
     out.mkdir(parents=True, exist_ok=True)
     end, outcomes, stop = time.monotonic() + budget, [], ""
     (out / "session.log").write_text("")
@@ -201,6 +229,7 @@ def run_plan(steps: list[Step], out: Path, budget: float, reserve: float = sum(K
             print(f"{step.name:>18}: {_verdict(outcomes[-1])} in {outcomes[-1].seconds:.0f} s", file=sys.stderr, flush=True)
             if step.required and outcomes[-1].rc != 0:
                 stop = f"{step.name} failed"
+            after_step()
         _write_summary(out, outcomes)
     return outcomes
 
@@ -219,9 +248,11 @@ def _verdict(outcome: Outcome) -> str:
 
 def pack(results: Path, archive: Path, root: Path = REPO) -> None:
     """``results`` (a folder under ``root``) as a gzipped tar with paths relative to ``root``."""
-    with tarfile.open(archive, "w:gz") as tar:
+    partial = archive.with_name(archive.name + ".partial")  # the last complete archive stays until this one is
+    with tarfile.open(partial, "w:gz") as tar:
         if results.exists():
-            tar.add(results, arcname=str(results.relative_to(root)))
+            tar.add(results, arcname=str(results.relative_to(root)), filter=lambda m: None if m.name.endswith(".partial") else m)
+    os.replace(partial, archive)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for session.log, summary.json, results.tar.gz")
     parser.add_argument("--budget", type=float, default=560.0, help="seconds for every step together")
     args = parser.parse_args(argv)
+    if not (REPO / ".git").exists() and not os.environ.get("INTERLACE_COMMIT"):
+        parser.error("this copy has no .git: set INTERLACE_COMMIT to the commit it was sent from (result envelopes record it)")
     started = time.monotonic()
     signal.signal(signal.SIGTERM, _stop)  # then the running step is killed, and the summary and results are written
     # Not setdefault: an image's own value (1, as some set) puts every stream on one hardware queue,
@@ -240,10 +273,19 @@ def main(argv: list[str] | None = None) -> int:
     if "INTERLACE_PYTHON_INCLUDE" not in os.environ and (headers := carried_headers()):
         os.environ["INTERLACE_PYTHON_INCLUDE"] = headers
         print(f"this Python has no headers: building with those carried in {headers}", file=sys.stderr, flush=True)
+    if (nvcc := find_nvcc()) is not None:
+        os.environ.setdefault("CUDACXX", nvcc)  # CMake looks on PATH, not in /usr/local/cuda/bin
     machine = machine_name()
     steps = select(plans(machine)[args.plan], args.steps)
-    outcomes = run_plan(steps, args.out, args.budget - (time.monotonic() - started))
-    pack(REPO / "bench" / "results" / machine, args.out / "results.tar.gz")
+    results = REPO / "bench" / "results" / machine
+
+    def keep() -> None:  # after every step: a session killed from outside still brings back what was done
+        pack(results, args.out / "results.tar.gz")
+
+    try:
+        outcomes = run_plan(steps, args.out, args.budget - (time.monotonic() - started), after_step=keep)
+    finally:
+        keep()
     print("\n".join(f"{o.name:>18}: {_verdict(o)}" + "".join(f"\n{'':>20}{line}" for line in o.tail[-3:]) for o in outcomes))
     return 0 if all(o.rc == 0 for o in outcomes) else 1
 

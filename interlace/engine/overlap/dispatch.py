@@ -109,17 +109,21 @@ class Dispatcher:
     def _measure(self, group: Group, case: Case) -> Decision:
         candidates, excluded = candidates_for(group, case)
         times = {label: self.measure(group, case, config) for label, config in candidates.items()}
-        bulk = times["bulk"]
-        label = min(times, key=times.get)
-        if times[label] > bulk * (1 - MARGIN):
-            why = f"nothing beat bulk by {MARGIN:.0%}" if label != "bulk" else "bulk was fastest"
-            label = "bulk"
-        else:
-            why = f"{(1 - times[label] / bulk):.0%} faster than bulk"
+        label, why = pick(times)
         if excluded:
             why += f"; fused not considered: {excluded}"
         chosen = candidates[label]
         return Decision(chosen.strategy, chosen.chunks, times, why, shots=chosen.shots)
+
+
+def pick(times: dict[str, float]) -> tuple[str, str]:
+    """The label to use among measured ``times`` (seconds; ``bulk`` among them), and why: the
+    fastest, unless it beats bulk by less than ``MARGIN`` (then bulk)."""
+    bulk = times["bulk"]
+    label = min(times, key=times.get)
+    if times[label] > bulk * (1 - MARGIN):
+        return "bulk", f"nothing beat bulk by {MARGIN:.0%}" if label != "bulk" else "bulk was fastest"
+    return label, f"{(1 - times[label] / bulk):.0%} faster than bulk"
 
 
 def _runnable(group: Group, case: Case, decision: Decision | None) -> Decision | None:
