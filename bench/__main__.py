@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import asdict
@@ -110,6 +111,8 @@ def _add_rank_slice(commands) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--resume", action="store_true",
+                   help="keep the measured rows of the file at --out (a run of the same settings, cut off) and measure the rest")  # fmt: skip
 
 
 def _rank_slice_config(args) -> rank_slice.Config:
@@ -146,13 +149,14 @@ BENCHMARKS = {"collectives": (collectives, _add_collectives, _collectives_config
 CHECKPOINTED = ("decode", "gemm", "layers", "rank_slice")
 
 
-def run_benchmark(name: str, config, out: Path | None) -> tuple[Path, list[dict], str | None]:
+def run_benchmark(name: str, config, out: Path | None, resume: bool = False) -> tuple[Path, list[dict], str | None]:
     """Run, print, write; returns the path, the rows that failed (each with its ``failed`` (why)),
-    and why the run stopped with a GPU stream stuck (or None)."""
+    and why the run stopped with a GPU stream stuck (or None). ``resume``: see ``_earlier``."""
     module, path = BENCHMARKS[name][0], result_path(name, out)
     print(f"{name}: measuring (rank processes start in about a second)...", file=sys.stderr, flush=True)
+    earlier = {"earlier": _earlier(path, config)} if resume else {}
     if name in CHECKPOINTED:
-        result = module.run(config, checkpoint=lambda rows: write_result(name, asdict(config), rows, path, complete=False))
+        result = module.run(config, checkpoint=lambda rows: write_result(name, asdict(config), rows, path, complete=False), **earlier)
     else:
         result = module.run(config)
     print(module.table(result))
@@ -160,6 +164,17 @@ def run_benchmark(name: str, config, out: Path | None) -> tuple[Path, list[dict]
     write_result(name, result["config"], result["rows"], path, **extra)
     print(f"wrote {path}\n")
     return path, [r for r in result["rows"] if "failed" in r], result.get("stuck")
+
+
+def _earlier(path: Path, config) -> dict | None:
+    """The result at ``path`` to resume (None when there is none), if measured with ``config``."""
+    if not path.exists():
+        return None
+    earlier = json.loads(path.read_text())
+    if earlier.get("config") != asdict(config):
+        raise SystemExit(f"--resume: {path} was measured with other settings ({earlier.get('config')}, not {asdict(config)}): "
+                         "rerun with those, or move the file away to start afresh")  # fmt: skip
+    return earlier
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for name in names:
         bench_args = parser.parse_args([name]) if args.command == "demo" else args
-        _, failures, stuck = run_benchmark(name, BENCHMARKS[name][2](bench_args), bench_args.out)
+        _, failures, stuck = run_benchmark(name, BENCHMARKS[name][2](bench_args), bench_args.out, getattr(bench_args, "resume", False))
         failed += failures
         if stuck:  # tearing CUDA down behind a blocked stream could wait for good: results are written, leave
             print(f"{name} stopped: {stuck}", file=sys.stderr, flush=True)

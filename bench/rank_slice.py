@@ -67,17 +67,24 @@ def shapes(config: Config) -> list[dict]:
     return out
 
 
-def run(config: Config, checkpoint: Callable[[list[dict]], None] | None = None) -> dict:
-    """Every shape in every regime; ``checkpoint(rows)`` after each. A shape whose overlapped result
-    differs from bulk's, or whose fused wait gave up, becomes a row with its ``failed`` (why) (the next
-    shape still runs)."""
-    if not torch.cuda.is_available():
+def run(config: Config, checkpoint: Callable[[list[dict]], None] | None = None, earlier: dict | None = None) -> dict:
+    """Every shape in every regime, d2d (the targets') first; ``checkpoint(rows)`` after each. A
+    shape whose overlapped result differs from bulk's, whose fused wait gave up, or that raised,
+    becomes a row with its ``failed`` (why) (the next shape still runs); one whose GPU work never
+    finishes ends the run. ``earlier``: a result of these settings (a run cut off) whose measured
+    rows are kept, each saying which run measured it (``earlier_run``), and not measured again."""
+    kept = _measured(earlier) if earlier is not None else {}
+    if not torch.cuda.is_available():  # what an earlier run measured stays in the file
         why = "needs a GPU: the harness times copy engines and kernels on one device"
-        return {"rows": [], "skipped": [{"backend": "rank_slice", "why": why}], "config": asdict(config)}
+        return {"rows": list(kept.values()), "skipped": [{"backend": "rank_slice", "why": why}], "config": asdict(config),
+                **({"complete": False} if kept else {})}  # fmt: skip
     from . import rank_slice_gpu
 
-    rows, cases = [], [(shape, regime) for shape in shapes(config) for regime in config.regimes]
+    rows, cases = [], [(shape, regime) for regime in config.regimes for shape in shapes(config)]
     for i, (shape, regime) in enumerate(cases):
+        if (shape["name"], shape["pattern"], regime) in kept:
+            rows.append(kept[shape["name"], shape["pattern"], regime])
+            continue
         print(f"  [{i + 1}/{len(cases)}] {shape['name']} [{regime}]", file=sys.stderr, flush=True)
         row = {**shape, "regime": regime, "world_size": config.world_size}
         try:
@@ -94,6 +101,14 @@ def run(config: Config, checkpoint: Callable[[list[dict]], None] | None = None) 
         if checkpoint is not None:
             checkpoint(rows)
     return {"rows": rows, "skipped": [], "config": asdict(config)}
+
+
+def _measured(earlier: dict) -> dict[tuple[str, str, str], dict]:
+    """``earlier``'s measured rows by (name, pattern, regime), each naming the run that measured it."""
+    env = earlier["envelope"]
+    origin = {"commit": env["interlace"]["commit"], "timestamp": env["timestamp"]}
+    return {(r["name"], r["pattern"], r["regime"]): {**r, "earlier_run": r.get("earlier_run", origin)}
+            for r in earlier["rows"] if "failed" not in r}  # fmt: skip
 
 
 COLUMNS = [

@@ -10,6 +10,7 @@ dispatcher's rule on the row's runs) never slower than bulk on fresh runs of bot
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -98,13 +99,18 @@ def render(result: dict) -> tuple[str, dict[str, str]]:
 
 
 def _incomplete(result: dict, failed: list[dict]) -> list[str]:
-    """What the report lacks: a run cut off before its last shape, and shapes that failed."""
+    """What the report lacks, or took from elsewhere: a run cut off before its last shape, rows an
+    earlier run measured (``--resume``), and shapes that failed."""
     lines, c = [], result["config"]
     if not result.get("complete", True):
         planned = len(rank_slice.shapes(rank_slice.Config(**c))) * len(c["regimes"])
         why = f"stopped ({result['stuck']})" if result.get("stuck") else "was cut off"
         lines += ["", f"**Partial:** the run {why} after {len(result['rows'])} of its {planned} rows "
                   "(shape and regime); the rest were never measured."]  # fmt: skip
+    earlier = Counter((r["earlier_run"]["commit"], r["earlier_run"]["timestamp"]) for r in result["rows"] if "earlier_run" in r)
+    for (commit, timestamp), count in sorted(earlier.items(), key=lambda kv: kv[0][1]):
+        lines += ["", f"**Resumed:** {count} rows were measured by an earlier run (interlace at {commit}, {timestamp}) "
+                  "and kept by `--resume`; the envelope above is the last run's."]  # fmt: skip
     if failed:
         lines += ["", f"**Failed ({len(failed)}):** not measured, and left out below.", ""]
         lines += [f"- {r['name']} [{r['regime']}]: {r['failed']}" for r in failed]

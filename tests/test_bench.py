@@ -219,6 +219,32 @@ def test_report_says_when_autos_pick_was_slower_than_bulk_and_why_a_run_stopped(
     assert f"**Partial:** the run stopped ({result['stuck']}) after 4 of its 16 rows" in text
 
 
+def test_resume_keeps_an_earlier_runs_measured_rows_and_says_which_run_measured_them(tmp_path):
+    from bench import rank_slice, report
+    from bench.__main__ import main
+
+    result = synthetic_rank_slice()
+    result["rows"].append({**result["rows"][0], "regime": "host", "failed": "RuntimeError: out of memory"})
+    result["rows"][1]["earlier_run"] = {"commit": "abc", "timestamp": "2026-11-01T00:00:00+00:00"}  # kept twice
+    kept = rank_slice._measured(result)
+    assert set(kept) == {(r["name"], r["pattern"], r["regime"]) for r in result["rows"][:4]}  # not the failed row
+    origin = {"commit": result["envelope"]["interlace"]["commit"], "timestamp": result["envelope"]["timestamp"]}
+    assert kept["a/tp8/attn-o/m2048", "gemm_rs", "d2d"]["earlier_run"] == origin
+    assert kept["a/tp8/mlp-down/m2048", "gemm_rs", "d2d"]["earlier_run"]["commit"] == "abc"
+    out = tmp_path / "rank_slice.json"
+    out.write_text(json.dumps(result))
+    settings = ["rank_slice", "--out", str(out), "--resume", "--models", "llama3-8b", "--tokens", "2048"]
+    with pytest.raises(SystemExit, match=r"--resume: .* was measured with other settings"):
+        main([*settings, "--iters", "3"])
+    if not torch.cuda.is_available():  # nothing measured here, and nothing measured before lost
+        main(settings)
+        rewritten = json.loads(out.read_text())
+        assert len(rewritten["rows"]) == 4 and rewritten["complete"] is False
+        text = report.render(rewritten)[0]
+        assert "**Resumed:** 1 rows were measured by an earlier run (interlace at abc, 2026-11-01T00:00:00+00:00)" in text
+        assert f"**Resumed:** 3 rows were measured by an earlier run (interlace at {origin['commit']}, {origin['timestamp']})" in text
+
+
 def test_printed_tables_list_failed_rows_after_the_measured_ones():
     from bench.common import report_table
 

@@ -119,6 +119,62 @@ def test_two_shot_all_reduce_gives_one_shots_bits_on_every_rank(transport, world
     assert spawn(two_shot, world_size, transport, timeout=DEADLINE, device=device, args=(seed, graph_safe)) == [True] * world_size
 
 
+def bad_operands_are_refused_before_the_call_starts(group, seed):
+    """Refused before the epoch advances: a call refused after it would leave the ranks out of step
+    for good. The same operators then give right results."""
+    w, r, m = group.world_size, group.rank, group.world_size * ROWS
+    x = [base_rand(seed + q, (ROWS, K)).to(group.device) for q in range(w)]
+    xk = [base_rand(seed + 10 + q, (m, K)).to(group.device) for q in range(w)]
+    wk = [base_rand(seed + 20 + q, (N, K)).to(group.device) for q in range(w)]
+    with (
+        FusedAllGatherMatmul(group, ROWS, K, torch.float32) as ag,
+        FusedMatmulReduceScatter(group, ROWS, N, torch.float32) as rs,
+        FusedMatmulAllReduceTwoShot(group, m, N, torch.float32) as two,
+        FusedAllReduceResidualNorm(group, ROWS, N, torch.float32) as norm,
+    ):
+        res = torch.zeros(ROWS, N, device=group.device)
+        refused = [
+            (lambda: ag(x[r], [wk[r][:, :-1]]), f"AG+GEMM weights[0] must be float32[{N}, {K}] on cpu, got float32[{N}, {K - 1}] on cpu"),
+            (lambda: ag(x[r].double(), [wk[r]]), f"AG+GEMM x_shard_m must be float32[{ROWS}, {K}] on cpu, got float64[{ROWS}, {K}]"),
+            (lambda: ag(x[r], []), "AG+GEMM needs at least one weight, got none"),
+            (lambda: rs(xk[r], wk[r][:-1]), f"GEMM+RS weight must be float32[{N}, {K}] on cpu, got float32[{N - 1}, {K}]"),
+            (lambda: two(xk[r], wk[r].to("meta")), f"GEMM+AR(two-shot) weight must be float32[{N}, {K}] on cpu, got float32[{N}, {K}] on meta"),
+            (lambda: two(xk[r][:, 0], wk[r]), f"GEMM+AR(two-shot) x must be float32[{m}, 'K'] on cpu, got float32[{m}]"),
+            (lambda: norm(res, torch.ones(N - 1, device=group.device), res), f"AR+norm weight must be float32[{N}] on cpu, got float32[{N - 1}]"),
+        ]  # fmt: skip
+        for call, message in refused:
+            with pytest.raises(ValueError, match=re.escape(f"rank {r}: {message}")):
+                call()
+        assert [op.epoch for op in (ag, rs, two, norm)] == [0] * 4
+        exact = sum(d64(xk[q]) @ d64(wk[q]).T for q in range(w))
+        mag = sum(d64(xk[q]).abs() @ d64(wk[q]).abs().T for q in range(w))
+        assert_within(two(xk[r], wk[r]).cpu(), exact, matmul_tolerance(mag, torch.float32, K, w + 1), "two-shot after refusals")
+        rows = slice(r * ROWS, (r + 1) * ROWS)
+        assert_within(rs(xk[r], wk[r]).cpu(), exact[rows], matmul_tolerance(mag[rows], torch.float32, K, w + 1), "RS after refusals")
+        gathered = torch.cat([d64(t) for t in x])
+        tol = matmul_tolerance(gathered.abs() @ d64(wk[0]).abs().T, torch.float32, K, 1)
+        assert_within(ag(x[r], [wk[0]])[0].cpu(), gathered @ d64(wk[0]).T, tol, "AG after refusals")
+    return True
+
+
+@pytest.mark.interpreter
+def test_bad_operands_are_refused_before_the_call_starts(seed):
+    assert spawn(bad_operands_are_refused_before_the_call_starts, 2, "local", timeout=DEADLINE, device="cpu", args=(seed,)) == [True] * 2
+
+
+@pytest.mark.parametrize("op,rows,chunks,name", [
+    (FusedMatmulReduceScatter, 2**16, {}, "GEMM+RS"),  # a chunk per rank's block
+    (FusedMatmulAllReduce, 2**17, {"chunks": 2}, "GEMM+AR"),
+    (FusedMatmulAllReduceTwoShot, 2**17, {"chunks": 2}, "GEMM+AR(two-shot)"),
+    (FusedMatmulGroupAllReduce, 2**17, {"chunks": 2}, "GEMM+AR(group)"),
+])  # fmt: skip
+def test_a_chunk_too_large_for_an_int32_counter_is_refused_when_made(op, rows, chunks, name):
+    """Checked before any buffer is allocated: 2**16 rows x 2**15 columns is 2**31 outputs a call."""
+    group = type("OneRank", (), {"rank": 0, "world_size": 1})()
+    with pytest.raises(ValueError, match=re.escape(f"rank 0: {name}: a chunk of 65536 rows x 32768 columns is more outputs than an int32")):
+        op(group, rows, 2**15, torch.bfloat16, **chunks)
+
+
 @pytest.mark.parametrize("transport,world_size,device", [
     pytest.param("local", 2, "cpu", id="local-2", marks=CPU), pytest.param("symmetric", 2, "cpu", id="symmetric-2", marks=CPU),
     pytest.param("local", 4, "cuda", id="local-cuda-4", marks=pytest.mark.gpu),
@@ -343,10 +399,11 @@ def test_a_silent_or_late_peer_is_named_not_waited_for_forever(pattern, delay, s
     assert elapsed < 30
 
 
-def unchecked_late_peer(group):
+def unchecked_late_peer(group, via_check):
     """check=False on a GPU: rank 0's call returns at once, its streams waiting on rank 1, which
-    calls only after the deadline. The watchdog names what rank 0 waits on; rank 1's call releases
-    rank 0's streams; rank 0's operator stays failed."""
+    calls only after the deadline. The watchdog names what rank 0 waits on (or, ``via_check``,
+    check() does, at its own deadline if first: it must not block behind the stream waits); rank
+    1's call releases rank 0's streams; rank 0's operator stays failed."""
     w = group.world_size
     x, weight = rand(group.rank, (w * ROWS, K)).cuda(), rand(9, (N, K)).cuda()
     with FusedMatmulReduceScatter(group, ROWS, N, torch.float32, check=False) as warm:
@@ -364,6 +421,10 @@ def unchecked_late_peer(group):
     start = time.monotonic()
     op(x, weight)
     returned = time.monotonic() - start
+    if via_check:
+        with pytest.raises(TimeoutError) as checked:
+            op.check()
+        assert str(checked.value) == op.late
     while op.late is None and time.monotonic() - start < 30:
         time.sleep(0.05)
     reported, late = time.monotonic() - start, op.late
@@ -374,11 +435,14 @@ def unchecked_late_peer(group):
 
 
 @pytest.mark.gpu
-def test_an_unchecked_call_whose_peer_is_late_is_named_by_the_watchdog():
-    returned, reported, late, raised = spawn(unchecked_late_peer, 2, "local", device="cuda", timeout=2.0)[0]
+@pytest.mark.parametrize("via_check", [False, True], ids=["watchdog", "check"])
+def test_an_unchecked_call_whose_peer_is_late_is_named_by_the_watchdog_or_check(via_check):
+    returned, reported, late, raised = spawn(unchecked_late_peer, 2, "local", device="cuda", timeout=2.0, args=(via_check,))[0]
     assert returned < 1.0 and 2.0 <= reported < 10
     assert re.search(r"rank 0: GEMM\+RS epoch 2 did not finish within 2(\.0)? s; behind: rank 1 flag 0 is \d+, needs \d+", late), late
-    assert late.endswith("(a call made with check=False, reported by the watchdog)") and raised == late
+    assert raised == late
+    if not via_check:
+        assert late.endswith("(a call made with check=False, reported by the watchdog)")
 
 
 def reported_late(group):

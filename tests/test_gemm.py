@@ -268,6 +268,25 @@ def test_a_flag_never_raised_is_a_timeout_naming_the_chunk(seed):
     assert time.monotonic() - start < 60
 
 
+@pytest.mark.gpu
+def test_compile_only_loads_the_hooked_kernel_and_launches_nothing(seed):
+    """What a fused operator does before its first call: the launch after it compiles nothing."""
+    from interlace.kernels.gemm import gemm_kernel
+
+    m, n, k, chunk_rows = 96, 80, 48, 32
+    x, w = operands(seed, m, n, k, torch.bfloat16)
+    counters, y = torch.zeros(3, dtype=torch.int32, device=DEVICE), torch.full((m, n), float("nan"), dtype=x.dtype, device=DEVICE)
+    plan = plan_for(x, w)
+    cached = lambda: sum(len(c[0]) for c in gemm_kernel.device_caches.values())  # noqa: E731
+    gemm(x, w, out=y, signal=SignalHook(counters, chunk_rows), plan=plan, compile_only=True)
+    compiled = cached()
+    torch.cuda.synchronize()
+    assert counters.tolist() == [0, 0, 0] and y.isnan().all()
+    gemm(x, w, out=y, signal=SignalHook(counters, chunk_rows), plan=plan)
+    assert cached() == compiled and counters.tolist() == expected_outputs_per_chunk(m, n, chunk_rows)
+    assert_gemm_close(y, x, w, "after compile_only")
+
+
 BAD = [
     (lambda x, w: gemm(x, w[:, :5]), ValueError, r"disagree on K \(8 vs 5\)"),
     (lambda x, w: gemm(x, w.double()), TypeError, r"must share one of"),
@@ -280,6 +299,8 @@ BAD = [
      r"wait.epoch must be >= 1"),
     (lambda x, w: gemm(x, w, signal=SignalHook(torch.zeros(2, dtype=torch.int32, device=DEVICE), 2), start_chunk=2), ValueError,
      r"start_chunk must be in \[0, 2\), got 2"),
+    *([(lambda x, w: gemm(x, w, compile_only=True), ValueError, r"compile_only compiles for a GPU, and x is on cpu")]
+      if DEVICE == "cpu" else []),
 ]  # fmt: skip
 
 

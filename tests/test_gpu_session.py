@@ -196,3 +196,15 @@ def test_without_a_usable_gpu_the_session_stops_after_set_up():
     assert env.required and "--require-gpu" in env.argv and env.argv[-1] == "bench/results/x/env.json"
     tests = [s for s in gpu_session.plans("x")["check"] if s.name.startswith("test-")]
     assert all(f"--junitxml=bench/results/x/tests/{s.name}.xml" in s.argv for s in tests)
+
+
+def test_compiled_kernels_come_back_when_small_enough(tmp_path):
+    cache = tmp_path / "cache"
+    assert gpu_session.pack_cache(cache, tmp_path / "c.tar.gz").startswith("compiled kernels not packed: 0 files")
+    (cache / "ab12").mkdir(parents=True)
+    (cache / "ab12" / "gemm_kernel.cubin").write_bytes(b"\0" * 2048)
+    assert gpu_session.pack_cache(cache, tmp_path / "c.tar.gz", limit=1024).startswith("compiled kernels not packed: 1 files")
+    assert not (tmp_path / "c.tar.gz").exists()
+    assert gpu_session.pack_cache(cache, tmp_path / "c.tar.gz") == "compiled kernels packed: 1 files, 0 MiB, in c.tar.gz"
+    with tarfile.open(tmp_path / "c.tar.gz") as tar:
+        assert [m.name for m in tar.getmembers()] == ["ab12/gemm_kernel.cubin"]  # unpacked into .triton-cache as it was

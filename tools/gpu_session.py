@@ -16,7 +16,9 @@ Under ``--out``: ``session.log`` (every step's output, headed by its command), `
 the envelope ``env.json``, each test step's JUnit XML under ``tests/``, each benchmark's JSON and
 the report), packed again after every step, so a session killed from outside still brings back
 what it did. Set-up is required to succeed, and so is ``env``, which fails unless torch sees a
-GPU and the extension was built with CUDA: without those every GPU test would skip. The device copy of the repository has no ``.git``: set ``INTERLACE_COMMIT`` to the commit sent,
+GPU and the extension was built with CUDA: without those every GPU test would skip. Compiled kernels come back too (``triton-cache.tar.gz``, when under 48 MiB): unpacked into
+``.triton-cache/`` here and named in the next call's carry, that call compiles nothing already
+compiled (each call may get a fresh machine). The device copy of the repository has no ``.git``: set ``INTERLACE_COMMIT`` to the commit sent,
 and the result envelopes record it. Where the device's Python has no headers (no python3-dev),
 the build uses those carried in ``.pyheaders/python3.X`` (copied from a Python of that version
 elsewhere; an ignored folder, named in the call's carry).
@@ -95,7 +97,9 @@ def plans(results: str) -> dict[str, list[Step]]:
     # GEMM configs per shape, for about a dozen shapes; its envelope records which (export
     # INTERLACE_TUNE=full to override). Each benchmark keeps its rows if cut off.
     measure = [
-        Step("bench-rank-slice", [PY, "-m", "bench", "rank_slice", "--out", f"{out}/rank_slice.json"], 330,
+        # --resume: a run cut off (packed, committed, sent again) goes on where it stopped; delete the
+        # file to start afresh (after a change to what it measures)
+        Step("bench-rank-slice", [PY, "-m", "bench", "rank_slice", "--resume", "--out", f"{out}/rank_slice.json"], 330,
              defaults={"INTERLACE_TUNE": "quick"}),
         Step("report", [PY, "-m", "bench", "report", f"{out}/rank_slice.json", "--out-dir", f"{out}/report"], 60),
         Step("bench-decode", [PY, "-m", "bench", "decode", "--out", f"{out}/decode.json"], 120),  # seconds: small shapes
@@ -255,6 +259,22 @@ def pack(results: Path, archive: Path, root: Path = REPO) -> None:
     os.replace(partial, archive)
 
 
+CACHE_LIMIT = 48 << 20  # bytes of compiled kernels worth bringing back: a call's carry takes 64 MiB in all
+
+
+def pack_cache(cache: Path, archive: Path, limit: int = CACHE_LIMIT) -> str:
+    """``cache`` (compiled Triton kernels) as a gzipped tar of its contents, to unpack into the
+    next call's ``.triton-cache``; not when larger than ``limit``. What was done, in words."""
+    files = [f for f in cache.rglob("*") if f.is_file()] if cache.is_dir() else []
+    size = sum(f.stat().st_size for f in files)
+    if not files or size > limit:
+        return f"compiled kernels not packed: {len(files)} files, {size >> 20} MiB (limit {limit >> 20} MiB)"
+    with tarfile.open(archive, "w:gz") as tar:
+        for f in files:
+            tar.add(f, arcname=str(f.relative_to(cache)))
+    return f"compiled kernels packed: {len(files)} files, {size >> 20} MiB, in {archive.name}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plan", choices=["check", "measure", "all"], default="check")
@@ -286,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         outcomes = run_plan(steps, args.out, args.budget - (time.monotonic() - started), after_step=keep)
     finally:
         keep()
+        print(pack_cache(Path(os.environ["TRITON_CACHE_DIR"]), args.out / "triton-cache.tar.gz"), file=sys.stderr, flush=True)
     print("\n".join(f"{o.name:>18}: {_verdict(o)}" + "".join(f"\n{'':>20}{line}" for line in o.tail[-3:]) for o in outcomes))
     return 0 if all(o.rc == 0 for o in outcomes) else 1
 

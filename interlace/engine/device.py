@@ -60,6 +60,16 @@ _FREE_STREAMS: dict[int, list[int]] = {}
 _FREE_LOCK = threading.RLock()
 
 
+def keep_alive(stream: torch.cuda.Stream | None, tensors: list[torch.Tensor | None]) -> None:
+    """Tell the caching allocator ``tensors`` are in use on ``stream`` (work queued there reads or
+    writes them): their memory is not handed out again before that work is done, even when the
+    caller lets go of them first."""
+    if stream is not None:
+        for t in tensors:
+            if t is not None and t.is_cuda:
+                t.record_stream(stream)
+
+
 def new_stream(device: torch.device) -> torch.cuda.Stream:
     """A CUDA stream no live wrapper shares. ``torch.cuda.Stream()`` hands out pooled streams
     round-robin (32 per priority), so two of those can be one CUDA stream, and a stream wait queued

@@ -149,10 +149,16 @@ def gemm(
     plan: Plan | None = None,
     check: bool = True,
     status: torch.Tensor | None = None,
+    compile_only: bool = False,
 ) -> torch.Tensor:
-    """``act(x @ w.T + bias) + residual`` into ``out`` (allocated when None); see the module doc."""
+    """``act(x @ w.T + bias) + residual`` into ``out`` (allocated when None); see the module doc.
+    ``compile_only`` (GPU): compile and load the kernel this call would launch, and launch nothing:
+    a first launch compiles for seconds, which a CUDA-graph capture, or a peer spinning on this
+    GEMM's signals, must not wait for."""
     if INTERPRETER_PROBLEM:
         raise RuntimeError(f"gemm: {INTERPRETER_PROBLEM}")
+    if compile_only and not x.is_cuda:
+        raise ValueError(f"gemm: compile_only compiles for a GPU, and x is on {x.device}")
     m, n = _check_operands(x, w, bias, residual, activation, out)
     y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
@@ -169,8 +175,10 @@ def gemm(
         wait.status = status
     r = residual if residual is not None else y
     dummy = status  # pointer for absent optional operands; never read
+    grid = (plan.programs,)
     with launching(x.device):
-        kernel.gemm_kernel[(plan.programs,)](
+        launch = functools.partial(kernel.gemm_kernel.warmup, grid=grid) if compile_only else kernel.gemm_kernel[grid]
+        compiled = launch(
             x, w, y, bias if bias is not None else dummy, r, wait.flags if wait else dummy,
             signal.counters if signal else dummy, status,
             m, n, x.shape[1], x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1), r.stride(0), r.stride(1),
@@ -181,7 +189,9 @@ def gemm(
             WAIT=wait is not None, SIGNAL=signal is not None, UPCAST=INTERPRETING and x.dtype != torch.float32,
             INT64=needs_int64(x, w, y, r), num_warps=plan.num_warps, num_stages=plan.num_stages,
         )  # fmt: skip
-    if check and wait:
+        if compile_only:
+            compiled._init_handles()  # loads the module now, on this device (else at the first launch)
+    if check and wait and not compile_only:
         wait.check()
     return y
 

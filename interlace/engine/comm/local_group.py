@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..device import new_stream, record_event, shared_queues
+from ..device import keep_alive, new_stream, record_event, shared_queues
 from .calls import Call, check_agreement, check_pair, label
 from .errors import CommTimeoutError, PeerFailedError, root_cause
 from .group import Group, ThreadWork, Work
@@ -198,7 +198,7 @@ def _complete(rnd: _Round, world: int, stream: Any) -> Any:
     with _on(stream):
         _wait_events(stream, rnd.ready.values())
         calls = [rnd.calls[p] for p in rnd.participants]
-        _keep_alive(stream, [t for c in calls for t in (c.x, c.out) if t is not None])
+        keep_alive(stream, [t for c in calls for t in (c.x, c.out)])
         kind = calls[0].kind
         if kind == "send":
             calls[1].out.copy_(calls[0].x)
@@ -233,13 +233,6 @@ def _wait_events(stream: Any, events: Any) -> None:
         for event in events:
             if event is not None:
                 stream.wait_event(event)
-
-
-def _keep_alive(stream: Any, tensors: list[torch.Tensor]) -> None:
-    """Tell the caching allocator these tensors are in use on the engine's stream."""
-    if stream is not None:
-        for t in tensors:
-            t.record_stream(stream)
 
 
 def run_threads(

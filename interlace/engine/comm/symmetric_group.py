@@ -37,7 +37,7 @@ import torch
 from . import signals
 from .calls import SIGNATURE_LEN, Call, check_agreement, check_pair, label
 from .errors import CommTimeoutError
-from ..device import new_stream, record_event
+from ..device import keep_alive, new_stream, record_event
 from .group import Group, ThreadWork, Work, ring
 from .reduce import reduce_into, rows
 from .symmetric import SymmetricBuffer
@@ -106,6 +106,7 @@ class SymmetricGroup(Group):
         try:
             if ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(ready)
+                keep_alive(torch.cuda.current_stream(self.device), [call.x, call.out])  # a caller may drop them before wait()
             {"send": self._send, "recv": self._recv}.get(call.kind, self._collective)(call, n, work)
             work.finish(record_event(self.device))
         except BaseException as error:  # reported by the caller's wait()

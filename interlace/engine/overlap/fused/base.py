@@ -13,7 +13,7 @@ from interlace.engine.device import new_stream
 from interlace.kernels.flags import ABORTED, FLAG_WAIT_FAILED
 from interlace.ops import flags as epoch_flags
 from interlace.ops.flags import EpochValue
-from interlace.ops.gemm import DEFAULT_MAX_SPINS, GEMM_WAIT_FAILED, Plan, leave_sms, plan_for
+from interlace.ops.gemm import DEFAULT_MAX_SPINS, GEMM_WAIT_FAILED, Plan, gemm, leave_sms, plan_for
 
 from ..lane import SideLane
 from ..watchdog import WATCHDOG, log
@@ -37,6 +37,7 @@ class FusedOp:
         self.max_spins = max_spins if max_spins is not None else DEFAULT_MAX_SPINS
         self.lane = SideLane(group.device, group.timeout, f"{name} r{group.rank}", self.status, self.max_spins, _lane_stream(group))
         self._plans: dict[tuple, Plan] = {}
+        self._last_call: tuple[list[tuple[int, int, int]], int] = ([], 0)  # (what it awaited, its epoch)
         if group.device.type == "cuda":
             epoch_flags.warm_up(group.device)
 
@@ -61,11 +62,26 @@ class FusedOp:
         """Rank ``rank``'s flags (without a symmetric buffer, this rank's own are all there is)."""
         return self.own_flags if self.buffer is None else self.buffer.flags(rank)
 
+    def _expect(self, t: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
+        """Checked before a call starts: a call rejected after its epoch advanced would leave the
+        operator's ranks out of step for good."""
+        dev, dtype = self.group.device, str(self.dtype).removeprefix("torch.")
+        if tuple(t.shape) != shape or t.dtype != self.dtype or t.device.type != dev.type or dev.index not in (None, t.device.index):
+            raise ValueError(f"rank {self.rank}: {what} must be {dtype}{list(shape)} on {dev}, "
+                             f"got {str(t.dtype).removeprefix('torch.')}{list(t.shape)} on {t.device}")  # fmt: skip
+
+    def _expect_matmul(self, x: torch.Tensor, weight: torch.Tensor, m: int, n: int) -> None:
+        k = x.shape[1] if x.dim() == 2 else "K"
+        self._expect(x, (m, k), f"{self.name} x")
+        self._expect(weight, (n, k), f"{self.name} weight")
+
     def check(self) -> None:
-        """Raise ``TimeoutError`` if a wait of this operator gave up, or a call was late (synchronises).
-        A failure stays recorded: the operator's ranks no longer agree on epochs, so every later
-        call fails too."""
+        """Raise ``TimeoutError`` if a wait of this operator gave up, or a call was late. Waits for
+        the caller's stream first (on a GPU), for at most the group's timeout: past it, raises what
+        the last call waits for instead of blocking behind a stream wait never satisfied. A failure
+        stays recorded: the operator's ranks no longer agree on epochs, so every later call fails too."""
         self._raise_late()
+        self._settle(time.monotonic() + self.lane.timeout)
         failed, where, value, observed = self.status.tolist()
         who = f"rank {self.rank}: {self.name}"
         if failed == GEMM_WAIT_FAILED:
@@ -77,13 +93,15 @@ class FusedOp:
         if failed:
             raise RuntimeError(f"{who}: unknown failure record {[failed, where, value, observed]}")
 
-    def _begin(self, x: torch.Tensor | None = None, w: torch.Tensor | None = None, **plan: int) -> tuple[bool, Plan | None]:
+    def _begin(self, x: torch.Tensor | None = None, w: torch.Tensor | None = None, hooks: dict | None = None,
+               **plan: int) -> tuple[bool, Plan | None]:  # fmt: skip
         """Start a call on the caller's stream: whether it is being captured in a CUDA graph, and
-        the plan of the GEMM of ``x`` and ``w`` (made first: tuning counts against no deadline)."""
+        the plan of the GEMM of ``x`` and ``w`` with ``gemm`` arguments ``hooks`` (made first:
+        tuning and compiling count against no deadline)."""
         self._raise_late()
         capturing = self.group.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         self.graph_safe |= capturing
-        chosen = self._plan(x, w, capturing=capturing, **plan) if x is not None else None
+        chosen = self._plan(x, w, hooks or {}, capturing=capturing, **plan) if x is not None else None
         self.lane.start_call()
         self.epoch += 1
         self.epoch_now.add_(1)  # before everything this call enqueues, on the caller's stream
@@ -98,22 +116,32 @@ class FusedOp:
         the host until this call's work is done, or raise naming every awaited (rank, flag, scale)
         still below ``scale * epoch``, then raise what ``status`` records; without, have the
         watchdog say the same if the work is not done by the deadline (the next call raises it)."""
+        self._last_call = (awaited, self.epoch)
         if capturing:
             return
         gpu, epoch = self.group.device.type == "cuda", self.epoch
-        done = torch.cuda.current_stream(self.group.device).record_event() if gpu else None
         if not self.check_calls:
             if gpu:
+                done = torch.cuda.current_stream(self.group.device).record_event()
                 WATCHDOG.watch(self, done.query, self.lane.deadline, lambda: self._report_late(awaited, epoch, done.query))
             return
-        while gpu and not done.query():
-            if time.monotonic() > self.lane.deadline:
-                # Recorded for good: the streams stay blocked behind the call, so a later call (or
-                # check(), whose read would queue behind them) must raise at once, not wait.
-                self.late = self._behind(awaited, epoch)
+        self._settle(self.lane.deadline)
+        self.check()
+
+    def _settle(self, deadline: float) -> None:
+        """(GPU) Block until the caller's stream has done what it queued; past ``deadline`` (or once
+        the watchdog has found the last call late), raise what that call waits for, recorded for
+        good: the streams stay blocked behind it, so a later call (or check(), whose read would
+        queue behind them) must raise at once, not wait."""
+        if self.group.device.type != "cuda":
+            return
+        done = torch.cuda.current_stream(self.group.device).record_event()
+        while not done.query():
+            if self.late is None and time.monotonic() > deadline:
+                self.late = self._behind(*self._last_call)
+            if self.late is not None:
                 raise TimeoutError(self.late)
             time.sleep(1e-4)
-        self.check()
 
     def _report_late(self, awaited: list[tuple[int, int, int]], epoch: int, done) -> bool:
         """(The watchdog's thread) log and record a late call, unless it has just finished; whether
@@ -147,15 +175,17 @@ class FusedOp:
     def _late(self, epoch: int) -> str:
         return f"rank {self.rank}: {self.name} epoch {epoch} did not finish within {self.lane.timeout} s"
 
-    def _plan(self, x: torch.Tensor, w: torch.Tensor, *, capturing: bool, waits: bool = False, spare: int = 0) -> Plan:
+    def _plan(self, x: torch.Tensor, w: torch.Tensor, hooks: dict, *, capturing: bool, waits: bool = False, spare: int = 0) -> Plan:
         """The GEMM's plan. Rank threads sharing one GPU split its multiprocessors, so that every
         rank's persistent GEMM is resident at once (a waiting kernel must not starve its producer).
         It leaves an SM per lane on the GPU for the lanes' kernels: graph-safe flag kernels (which a
         waiting GEMM needs, and which overlap the GEMM only if resident beside it), and, for a GEMM
         that ``waits``, the copies it waits for, which the driver may run on SMs when same-device;
         and ``spare`` more (a collective's kernels).
-        On a GPU the first for a shape (eager: it may tune) ends in a barrier, so that no rank's
-        kernels run while a peer times its own; never under capture (tuning cannot be captured)."""
+        On a GPU the first for a shape (eager: it may tune) compiles the GEMM with ``hooks`` and
+        ends in a barrier, so that no rank's kernels run while a peer times its own, and no rank's
+        waits spin while a peer compiles what they wait for; never under capture (tuning cannot be
+        captured)."""
         shape = (tuple(x.shape), tuple(w.shape), x.dtype)
         key = (*shape, waits, spare, self.graph_safe)
         if key not in self._plans:
@@ -163,6 +193,7 @@ class FusedOp:
             lanes = sharing if self.graph_safe or waits else 0
             self._plans[key] = leave_sms(plan_for(x, w), x.device, lanes + spare, sharing)
             if x.is_cuda and not capturing and not any(k[:3] == shape for k in self._plans if k != key):
+                gemm(x, w, plan=self._plans[key], compile_only=True, **hooks)
                 self.group.barrier()
         return self._plans[key]
 
@@ -198,7 +229,8 @@ def _lane_stream(group: Group) -> torch.cuda.Stream | None:
     return group.__dict__["_fused_lane"]
 
 
-def expect_operand(t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, rank: int, what: str) -> None:
-    if tuple(t.shape) != shape or t.dtype != dtype:
-        raise ValueError(f"rank {rank}: {what} must be {str(dtype).removeprefix('torch.')}{list(shape)}, "
-                         f"got {str(t.dtype).removeprefix('torch.')}{list(t.shape)}")  # fmt: skip
+def check_counters(group: Group, name: str, chunk_rows: int, n: int) -> None:
+    """A chunk's signal counter grows by ``chunk_rows * n`` per call, compared wrap-aware in int32."""
+    if chunk_rows * n >= 2**31:
+        raise ValueError(f"rank {group.rank}: {name}: a chunk of {chunk_rows} rows x {n} columns is more outputs than an "
+                         "int32 signal counter counts per call: use more chunks")  # fmt: skip

@@ -8,7 +8,7 @@ from interlace.engine.comm import Group
 from interlace.engine.comm.group import ring
 from interlace.ops.gemm import WaitHook, gemm
 
-from .base import FusedOp, expect_operand
+from .base import FusedOp
 
 
 class FusedAllGatherMatmul(FusedOp):
@@ -26,11 +26,17 @@ class FusedAllGatherMatmul(FusedOp):
     def __call__(self, x_shard_m: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
         """``[all_gather(x_shard_m) @ w.T for w in weights]``: the first GEMM overlaps the gather,
         the others reuse the gathered rows."""
-        expect_operand(x_shard_m, (self.rows, self.k), self.dtype, self.rank, "AG+GEMM x_shard_m")
+        self._expect(x_shard_m, (self.rows, self.k), "AG+GEMM x_shard_m")
+        if not weights:
+            raise ValueError(f"rank {self.rank}: AG+GEMM needs at least one weight, got none")
+        for i, w in enumerate(weights):
+            self._expect(w, (w.shape[0] if w.dim() == 2 else "N", self.k), f"AG+GEMM weights[{i}]")
         r, buf = self.rank, self.buffer
         mine = self._gathered(r)
         x = mine.view(self.world * self.rows, self.k)
-        capturing, plan = self._begin(x, weights[0], waits=True)
+        hook = WaitHook(buf.flags(r), self.epoch_now, self.rows, label=f"AG+GEMM rank {r}")
+        hooks = {"wait": hook, "start_chunk": r, "max_spins": self.max_spins, "check": False, "status": self.status}
+        capturing, plan = self._begin(x, weights[0], hooks, waits=True)
         value = self._value()
         self._after_peers_read(r)  # peers hold copies of my rows of the last epoch before I overwrite them
 
@@ -42,8 +48,7 @@ class FusedAllGatherMatmul(FusedOp):
 
         self.lane.after_current_stream()
         self.lane.run(publish_and_pull)  # queued before the GEMM: the GEMM spins on these copies' flags
-        hook = WaitHook(buf.flags(r), self.epoch_now, self.rows, label=f"AG+GEMM rank {r}")
-        ys = [gemm(x, weights[0], wait=hook, start_chunk=r, plan=plan, max_spins=self.max_spins, check=False, status=self.status)]
+        ys = [gemm(x, weights[0], plan=plan, **hooks)]
         self.lane.join()
         self._finish([(q, q, 1) for q in range(self.world)], capturing)
         return ys + [x @ w.T for w in weights[1:]]

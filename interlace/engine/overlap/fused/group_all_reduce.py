@@ -7,7 +7,7 @@ import torch
 from interlace.engine.comm import Group
 from interlace.ops.gemm import SignalHook, chunk_outputs, gemm
 
-from .base import FusedOp, chunk_rows_for, expect_operand
+from .base import FusedOp, check_counters, chunk_rows_for
 
 
 class FusedMatmulGroupAllReduce(FusedOp):
@@ -26,13 +26,15 @@ class FusedMatmulGroupAllReduce(FusedOp):
         self.m, self.n, self.dtype, self.collective_sms = m, n, dtype, collective_sms
         self.chunk_rows = chunk_rows_for(m, chunks)
         self.chunks = -(-m // self.chunk_rows)
+        check_counters(group, "GEMM+AR(group)", self.chunk_rows, n)
         super().__init__(group, None, self.chunks, "GEMM+AR(group)", check=check, max_spins=max_spins, graph_safe=graph_safe)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        expect_operand(x, (self.m, x.shape[1]), self.dtype, self.rank, f"{self.name} x")
-        capturing, plan = self._begin(x, weight, spare=self.collective_sms)
-        outputs = chunk_outputs(self.m, self.n, self.chunk_rows)
+        self._expect_matmul(x, weight, self.m, self.n)
         y = torch.empty(self.m, self.n, dtype=self.dtype, device=x.device)
+        hooks = {"out": y, "signal": SignalHook(self.own_flags, self.chunk_rows), "max_spins": self.max_spins, "status": self.status}
+        capturing, plan = self._begin(x, weight, hooks, spare=self.collective_sms)
+        outputs = chunk_outputs(self.m, self.n, self.chunk_rows)
 
         def all_reduce_chunks():
             for c in range(self.chunks):
@@ -41,11 +43,7 @@ class FusedMatmulGroupAllReduce(FusedOp):
                 rows = y[c * self.chunk_rows : (c + 1) * self.chunk_rows]
                 self.group.all_reduce(rows, out=rows)
 
-        def produce():
-            gemm(x, weight, out=y, signal=SignalHook(self.own_flags, self.chunk_rows), plan=plan, max_spins=self.max_spins,
-                 status=self.status)  # fmt: skip
-
-        self.lane.alongside(all_reduce_chunks, produce)
+        self.lane.alongside(all_reduce_chunks, lambda: gemm(x, weight, plan=plan, **hooks))
         self.lane.join()
         self._finish([(self.rank, c, outputs[c]) for c in range(self.chunks)], capturing)
         return y

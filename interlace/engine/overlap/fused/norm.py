@@ -9,7 +9,7 @@ from interlace.engine.comm.group import ring
 from interlace.kernels.reduce import MAX_WORLD
 from interlace.ops.reduce import allreduce_residual_rmsnorm
 
-from .base import FusedOp, expect_operand
+from .base import FusedOp
 
 
 class FusedAllReduceResidualNorm(FusedOp):
@@ -29,7 +29,8 @@ class FusedAllReduceResidualNorm(FusedOp):
 
     def __call__(self, residual: torch.Tensor, weight: torch.Tensor, partial: torch.Tensor):
         for name, t in (("residual", residual), ("partial", partial)):
-            expect_operand(t, (self.rows, self.hidden), self.dtype, self.rank, f"AR+norm {name}")
+            self._expect(t, (self.rows, self.hidden), f"AR+norm {name}")
+        self._expect(weight, (self.hidden,), "AR+norm weight")  # the kernel compiled at construction: one dtype
         ready, done, buf = 0, 1, self.buffer
         capturing, _ = self._begin()
         self._after_peers_read(done)  # peers finished reading my partial of the last epoch

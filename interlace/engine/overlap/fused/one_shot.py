@@ -11,7 +11,7 @@ from interlace.kernels.reduce import MAX_WORLD
 from interlace.ops.gemm import SignalHook, chunk_outputs, gemm
 from interlace.ops.reduce import sum_parts
 
-from .base import FusedOp, chunk_rows_for, expect_operand
+from .base import FusedOp, check_counters, chunk_rows_for
 
 
 class _MatmulThenReduce(FusedOp):
@@ -26,6 +26,7 @@ class _MatmulThenReduce(FusedOp):
     def __init__(self, group, m, n, dtype, chunk_rows, reduced: slice, name, *, check, max_spins, graph_safe):
         self.m, self.n, self.dtype, self.chunk_rows, self.reduced = m, n, dtype, chunk_rows, reduced
         self.chunks = self.done = -(-m // chunk_rows)
+        check_counters(group, name, chunk_rows, n)
         super().__init__(group, m * n * dtype.itemsize, self.chunks + 1, name, check=check, max_spins=max_spins, graph_safe=graph_safe)
         self.staging = torch.empty(self.world - 1, reduced.stop - reduced.start, n, dtype=dtype, device=group.device)
         if group.device.type == "cuda" and self.world <= MAX_WORLD:
@@ -49,9 +50,11 @@ class _MatmulThenReduce(FusedOp):
     def _run(self, x: torch.Tensor, weight: torch.Tensor, start_chunk: int, peers: list[int]) -> torch.Tensor:
         """Rows ``reduced`` of the sum over ranks of ``x @ weight.T``; ``peers``: the order in which
         they are expected to finish each chunk of those rows."""
-        expect_operand(x, (self.m, x.shape[1]), self.dtype, self.rank, f"{self.name} x")
-        capturing, plan = self._begin(x, weight)
+        self._expect_matmul(x, weight, self.m, self.n)
         buf, r, reduced = self.buffer, self.rank, self.reduced
+        hooks = {"out": self._partial(r), "signal": SignalHook(buf.flags(r), self.chunk_rows), "start_chunk": start_chunk,
+                 "max_spins": self.max_spins, "status": self.status}  # fmt: skip
+        capturing, plan = self._begin(x, weight, hooks)
         self._after_peers_read(self.done)  # peers finished reading my partials of the last epoch
         outputs = chunk_outputs(self.m, self.n, self.chunk_rows)
         mine = range(reduced.start // self.chunk_rows, -(-reduced.stop // self.chunk_rows))  # the chunks reduced
@@ -68,11 +71,7 @@ class _MatmulThenReduce(FusedOp):
                 self._await(r, c, outputs[c])
             reduce_into(self._parts(), "sum", out)
 
-        def produce():
-            gemm(x, weight, out=self._partial(r), signal=SignalHook(buf.flags(r), self.chunk_rows),
-                 start_chunk=start_chunk, plan=plan, max_spins=self.max_spins, status=self.status)  # fmt: skip
-
-        self.lane.alongside(consume, produce)
+        self.lane.alongside(consume, lambda: gemm(x, weight, plan=plan, **hooks))
         self.lane.join()
         self._finish([(q, c, outputs[c]) for q in range(self.world) for c in mine], capturing)
         return out

@@ -12,7 +12,7 @@ from interlace.ops.flags import EpochValue
 from interlace.ops.gemm import SignalHook, chunk_outputs, gemm
 from interlace.ops.reduce import sum_parts
 
-from .base import FusedOp, chunk_rows_for, expect_operand
+from .base import FusedOp, check_counters, chunk_rows_for
 
 
 # SMs a two-shot GEMM+AR's persistent GEMM leaves free for its reductions: a starting point, not yet measured.
@@ -43,6 +43,7 @@ class FusedMatmulAllReduceTwoShot(FusedOp):
         self.chunk_rows = chunk_rows_for(m, chunks)
         self.chunks = -(-m // self.chunk_rows)
         self.summed, self.done = self.chunks, 2 * self.chunks  # flag indices: REDUCED of chunk c is summed + c
+        check_counters(group, "GEMM+AR(two-shot)", self.chunk_rows, n)
         super().__init__(group, m * n * dtype.itemsize, 2 * self.chunks + 1, "GEMM+AR(two-shot)", check=check,
                          max_spins=max_spins, graph_safe=graph_safe)  # fmt: skip
         widest = max(p.stop - p.start for p in (self._piece(c, self.rank) for c in range(self.chunks)))
@@ -72,9 +73,11 @@ class FusedMatmulAllReduceTwoShot(FusedOp):
         return [self._partial(q)[rows] if q == self.rank else self._staged(q, rows) for q in range(self.world)]
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        expect_operand(x, (self.m, x.shape[1]), self.dtype, self.rank, f"{self.name} x")
-        capturing, plan = self._begin(x, weight, spare=self.reduce_sms)
+        self._expect_matmul(x, weight, self.m, self.n)
         r, buf = self.rank, self.buffer
+        hooks = {"out": self._partial(r), "signal": SignalHook(buf.flags(r), self.chunk_rows), "max_spins": self.max_spins,
+                 "status": self.status}  # fmt: skip
+        capturing, plan = self._begin(x, weight, hooks, spare=self.reduce_sms)
         self._after_peers_read(self.done)  # peers finished reading my partials and sums of the last epoch
         outputs = chunk_outputs(self.m, self.n, self.chunk_rows)
         y = torch.empty(self.m, self.n, dtype=self.dtype, device=x.device)
@@ -101,11 +104,7 @@ class FusedMatmulAllReduceTwoShot(FusedOp):
                 gather_pieces(c)
             self.lane.publish(buf.flags(r), self.done, self._value())
 
-        def produce():
-            gemm(x, weight, out=self._partial(r), signal=SignalHook(buf.flags(r), self.chunk_rows), plan=plan,
-                 max_spins=self.max_spins, status=self.status)  # fmt: skip
-
-        self.lane.alongside(consume, produce)
+        self.lane.alongside(consume, lambda: gemm(x, weight, plan=plan, **hooks))
         self.lane.join()
         awaited = [(q, c, outputs[c]) for q in range(self.world) for c in range(self.chunks)]
         self._finish(awaited + [(q, self.summed + c, 1) for q in range(self.world) for c in range(self.chunks)], capturing)
