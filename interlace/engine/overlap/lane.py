@@ -4,7 +4,8 @@ On a GPU a ``SideLane`` is a CUDA stream: work is enqueued (stream waits on flag
 chunks, small reductions) and ``join()`` orders the caller's stream after it. On a CPU it is a
 thread that does the work while the caller runs the GEMM (under the Triton interpreter a kernel
 sees flags a host thread raises); ``join()`` waits for it with a deadline and re-raises its
-error. Operators write one program against ``wait_flag``, ``copy``, ``move``, ``run`` and ``publish``.
+error. Operators write one program against ``wait_flag``, ``copy``, ``move``, ``run``, ``publish``,
+``alongside`` and ``after_main``.
 
 Flag values are ints (stream memory operations on a GPU: no kernel, value fixed when enqueued) or
 ``EpochValue``s (one-thread kernels reading the epoch when they run: what a CUDA graph replays). A
@@ -45,6 +46,7 @@ class SideLane:
         self._idle = threading.Event()
         self._idle.set()
         self._pending, self._lock = 0, threading.Lock()
+        self._main_done: threading.Event | torch.cuda.Event | None = None  # set by alongside()
 
     def start_call(self) -> None:
         """Every wait of one operator call shares one deadline, ``timeout`` from now."""
@@ -68,18 +70,35 @@ class SideLane:
 
     def alongside(self, side: Callable[[], None], main: Callable[[], object]) -> object:
         """Run ``main`` on the caller and ``side`` on the lane, overlapped, when ``side`` waits for
-        what ``main`` produces. On a GPU ``main``'s kernels are queued first (after an event taken
-        before them, which the lane waits for): a stream wait queued ahead of the kernel it waits
-        for can block it for good when the streams share a hardware queue. On a CPU the lane
-        thread starts first, since ``main`` (an interpreted kernel) blocks the caller."""
+        what ``main`` produces (``side`` may call ``after_main()``). On a GPU ``main``'s kernels are
+        queued first (after an event taken before them, which the lane waits for): a stream wait
+        queued ahead of the kernel it waits for can block it for good when the streams share a
+        hardware queue. On a CPU the lane thread starts first, since ``main`` (an interpreted
+        kernel) blocks the caller."""
         if self.stream is None:
+            self._main_done = threading.Event()
             self.run(side)
-            return main()
-        before = torch.cuda.current_stream(self.device).record_event()
+            try:
+                return main()
+            finally:
+                self._main_done.set()
+        current = torch.cuda.current_stream(self.device)
+        before = current.record_event()
         result = main()
+        self._main_done = current.record_event()
         self.stream.wait_event(before)
         self.run(side)
         return result
+
+    def after_main(self) -> None:
+        """(On the lane, in ``alongside``'s ``side``) what follows waits for all of ``main``: for its
+        kernels on a GPU (an event: no spinning kernel, and inside a CUDA graph an edge, where a
+        flag wait on it would need the graph to run both branches at once), for its return on a
+        CPU (within the deadline)."""
+        if self.stream is not None:
+            self.stream.wait_event(self._main_done)
+        elif not self._main_done.wait(max(0.0, self.deadline - time.monotonic())):
+            raise TimeoutError(f"a fused operator's GEMM did not finish within {self.timeout} s")
 
     def close(self) -> None:
         """Stop the lane's thread (CPU) once its queued work is done."""

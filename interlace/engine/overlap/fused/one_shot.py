@@ -67,8 +67,7 @@ class _MatmulThenReduce(FusedOp):
                     self._await(q, c, outputs[c])
                     self.lane.move([(self._staged(q)[rows.start - reduced.start : rows.stop - reduced.start], self._partial(q)[rows])])
             self.lane.publish(buf.flags(r), self.done, self._value())
-            for c in mine:
-                self._await(r, c, outputs[c])
+            self.lane.after_main()  # the reduction reads this rank's partial of every chunk reduced: its GEMM ends with them
             reduce_into(self._parts(), "sum", out)
 
         self.lane.alongside(consume, lambda: gemm(x, weight, plan=plan, **hooks))
