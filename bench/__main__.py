@@ -17,7 +17,7 @@ os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")  # rank streams must 
 import torch  # noqa: E402
 
 from . import collectives, decode, gemm, layers, pipeline, rank_slice, report
-from .common import parse_bytes, result_path, write_result
+from .common import StuckStream, parse_bytes, result_path, write_result
 
 GPU = torch.cuda.is_available()
 
@@ -149,28 +149,38 @@ BENCHMARKS = {"collectives": (collectives, _add_collectives, _collectives_config
 CHECKPOINTED = ("decode", "gemm", "layers", "rank_slice")
 
 
-def run_benchmark(name: str, config, out: Path | None, resume: bool = False) -> tuple[Path, list[dict], str | None]:
-    """Run, print, write; returns the path, the rows that failed (each with its ``failed`` (why)),
-    and why the run stopped with a GPU stream stuck (or None). ``resume``: see ``_earlier``."""
+def run_benchmark(name: str, config, out: Path | None, resume: bool = False) -> tuple[Path, list[dict]]:
+    """Run, print, write; returns the path and the rows that failed (each with its ``failed``
+    (why)). ``resume``: see ``_earlier``. A GPU stream stuck ends the process (exit 3), leaving
+    the rows written so far: tearing CUDA down behind a blocked stream could wait for good."""
     module, path = BENCHMARKS[name][0], result_path(name, out)
     print(f"{name}: measuring (rank processes start in about a second)...", file=sys.stderr, flush=True)
     earlier = {"earlier": _earlier(path, config)} if resume else {}
-    if name in CHECKPOINTED:
-        result = module.run(config, checkpoint=lambda rows: write_result(name, asdict(config), rows, path, complete=False), **earlier)
-    else:
-        result = module.run(config)
+    try:
+        if name in CHECKPOINTED:
+            result = module.run(config, checkpoint=lambda rows: write_result(name, asdict(config), rows, path, complete=False), **earlier)
+        else:
+            result = module.run(config)
+    except StuckStream as error:
+        print(f"{name} stopped: {error}; the rows measured before it are in {path}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(3)
     print(module.table(result))
     extra = {k: v for k, v in result.items() if k not in ("rows", "config")}
     write_result(name, result["config"], result["rows"], path, **extra)
     print(f"wrote {path}\n")
-    return path, [r for r in result["rows"] if "failed" in r], result.get("stuck")
+    return path, [r for r in result["rows"] if "failed" in r]
 
 
 def _earlier(path: Path, config) -> dict | None:
-    """The result at ``path`` to resume (None when there is none), if measured with ``config``."""
+    """The result at ``path`` to resume, if measured with ``config``: None when there is none, or
+    it is complete (a finished run is measured afresh, not kept for good)."""
     if not path.exists():
         return None
     earlier = json.loads(path.read_text())
+    if earlier.get("complete", True):
+        print(f"--resume: {path} is a complete run: measuring afresh", file=sys.stderr, flush=True)
+        return None
     if earlier.get("config") != asdict(config):
         raise SystemExit(f"--resume: {path} was measured with other settings ({earlier.get('config')}, not {asdict(config)}): "
                          "rerun with those, or move the file away to start afresh")  # fmt: skip
@@ -194,12 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for name in names:
         bench_args = parser.parse_args([name]) if args.command == "demo" else args
-        _, failures, stuck = run_benchmark(name, BENCHMARKS[name][2](bench_args), bench_args.out, getattr(bench_args, "resume", False))
-        failed += failures
-        if stuck:  # tearing CUDA down behind a blocked stream could wait for good: results are written, leave
-            print(f"{name} stopped: {stuck}", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            os._exit(3)
+        failed += run_benchmark(name, BENCHMARKS[name][2](bench_args), bench_args.out, getattr(bench_args, "resume", False))[1]
     return 1 if failed else 0  # each table lists its failed rows
 
 

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .common import around, copy_rate, event_median, report_table
+from .common import around, copy_rate, event_median, report_table, settle
 from .layers import MODELS
 
 WARMUP = 5
@@ -90,12 +90,15 @@ def _measure(m: int, hidden: int, world: int, dtype: torch.dtype, iters: int, co
     exact = residual.double() + sum(p.double() for p in partials)
     exact_normed = weight.double() * exact * torch.rsqrt(exact.pow(2).mean(-1, keepdim=True) + eps)
     for variant, fn in (("unfused", unfused), ("fused", fused)):
-        for what, got, want in zip(("output", "residual"), fn(), (exact_normed, exact)):
+        got_both = fn()
+        settle(f"decode m{m} tp{world}: checking {variant}")
+        for what, got, want in zip(("output", "residual"), got_both, (exact_normed, exact)):
             error = (got.double() - want).abs().max().item() / want.abs().max().item()
             if not error < 2e-2:  # bf16 rounding, relative to the largest element
                 return {"failed": f"{variant} {what} off by {error:.3g} (relative) against float64"}
     variants = {"unfused": unfused, "fused": fused, "kernel": kernel}
-    times = {variant: event_median(around(fn), iters, warmup=WARMUP) for variant, fn in variants.items()}
+    times = {variant: event_median(around(fn), iters, warmup=WARMUP, what=f"decode m{m} tp{world} {variant}")
+             for variant, fn in variants.items()}  # fmt: skip
     moved = (world + 3) * m * hidden * residual.element_size() + hidden * weight.element_size()  # see the module doc
     floor = moved / copy_bps
     return {"unfused_us": times["unfused"] * 1e6, "fused_us": times["fused"] * 1e6, "kernel_us": times["kernel"] * 1e6,

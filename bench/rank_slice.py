@@ -71,8 +71,10 @@ def run(config: Config, checkpoint: Callable[[list[dict]], None] | None = None, 
     """Every shape in every regime, d2d (the targets') first; ``checkpoint(rows)`` after each. A
     shape whose overlapped result differs from bulk's, whose fused wait gave up, or that raised,
     becomes a row with its ``failed`` (why) (the next shape still runs); one whose GPU work never
-    finishes ends the run. ``earlier``: a result of these settings (a run cut off) whose measured
-    rows are kept, each saying which run measured it (``earlier_run``), and not measured again."""
+    finishes becomes a row marked ``stuck``, and ``StuckStream`` ends the run (nothing more can run
+    behind a blocked stream). ``earlier``: a result of these settings (a run cut off) whose
+    measured and stuck rows are kept, each saying which run measured it (``earlier_run``), and not
+    measured again: a resumed run goes past the shape that stopped the last one."""
     kept = _measured(earlier) if earlier is not None else {}
     if not torch.cuda.is_available():  # what an earlier run measured stays in the file
         why = "needs a GPU: the harness times copy engines and kernels on one device"
@@ -89,9 +91,11 @@ def run(config: Config, checkpoint: Callable[[list[dict]], None] | None = None, 
         row = {**shape, "regime": regime, "world_size": config.world_size}
         try:
             times, chosen = rank_slice_gpu.measure(shape, regime, config.world_size, getattr(torch, config.dtype), config.iters)
-        except StuckStream as error:  # the stream stays blocked: nothing after it could be measured
-            rows.append({**row, "failed": str(error)})
-            return {"rows": rows, "skipped": [], "config": asdict(config), "stuck": str(error), "complete": False}
+        except StuckStream as error:
+            rows.append({**row, "failed": str(error), "stuck": True})
+            if checkpoint is not None:
+                checkpoint(rows)
+            raise
         except Exception as error:  # this shape's failure, named in its row; the next shape still runs
             rows.append({**row, "failed": f"{type(error).__name__}: {error}"})
         else:
@@ -104,11 +108,12 @@ def run(config: Config, checkpoint: Callable[[list[dict]], None] | None = None, 
 
 
 def _measured(earlier: dict) -> dict[tuple[str, str, str], dict]:
-    """``earlier``'s measured rows by (name, pattern, regime), each naming the run that measured it."""
+    """``earlier``'s measured (and stuck) rows by (name, pattern, regime), each naming the run that
+    measured it."""
     env = earlier["envelope"]
-    origin = {"commit": env["interlace"]["commit"], "timestamp": env["timestamp"]}
+    origin = {"commit": env["interlace"]["commit"], "timestamp": env["timestamp"], "tuning": env["interlace"].get("tuning")}
     return {(r["name"], r["pattern"], r["regime"]): {**r, "earlier_run": r.get("earlier_run", origin)}
-            for r in earlier["rows"] if "failed" not in r}  # fmt: skip
+            for r in earlier["rows"] if "failed" not in r or r.get("stuck")}  # fmt: skip
 
 
 COLUMNS = [

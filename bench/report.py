@@ -104,7 +104,8 @@ def _incomplete(result: dict, failed: list[dict]) -> list[str]:
     lines, c = [], result["config"]
     if not result.get("complete", True):
         planned = len(rank_slice.shapes(rank_slice.Config(**c))) * len(c["regimes"])
-        why = f"stopped ({result['stuck']})" if result.get("stuck") else "was cut off"
+        stuck = [r for r in result["rows"] if r.get("stuck") and "earlier_run" not in r]
+        why = f"stopped ({stuck[-1]['failed']})" if stuck else "was cut off"
         lines += ["", f"**Partial:** the run {why} after {len(result['rows'])} of its {planned} rows "
                   "(shape and regime); the rest were never measured."]  # fmt: skip
     earlier = Counter((r["earlier_run"]["commit"], r["earlier_run"]["timestamp"]) for r in result["rows"] if "earlier_run" in r)

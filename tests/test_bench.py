@@ -211,12 +211,15 @@ def test_report_says_when_autos_pick_was_slower_than_bulk_and_why_a_run_stopped(
 
     result = synthetic_rank_slice()
     result["rows"][2]["auto_us"] = 4200.0  # the fresh run of the host row's pick (fused) lost to bulk's 4100 us
-    result |= {"complete": False, "stuck": "rank slice x [d2d]: timing fused: the GPU work queued did not finish within 60 s"}
+    stuck = "rank slice a/tp8/o/m2048 [host]: timing fused: the GPU work queued did not finish within 60 s (a stream wait is stuck)"
+    result["rows"].append({"name": "a/tp8/o/m2048", "pattern": "gemm_ar", "regime": "host", "failed": stuck, "stuck": True})
+    result["complete"] = False
     (tmp_path / "r.json").write_text(json.dumps(result))
     text = report.main(tmp_path / "r.json", tmp_path / "out").read_text()
     assert ("`auto` never slower than bulk on any row: NO (a/tp8/attn-o/m2048 [host] fused 4200 us vs bulk 4100 us); it picks "
             "other than bulk on 3 of 4 rows, where fresh runs of its pick take at most 1.02x bulk's") in text  # fmt: skip
-    assert f"**Partial:** the run stopped ({result['stuck']}) after 4 of its 16 rows" in text
+    assert f"**Partial:** the run stopped ({stuck}) after 5 of its 16 rows" in text
+    assert f"**Failed (1):** not measured, and left out below.\n\n- a/tp8/o/m2048 [host]: {stuck}" in text
 
 
 def test_resume_keeps_an_earlier_runs_measured_rows_and_says_which_run_measured_them(tmp_path):
@@ -224,11 +227,15 @@ def test_resume_keeps_an_earlier_runs_measured_rows_and_says_which_run_measured_
     from bench.__main__ import main
 
     result = synthetic_rank_slice()
-    result["rows"].append({**result["rows"][0], "regime": "host", "failed": "RuntimeError: out of memory"})
-    result["rows"][1]["earlier_run"] = {"commit": "abc", "timestamp": "2026-11-01T00:00:00+00:00"}  # kept twice
+    result["rows"].append({**result["rows"][0], "regime": "host", "failed": "RuntimeError: out of memory"})  # measured again
+    stuck = {"name": "a/tp8/o/m2048", "pattern": "gemm_ar", "regime": "d2d", "failed": "... (a stream wait is stuck)", "stuck": True}
+    result["rows"].append(stuck)  # kept: measuring it again would stop every resumed run there
+    result["rows"][1]["earlier_run"] = {"commit": "abc", "timestamp": "2026-11-01T00:00:00+00:00", "tuning": "full"}  # kept twice
+    result["complete"] = False
     kept = rank_slice._measured(result)
-    assert set(kept) == {(r["name"], r["pattern"], r["regime"]) for r in result["rows"][:4]}  # not the failed row
-    origin = {"commit": result["envelope"]["interlace"]["commit"], "timestamp": result["envelope"]["timestamp"]}
+    assert set(kept) == {(r["name"], r["pattern"], r["regime"]) for r in result["rows"][:4] + [stuck]}  # not the failed row
+    env = result["envelope"]
+    origin = {"commit": env["interlace"]["commit"], "timestamp": env["timestamp"], "tuning": env["interlace"]["tuning"]}
     assert kept["a/tp8/attn-o/m2048", "gemm_rs", "d2d"]["earlier_run"] == origin
     assert kept["a/tp8/mlp-down/m2048", "gemm_rs", "d2d"]["earlier_run"]["commit"] == "abc"
     out = tmp_path / "rank_slice.json"
@@ -239,10 +246,14 @@ def test_resume_keeps_an_earlier_runs_measured_rows_and_says_which_run_measured_
     if not torch.cuda.is_available():  # nothing measured here, and nothing measured before lost
         main(settings)
         rewritten = json.loads(out.read_text())
-        assert len(rewritten["rows"]) == 4 and rewritten["complete"] is False
+        assert len(rewritten["rows"]) == 5 and rewritten["complete"] is False
         text = report.render(rewritten)[0]
         assert "**Resumed:** 1 rows were measured by an earlier run (interlace at abc, 2026-11-01T00:00:00+00:00)" in text
-        assert f"**Resumed:** 3 rows were measured by an earlier run (interlace at {origin['commit']}, {origin['timestamp']})" in text
+        assert f"**Resumed:** 4 rows were measured by an earlier run (interlace at {origin['commit']}, {origin['timestamp']})" in text
+        rewritten["complete"] = True  # a finished run is measured afresh, not kept for good
+        out.write_text(json.dumps(rewritten))
+        main(settings)
+        assert json.loads(out.read_text())["rows"] == []
 
 
 def test_printed_tables_list_failed_rows_after_the_measured_ones():

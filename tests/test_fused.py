@@ -421,11 +421,11 @@ def unchecked_late_peer(group, via_check):
     start = time.monotonic()
     op(x, weight)
     returned = time.monotonic() - start
-    if via_check:
+    if via_check:  # what check() raised: its own record, or the watchdog's (which it may complete after)
         with pytest.raises(TimeoutError) as checked:
             op.check()
-        assert str(checked.value) == op.late
-    while op.late is None and time.monotonic() - start < 30:
+        assert op.late.startswith(str(checked.value).removesuffix(" (a call made with check=False, reported by the watchdog)"))
+    while (op.late is None or "; behind:" not in op.late) and time.monotonic() - start < 30:  # recorded, then completed
         time.sleep(0.05)
     reported, late = time.monotonic() - start, op.late
     torch.cuda.current_stream().synchronize()  # released by rank 1's call
@@ -449,6 +449,11 @@ def reported_late(group):
     with FusedMatmulReduceScatter(group, ROWS, N, torch.float32, check=False) as op:
         x, weight = rand(0, (ROWS, K)), rand(1, (N, K))
         op(x, weight)
+        # what a call past its deadline waits for: a flag behind (it may be blocked), or nothing (slow: not recorded)
+        text, blocked = op._behind([(0, 0, 1)], 0)
+        assert not blocked and text.endswith("behind: nothing this rank can see (the GPU is slow)")
+        text, blocked = op._behind([(0, 0, 1)], 10**6)
+        assert blocked and re.search(r"behind: rank 0 flag 0 is \d+, needs 1000000$", text), text
         # what the watchdog calls past a deadline: this call just finished, so nothing is reported
         assert op._report_late([(0, 0, 1)], 10**6, done=lambda: True) is False and op.late is None
         assert op._report_late([(0, 0, 1)], 10**6, done=lambda: False) is True  # this one is still running

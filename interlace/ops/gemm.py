@@ -189,7 +189,7 @@ def gemm(
             WAIT=wait is not None, SIGNAL=signal is not None, UPCAST=INTERPRETING and x.dtype != torch.float32,
             INT64=needs_int64(x, w, y, r), num_warps=plan.num_warps, num_stages=plan.num_stages,
         )  # fmt: skip
-        if compile_only:
+        if compile_only and hasattr(compiled, "_init_handles"):  # None where a cache hook took over
             compiled._init_handles()  # loads the module now, on this device (else at the first launch)
     if check and wait and not compile_only:
         wait.check()

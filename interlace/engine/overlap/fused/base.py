@@ -3,6 +3,7 @@ deadlines and the failure record (see the package's docstring for the protocol).
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -31,7 +32,8 @@ class FusedOp:
         self.buffer = None if nbytes is None else SymmetricBuffer.allocate(group, nbytes, flags)
         self.own_flags = torch.zeros(flags, dtype=torch.int32, device=group.device) if nbytes is None else None
         self.epoch, self.check_calls, self.name, self.graph_safe = 0, check, name, graph_safe
-        self.late: str | None = None  # a call the watchdog found past its deadline (check=False)
+        self.late: str | None = None  # a call found past its deadline, blocked: recorded for good
+        self._late_lock = threading.Lock()  # the watchdog's thread records too
         self.epoch_now = torch.zeros(1, dtype=torch.int32, device=group.device)
         self.status = torch.zeros(4, dtype=torch.int32, device=group.device)  # a wait that gave up: see check()
         self.max_spins = max_spins if max_spins is not None else DEFAULT_MAX_SPINS
@@ -130,15 +132,19 @@ class FusedOp:
 
     def _settle(self, deadline: float) -> None:
         """(GPU) Block until the caller's stream has done what it queued; past ``deadline`` (or once
-        the watchdog has found the last call late), raise what that call waits for, recorded for
-        good: the streams stay blocked behind it, so a later call (or check(), whose read would
-        queue behind them) must raise at once, not wait."""
+        the watchdog has found the last call late), raise what that call waits for. Recorded for
+        good when it may be blocked: the streams stay blocked behind it, so a later call (or
+        check(), whose read would queue behind them) must raise at once, not wait. Not when every
+        flag it awaits is raised: it is slow, and will finish."""
         if self.group.device.type != "cuda":
             return
         done = torch.cuda.current_stream(self.group.device).record_event()
         while not done.query():
             if self.late is None and time.monotonic() > deadline:
-                self.late = self._behind(*self._last_call)
+                text, blocked = self._behind(*self._last_call)
+                if not blocked:  # every flag it awaits is raised: slow, not stuck, and the ranks still agree
+                    raise TimeoutError(text + "; not recorded as a failure")
+                self._record_late(text)
             if self.late is not None:
                 raise TimeoutError(self.late)
             time.sleep(1e-4)
@@ -152,25 +158,35 @@ class FusedOp:
         if done():
             return False
         by = " (a call made with check=False, reported by the watchdog)"
-        self.late = self._late(epoch) + by
-        log.error(self.late + "; reading the flags it waits on")
-        self.late = self._behind(awaited, epoch) + by
-        log.error(self.late)
+        first = self._late(epoch) + by
+        if self._record_late(first) != first:  # check() recorded it first
+            return True
+        log.error(first + "; reading the flags it waits on")
+        log.error(self._record_late(self._behind(awaited, epoch)[0] + by, over=first))
         return True
+
+    def _record_late(self, text: str, over: str | None = None) -> str:
+        """``late = text`` unless a failure is recorded already (other than ``over``, which this
+        record replaces); what ``late`` then is."""
+        with self._late_lock:
+            if self.late is None or self.late == over:
+                self.late = text
+            return self.late
 
     def _raise_late(self) -> None:
         if self.late is not None:
             raise TimeoutError(self.late)
 
-    def _behind(self, awaited: list[tuple[int, int, int]], epoch: int) -> str:
-        """What call ``epoch`` (host-side; graph-safe operators read the device's) waits for."""
+    def _behind(self, awaited: list[tuple[int, int, int]], epoch: int) -> tuple[str, bool]:
+        """What call ``epoch`` (host-side; graph-safe operators read the device's) waits for, and
+        whether it may be blocked (a flag it awaits is behind, or the flags cannot be read)."""
         try:
             epoch = signals.read(self.epoch_now, 0) if self.graph_safe else epoch
             seen = [(q, i, signals.read(self._flags(q), i), signals.wrap(epoch * s)) for q, i, s in awaited]  # one read each
         except TimeoutError as error:  # the reads queue behind the blocked work
-            return f"{self._late(epoch)}; its flags cannot be read: {error}"
+            return f"{self._late(epoch)}; its flags cannot be read: {error}", True
         behind = [f"rank {q} flag {i} is {value}, needs {target}" for q, i, value, target in seen if signals.wrap(value - target) < 0]
-        return f"{self._late(epoch)}; behind: {'; '.join(behind) or f'nothing this rank can see ({self.unseen})'}"
+        return f"{self._late(epoch)}; behind: {'; '.join(behind) or f'nothing this rank can see ({self.unseen})'}", bool(behind)
 
     def _late(self, epoch: int) -> str:
         return f"rank {self.rank}: {self.name} epoch {epoch} did not finish within {self.lane.timeout} s"
@@ -191,10 +207,11 @@ class FusedOp:
         if key not in self._plans:
             sharing = self.world if hasattr(self.group, "share") else 1
             lanes = sharing if self.graph_safe or waits else 0
-            self._plans[key] = leave_sms(plan_for(x, w), x.device, lanes + spare, sharing)
-            if x.is_cuda and not capturing and not any(k[:3] == shape for k in self._plans if k != key):
-                gemm(x, w, plan=self._plans[key], compile_only=True, **hooks)
+            plan = leave_sms(plan_for(x, w), x.device, lanes + spare, sharing)
+            if x.is_cuda and not capturing and not any(k[:3] == shape for k in self._plans):
+                gemm(x, w, plan=plan, compile_only=True, **hooks)
                 self.group.barrier()
+            self._plans[key] = plan  # kept once compiled and met: a failure there is met again next call
         return self._plans[key]
 
     def _after_peers_read(self, index: int) -> None:
