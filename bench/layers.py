@@ -9,10 +9,13 @@ Per rank, on shapes named after real model layers at tensor-parallel size W:
 | gemm_ar | row              | [M, K/W] x [N, K/W]^T           | all_reduce [M, N]              |
 
 Timed on every rank at once (each repeat after a barrier; slowest rank, median over repeats):
-``gemm`` alone, ``comm`` alone, ``bulk`` and ``chunked``. With ``ideal = max(gemm, comm)``:
+``gemm`` alone, ``comm`` alone, ``bulk``, ``chunked``, ``fused`` (where it can be timed: a GPU
+whose ranks share memory) and ``auto``, the layers' default: the dispatcher decides on its first
+call from its own measurements (or its cache: ``auto_measured`` says when), and is then timed
+like the others, so ``auto/bulk`` checks its choice on fresh runs. With ``ideal = max(gemm, comm)``:
 overlap efficiency ``eta = (gemm + comm - chunked) / min(gemm, comm)`` (1 = all hidden, < 0 =
 slower than no overlap), speed of light ``sol = ideal / chunked``, ``speedup = bulk / chunked``.
-Chunked results are checked against bulk before anything is timed.
+Chunked and fused results are checked against bulk before anything is timed.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from interlace.engine.comm import spawn
 from interlace.engine.overlap import OverlapConfig
 from interlace.engine.overlap import collective_matmul as cm
+from interlace.engine.overlap.dispatch import default_dispatcher
 
 from .collectives import available_backends
 from .common import overlap_metrics, report_table, slowest_median, timed_samples
@@ -36,7 +40,7 @@ MODELS = {  # hidden, ffn, query heads, kv heads
     "llama3-70b": (8192, 28672, 64, 8),
 }
 PATTERNS = ("ag_gemm", "gemm_rs", "gemm_ar")
-KINDS = ("gemm", "comm", "bulk", "chunked")
+KINDS = ("gemm", "comm", "bulk", "chunked", "fused", "auto")  # fused only where it can be timed
 
 
 @dataclass
@@ -89,7 +93,7 @@ def _operands(group, shape: dict, dtype: torch.dtype):
 
 
 def _calls(group, shape: dict, x: torch.Tensor, weight: torch.Tensor, chunks: int) -> dict:
-    """The four timed callables of one shape."""
+    """The timed callables of one shape, and ``check``: (run, the strategies compared with bulk's result)."""
     pattern, w = shape["pattern"], group.world_size
     run = {"ag_gemm": lambda c: cm.all_gather_matmul(x, [weight], group, c)[0],
            "gemm_rs": lambda c: cm.matmul_reduce_scatter(x, weight, group, c),
@@ -99,8 +103,18 @@ def _calls(group, shape: dict, x: torch.Tensor, weight: torch.Tensor, chunks: in
     comm = {"ag_gemm": lambda: group.all_gather(x, out=gemm_input),
             "gemm_rs": lambda: group.reduce_scatter(product),
             "gemm_ar": lambda: group.all_reduce(product)}[pattern]  # fmt: skip
-    bulk, chunked = OverlapConfig(strategy="bulk"), OverlapConfig(strategy="chunked", chunks=chunks)
-    return {"gemm": lambda: gemm_input @ weight.T, "comm": comm, "bulk": lambda: run(bulk), "chunked": lambda: run(chunked), "check": (run, bulk, chunked)}
+    strategies = {"bulk": OverlapConfig(strategy="bulk"), "chunked": OverlapConfig(strategy="chunked", chunks=chunks)}
+    if _fused_unavailable(group, pattern) is None:
+        strategies["fused"] = OverlapConfig(strategy="fused", chunks=chunks, check=False)  # as the dispatcher times it
+    strategies["auto"] = OverlapConfig(strategy="auto")
+    calls = {name: (lambda c=c: run(c)) for name, c in strategies.items()}
+    return {"gemm": lambda: gemm_input @ weight.T, "comm": comm, **calls, "check": (run, strategies)}
+
+
+def _fused_unavailable(group, pattern: str) -> str | None:
+    from interlace.engine.overlap.fused import fused_unavailable  # imports Triton
+
+    return fused_unavailable(group, pattern, timing=True)
 
 
 def measure_rank(group, config: Config) -> list[dict]:
@@ -112,11 +126,14 @@ def measure_rank(group, config: Config) -> list[dict]:
             raise ValueError(f"{shape['name']}: M={shape['M']} tokens is not divisible by the world size {group.world_size}")
         x, weight = _operands(group, shape, dtype)
         calls = _calls(group, shape, x, weight, config.chunks)
-        run, bulk, chunked = calls.pop("check")
-        expected, got = run(bulk), run(chunked)
-        err = (got.float() - expected.float()).abs().max().item() / max(expected.float().abs().max().item(), 1e-30)
+        run, strategies = calls.pop("check")
+        expected = run(strategies["bulk"]).float()
+        errors = {name: (run(strategies[name]).float() - expected).abs().max().item() / max(expected.abs().max().item(), 1e-30)
+                  for name in ("chunked", "fused") if name in strategies}  # fmt: skip
         samples = {kind: timed_samples(group, fn, config.iters) for kind, fn in calls.items()}
-        out.append({**shape, "chunked_vs_bulk_rel_err": err, "samples": samples})
+        decision = default_dispatcher().decide(group, cm.dispatch_case(shape["pattern"], group, x, weight.shape[0]))  # made by auto's first call
+        out.append({**shape, "max_rel_err": errors, "samples": samples, "auto": decision.label(), "auto_why": decision.why,
+                    "auto_measured": decision.measured})  # fmt: skip
         if group.rank == 0:
             print(f"    {shape['name']} M={shape['M']}: done", file=sys.stderr, flush=True)
     return out
@@ -126,14 +143,16 @@ def summarize(per_rank: list[list[dict]], backend: str, world: int) -> list[dict
     rows = []
     for points in zip(*per_rank):
         p = points[0]
-        t = {kind: slowest_median([q["samples"][kind] for q in points]) for kind in KINDS}
+        t = {kind: slowest_median([q["samples"][kind] for q in points]) for kind in KINDS if kind in p["samples"]}
         m = overlap_metrics(t)
         flops = 2 * p["M"] * p["N"] * p["K"] / world
         rows.append({
             "backend": backend, "world_size": world, "name": p["name"], "pattern": p["pattern"],
             "M": p["M"], "N": p["N"], "K": p["K"], **{f"{k}_us": v * 1e6 for k, v in t.items()}, "ideal_us": m["ideal"] * 1e6,
             "eta": m["chunked_eta"], "sol": m["chunked_sol"], "speedup": m["chunked_speedup"], "gemm_tflops": flops / t["gemm"] / 1e12,
-            "max_rel_err": max(q["chunked_vs_bulk_rel_err"] for q in points),
+            **{f"{name}_max_rel_err": max(q["max_rel_err"][name] for q in points) for name in p["max_rel_err"]},
+            **({"fused_eta": m["fused_eta"], "fused_sol": m["fused_sol"]} if "fused" in t else {}),
+            "auto": p["auto"], "auto_why": p["auto_why"], "auto_measured": p["auto_measured"], "auto_vs_bulk": t["auto"] / t["bulk"],
         })  # fmt: skip
     return rows
 
@@ -156,6 +175,7 @@ COLUMNS = [
     ("backend", "backend", ""), ("name", "layer", ""), ("M", "M", ""), ("gemm_us", "gemm us", ".0f"),
     ("comm_us", "comm us", ".0f"), ("bulk_us", "bulk us", ".0f"), ("chunked_us", "chunked us", ".0f"),
     ("ideal_us", "ideal us", ".0f"), ("eta", "eta", ".2f"), ("sol", "SOL", ".2f"), ("speedup", "speedup", ".2f"),
+    ("fused_us", "fused us", ".0f"), ("auto", "auto", ""), ("auto_vs_bulk", "auto/bulk", ".2f"),
 ]  # fmt: skip
 
 

@@ -1,6 +1,7 @@
 """The benchmark suite: bandwidth arithmetic, size parsing, and a tiny real run through the CLI."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,7 +69,8 @@ def test_layers_cli_reports_overlap_metrics_consistently(tmp_path):
     out = tmp_path / "layers.json"
     cmd = [sys.executable, "-m", "bench", "layers", "--backends", "local,gloo", "--world-sizes", "2", "--scale", "64",
            "--tokens", "32", "--iters", "1", "--out", str(out)]  # fmt: skip
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    cache = tmp_path / "dispatch.json"  # auto's decisions: made here, not taken from this machine's cache
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "INTERLACE_DISPATCH_CACHE": str(cache)})
     assert done.returncode == 0, done.stderr
     assert "eta" in done.stdout and "llama3-8b/64/tp2/mlp-down" in done.stdout
     result = json.loads(out.read_text())
@@ -79,8 +81,12 @@ def test_layers_cli_reports_overlap_metrics_consistently(tmp_path):
         assert r["eta"] == pytest.approx((r["gemm_us"] + r["comm_us"] - r["chunked_us"]) / min(r["gemm_us"], r["comm_us"]))
         assert r["sol"] == pytest.approx(r["ideal_us"] / r["chunked_us"])
         assert r["speedup"] == pytest.approx(r["bulk_us"] / r["chunked_us"])
-        assert r["max_rel_err"] < 1e-5, "chunked must match bulk before it is timed"
+        assert r["chunked_max_rel_err"] < 1e-5, "chunked must match bulk before it is timed"
+        # auto: what the dispatcher decided on its first call (fused cannot be timed on a CPU), then timed like the rest
+        assert "fused_us" not in r and r["auto"] in ("bulk", "chunked x1", "chunked x2", "chunked x4"), r["auto"]
+        assert r["auto_vs_bulk"] == pytest.approx(r["auto_us"] / r["bulk_us"]) and r["auto_why"]
     assert {r["pattern"] for r in rows} == {"ag_gemm", "gemm_rs", "gemm_ar"}
+    assert len(json.loads(cache.read_text())) == len(rows)  # one decision per layer and backend, measured in this run
 
 
 def test_gemm_shape_table_is_llama3_70b_at_tp8():

@@ -168,8 +168,7 @@ def test_every_rank_measures_the_same_value(transport):
     assert values[0] > 0 and values == [values[0]] * 2
 
 
-def auto_model(group, path, seed):
-    dispatch._DEFAULT = Dispatcher(path)
+def auto_model(group, seed):
     ref = init_weights(LlamaForCausalLM(tiny()), seed)
     ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(seed))
     model = parallelize(copy.deepcopy(ref), group, overlap="auto")
@@ -177,13 +176,33 @@ def auto_model(group, path, seed):
         return (model(ids) - ref(ids)).abs().max().item(), torch.equal(model.generate(ids, 4), ref.generate(ids, 4))
 
 
-def test_auto_layers_run_what_the_dispatcher_measured(tmp_path, seed):
+def test_auto_layers_run_what_the_dispatcher_measured(tmp_path, seed, monkeypatch):
     path = tmp_path / "dispatch.json"
-    try:
-        results = spawn(auto_model, 2, "local", args=(path, seed), timeout=120)
-    finally:
-        dispatch._DEFAULT = None
+    monkeypatch.setattr(dispatch, "_DEFAULT", Dispatcher(path))  # the rank threads' one dispatcher
+    results = spawn(auto_model, 2, "local", args=(seed,), timeout=120)
     assert all(err < 1e-5 and same for err, same in results)
     cached = Dispatcher(path).decisions
     assert {k.split("|")[0] for k in cached} == {"gemm_ar"} and len(cached) >= 2  # o_proj, down_proj; prefill and decode
     assert all("bulk" in d.times and "fused not considered" in d.why for d in cached.values())
+
+
+def test_rank_threads_share_one_default_dispatcher(tmp_path, monkeypatch):
+    """Made under a lock: threads that each made one would keep their agreements apart, and then
+    disagree on whether a call is collective (a mismatch, or a hang)."""
+    import threading
+
+    monkeypatch.setenv("INTERLACE_DISPATCH_CACHE", str(tmp_path / "cache.json"))
+    (tmp_path / "cache.json").write_text(json.dumps({f"k{i}": {"strategy": "bulk", "chunks": 1, "times": {}, "why": ""} for i in range(2000)}))
+    monkeypatch.setattr(dispatch, "_DEFAULT", None)
+    start, made = threading.Barrier(8), []
+
+    def make():
+        start.wait()
+        made.append(dispatch.default_dispatcher())
+
+    threads = [threading.Thread(target=make) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 8 and len({id(d) for d in made}) == 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import threading
 import time
 import weakref
 from dataclasses import asdict, dataclass, field, fields
@@ -229,13 +230,17 @@ def topology(device: torch.device) -> str:
 
 
 _DEFAULT: Dispatcher | None = None
+_DEFAULT_LOCK = threading.Lock()
 
 
 def default_dispatcher() -> Dispatcher:
+    """The process's dispatcher. Made once under a lock: rank threads (LocalGroup) making one each
+    would record their agreements in different ones, and then disagree on which calls are collective."""
     global _DEFAULT
-    if _DEFAULT is None:
-        _DEFAULT = Dispatcher()
-    return _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None:
+            _DEFAULT = Dispatcher()
+        return _DEFAULT
 
 
 def _load(path: Path) -> dict[str, Decision]:
