@@ -131,6 +131,10 @@ def measure_rank(group, config: Config) -> list[dict]:
         errors = {name: (run(strategies[name]).float() - expected).abs().max().item() / max(expected.abs().max().item(), 1e-30)
                   for name in ("chunked", "fused") if name in strategies}  # fmt: skip
         samples = {kind: timed_samples(group, fn, config.iters) for kind, fn in calls.items()}
+        if "fused" in strategies:  # timed with check=False, as deployed: a wait that gave up must not pass as a fast call
+            from interlace.engine.overlap.fused import check_workspaces
+
+            check_workspaces(group)
         decision = default_dispatcher().decide(group, cm.dispatch_case(shape["pattern"], group, x, weight.shape[0]))  # made by auto's first call
         out.append({**shape, "max_rel_err": errors, "samples": samples, "auto": decision.label(), "auto_why": decision.why,
                     "auto_measured": decision.measured})  # fmt: skip
