@@ -142,7 +142,8 @@ def checkpointed_body(group, ref, seed):
     """Calls the fused epilogue does not take (training mode, autograd) go to the layer's own
     forward: Hugging Face's gradient checkpointing still runs, and no fused all-reduce + norm is made."""
     model = parallelize(copy.deepcopy(ref), group, overlap="fused")
-    model.gradient_checkpointing_enable()
+    # transformers 5.23 (ours) calls it activation checkpointing, and warns at the old name; 5.17 (the GPU box's) has the old one only
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.train()
     checkpointed = []
     for layer in model.model.layers:
