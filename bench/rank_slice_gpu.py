@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import torch
@@ -31,18 +32,26 @@ def measure(shape: dict, regime: str, world: int, dtype: torch.dtype, iters: int
     queued work does not finish (nothing more can run in this process)."""
     build = {"ag_gemm": _all_gather, "gemm_rs": _reduce_scatter, "gemm_ar": _all_reduce, "gemm_ar_two_shot": _all_reduce_two_shot}[shape["pattern"]]
     label = f"rank slice {shape['name']} [{regime}]"
-    status = torch.zeros(4, dtype=torch.int32, device="cuda")
-    variants = build(shape, regime, world, dtype, status)
-    poison = variants.pop("poison")
+    status, delay = torch.zeros(4, dtype=torch.int32, device="cuda"), Delay()
+    variants = build(shape, regime, world, dtype, status, delay)
+    poison, sent = variants.pop("poison"), variants.pop("sent")
     poison()
     expected = variants["bulk"]().to(torch.float32, copy=True)  # a copy: a variant may return a buffer that poison() fills
+    if not expected.isfinite().all():
+        raise AssertionError(f"{label}: bulk's result holds NaN or inf: the reference read a buffer before its data landed")
+    expected_sent = [t.to("cuda", copy=True) for t in sent]  # compared on the GPU: the host regime's are up to GBs
     for name in ("chunked", "fused"):
         poison()
-        got = variants[name]().to(torch.float32, copy=True)
+        with delay.held():  # a consumer that reads before its data has landed reads NaN, whatever the host's pace
+            got = variants[name]().to(torch.float32, copy=True)
         settle(f"{label}: checking {name}")
-        error = (got - expected).abs().max().item() / max(expected.abs().max().item(), 1e-30)
-        if not error < 2e-2:  # bf16 rounding of differently ordered sums, relative to the largest output
-            raise AssertionError(f"{label}: {name} differs from bulk by {error:.3g} (relative)")
+        errors = [("its result", _relative_error(got, expected))]
+        errors += [(f"what it sent ({i})", _relative_error(t.to("cuda"), e)) for i, (t, e) in enumerate(zip(sent, expected_sent))]
+        for what, error in errors:
+            if not error < 2e-2:  # bf16 rounding of differently ordered sums, relative to the largest element
+                raise AssertionError(f"{label}: {name} differs from bulk in {what} by {error:.3g} (relative)")
+        if status.any():
+            raise AssertionError(f"{label}: a fused wait gave up while checking: status {status.tolist()}")
 
     def median(name: str, run) -> float:
         return event_median(run, iters, warmup=WARMUP, headstart_cycles=HEADSTART_CYCLES, what=f"{label}: timing {name}")
@@ -56,6 +65,41 @@ def measure(shape: dict, regime: str, world: int, dtype: torch.dtype, iters: int
     if status.any():
         raise AssertionError(f"{label}: a fused wait gave up: status {status.tolist()}")
     return times, chosen
+
+
+class Delay:
+    """Held (``held()``, while checking), ``hold(stream)`` queues a ~10 ms sleep on ``stream``: the
+    copies a GEMM waits for (AG), or the GEMM whose signals the copies wait for (RS, AR), come late,
+    so a wait that passes early lets its reader see the NaN poison instead of the right data."""
+
+    CYCLES = 20_000_000
+
+    def __init__(self):
+        self.cycles = 0
+
+    @contextlib.contextmanager
+    def held(self):
+        self.cycles = self.CYCLES
+        try:
+            yield
+        finally:
+            self.cycles = 0
+
+    def hold(self, stream) -> None:
+        if self.cycles:
+            with torch.cuda.stream(stream):
+                torch.cuda._sleep(self.cycles)
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest difference relative to the largest expected element, over the elements bulk wrote
+    (a peer's buffer holds only what it was sent: the rest keeps the poison); NaN where ``got``
+    kept the poison there."""
+    keep = expected.isfinite()
+    if not keep.any():
+        return 0.0
+    got, expected = got.float()[keep], expected.float()[keep]
+    return (got - expected).abs().max().item() / max(expected.abs().max().item(), 1e-30)
 
 
 def _between(start, end, launch):
@@ -78,28 +122,33 @@ def _join(cur, *streams) -> None:
         cur.wait_stream(stream)
 
 
-def _variants(reference, triton_gemm, comm, bulk, chunked, fused, landing: list[torch.Tensor]) -> dict:
-    """The timed variants, and ``poison``: NaN into the ``landing`` buffers (where data arrives)."""
+def _variants(reference, triton_gemm, comm, bulk, chunked, fused, landing: list[torch.Tensor], sent: list[torch.Tensor]) -> dict:
+    """The timed variants; ``poison``: NaN into the ``landing`` buffers (where data arrives, this
+    rank's or its peers'); ``sent``: the buffers standing in for the peers' (what this rank sent)."""
     def poison():
-        for t in landing:
+        for t in landing + sent:
             t.fill_(float("nan"))
 
     return {"gemm": reference, "gemm_triton": triton_gemm, "comm": comm, "bulk": bulk, "chunked": chunked, "fused": fused,
-            "fused_gemm": fused, "poison": poison}  # fmt: skip
+            "fused_gemm": fused, "poison": poison, "sent": sent}  # fmt: skip
 
 
 def _peers(count: int, rows: int, cols: int, dtype: torch.dtype, regime: str) -> list[torch.Tensor]:
     """Buffers standing in for peers: device memory (d2d) or pinned host memory (host, over PCIe)."""
     if regime == "d2d":
         return [torch.randn(rows, cols, device="cuda", dtype=dtype) for _ in range(count)]
-    return [torch.randn(rows, cols, dtype=dtype).pin_memory() for _ in range(count)]
+    pinned = [torch.empty(rows, cols, dtype=dtype, pin_memory=True) for _ in range(count)]
+    for t in pinned:  # drawn on the GPU: a CPU draws GBs of normals slowly
+        t.copy_(torch.randn(rows, cols, device="cuda", dtype=dtype))
+    return pinned
 
 
-def _all_gather(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor) -> dict:
+def _all_gather(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor, delay: Delay) -> dict:
     """Peers' shards come in on one stream while this rank's goes out to each peer on another."""
     m, n_out, k, cur = shape["M"], shape["N"] // world, shape["K"], torch.cuda.current_stream()
     n = m // world
     gathered, own = torch.empty(m, k, device="cuda", dtype=dtype), torch.randn(n, k, device="cuda", dtype=dtype)
+    y = torch.empty(m, n_out, device="cuda", dtype=dtype)  # chunked's and fused's output: poisoned, so a skipped tile shows
     w = torch.randn(n_out, k, device="cuda", dtype=dtype) / k**0.5
     peers, outgoing = _peers(world - 1, n, k, dtype, regime), _peers(world - 1, n, k, dtype, regime)
     copy, send = new_stream(cur.device), new_stream(cur.device)
@@ -128,13 +177,13 @@ def _all_gather(shape: dict, regime: str, world: int, dtype: torch.dtype, status
     def chunked():
         send_own()
         copy.wait_stream(cur)
+        delay.hold(copy)
         events = []
         with torch.cuda.stream(copy):
             for dst, src in chunks:
                 dst.copy_(src, non_blocking=True)
                 events.append(torch.cuda.Event())
                 events[-1].record(copy)
-        y = torch.empty(m, n_out, device="cuda", dtype=dtype)
         torch.matmul(own, w.T, out=y[:n])  # own rows first, while the first chunk travels
         for q, event in enumerate(events, start=1):
             cur.wait_event(event)
@@ -149,16 +198,17 @@ def _all_gather(shape: dict, regime: str, world: int, dtype: torch.dtype, status
         signals.write(flags, 0, e)
         send_own()
         copy.wait_stream(cur)
+        delay.hold(copy)  # checking: the GEMM's waits must hold it until the rows land
         signals.copy_chunks(chunks, flags, list(range(1, world)), e, stream=copy)
-        y = _between(start, end, lambda: gemm(gathered, w, wait=WaitHook(flags, epoch, n), start_chunk=0, plan=waiting_plan,
-                                              check=False, status=status))  # fmt: skip
+        _between(start, end, lambda: gemm(gathered, w, out=y, wait=WaitHook(flags, epoch, n), start_chunk=0, plan=waiting_plan,
+                                          check=False, status=status))  # fmt: skip
         _join(cur, copy, send)
         return y
 
-    return _variants(lambda: gathered @ w.T, lambda: gemm(gathered, w, plan=plan), comm, bulk, chunked, fused, [gathered])
+    return _variants(lambda: gathered @ w.T, lambda: gemm(gathered, w, plan=plan), comm, bulk, chunked, fused, [gathered, y], outgoing)
 
 
-def _reduce_scatter(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor) -> dict:
+def _reduce_scatter(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor, delay: Delay) -> dict:
     """Block q of the partial goes out to rank q while peer q's block of this rank's rows comes in,
     on two streams (a link carries both directions at once). Ranks run in lockstep: a peer has its
     block for this rank when this rank has finished its block at the same step of its walk, so the
@@ -204,6 +254,7 @@ def _reduce_scatter(shape: dict, regime: str, world: int, dtype: torch.dtype, st
 
     def fused(start=None, end=None):
         e, before = next(epochs), cur.record_event()
+        delay.hold(cur)  # checking: the copies' stream waits must hold them until the GEMM has signalled
         _between(start, end, lambda: gemm(x, w, out=partial, signal=SignalHook(counters, n), start_chunk=1, plan=plan, status=status))
         _after(before, send, receive)  # waits queued after the GEMM they wait for (shared hardware queues)
         for q in range(1, world):
@@ -212,10 +263,10 @@ def _reduce_scatter(shape: dict, regime: str, world: int, dtype: torch.dtype, st
             exchange(q)
         return joined()
 
-    return _variants(lambda: x @ w.T, lambda: gemm(x, w, plan=plan), comm, bulk, chunked, fused, [partial, staging])
+    return _variants(lambda: x @ w.T, lambda: gemm(x, w, plan=plan), comm, bulk, chunked, fused, [partial, staging], outgoing)
 
 
-def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor, chunks: int = 4) -> dict:
+def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor, delay: Delay, chunks: int = 4) -> dict:
     """One-shot: every peer's partial comes in, and this rank's goes out to every peer (W-1 copies
     of it), chunk by chunk as the ranks finish it in lockstep, on two streams as in _reduce_scatter."""
     m, n_out, k = shape["M"], shape["N"], shape["K"] // world
@@ -232,10 +283,11 @@ def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status
         reduce_into([partial, *staging], "sum", out)
         return out
 
-    return _by_row_chunks(x, w, partial, chunks, exchange, finish, status, [partial, staging])
+    return _by_row_chunks(x, w, partial, chunks, exchange, finish, status, delay, [partial, staging], outgoing)
 
 
-def _all_reduce_two_shot(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor, chunks: int = 4) -> dict:
+def _all_reduce_two_shot(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor, delay: Delay,
+                         chunks: int = 4) -> dict:  # fmt: skip
     """Two-shot, chunk by chunk as the ranks finish it in lockstep (this rank is rank 0): piece q of
     the chunk goes out to rank q while the peers' pieces of this rank's rows come in; their sum (a
     kernel, on the SMs a fused GEMM leaves free) is written back over this rank's piece, as the
@@ -266,7 +318,8 @@ def _all_reduce_two_shot(shape: dict, regime: str, world: int, dtype: torch.dtyp
         signals.copy_chunks([(y[rows], incoming[i][rows]) for i, rows in enumerate(theirs)], stream=receive)
 
     # the fused GEMM leaves SMs free for the reductions, as the operator's does
-    return _by_row_chunks(x, w, partial, chunks, exchange, lambda: y, status, [partial, staging, y], spare_sms=REDUCE_SMS)
+    return _by_row_chunks(x, w, partial, chunks, exchange, lambda: y, status, delay, [partial, staging, y], outgoing,
+                          spare_sms=REDUCE_SMS)  # fmt: skip
 
 
 def _spans(m: int, chunks: int) -> list[slice]:
@@ -274,7 +327,7 @@ def _spans(m: int, chunks: int) -> list[slice]:
     return [slice(c * step, min((c + 1) * step, m)) for c in range(chunks)]
 
 
-def _by_row_chunks(x, w, partial, chunks, exchange, finish, status, landing, spare_sms=0) -> dict:
+def _by_row_chunks(x, w, partial, chunks, exchange, finish, status, delay, landing, sent, spare_sms=0) -> dict:
     """The variants of a GEMM+AR whose communication goes row chunk by row chunk, in lockstep:
     ``exchange(span, send, receive)`` queues a chunk's copies once this rank has its rows of
     ``partial``, on two streams; ``finish()`` (after both) returns the result."""
@@ -310,6 +363,7 @@ def _by_row_chunks(x, w, partial, chunks, exchange, finish, status, landing, spa
 
     def fused(start=None, end=None):
         e, before = next(epochs), cur.record_event()
+        delay.hold(cur)  # checking: the copies' stream waits must hold them until the GEMM has signalled
         _between(start, end, lambda: gemm(x, w, out=partial, signal=SignalHook(counters, step), plan=fused_plan, status=status))
         _after(before, send, receive)
         for c, span in enumerate(spans):
@@ -318,4 +372,4 @@ def _by_row_chunks(x, w, partial, chunks, exchange, finish, status, landing, spa
             exchange(span, send, receive)
         return joined()
 
-    return _variants(lambda: x @ w.T, lambda: gemm(x, w, plan=plan), comm, bulk, chunked, fused, landing)
+    return _variants(lambda: x @ w.T, lambda: gemm(x, w, plan=plan), comm, bulk, chunked, fused, landing, sent)

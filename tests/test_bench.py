@@ -1,6 +1,7 @@
 """The benchmark suite: bandwidth arithmetic, size parsing, and a tiny real run through the CLI."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -161,6 +162,18 @@ def synthetic_rank_slice():
     return {"benchmark": "rank_slice", "envelope": envelope(), "config": config, "rows": rows}
 
 
+def test_rank_slice_checks_what_bulk_wrote_and_fails_on_poison_left_there():
+    """A peer's buffer holds only what this rank sent it, the rest keeps the NaN poison in every
+    variant: compared where bulk wrote, and a variant that left the poison there fails."""
+    from bench.rank_slice_gpu import _relative_error
+
+    nan = float("nan")
+    bulk = torch.tensor([[1.0, nan], [-4.0, nan]])
+    assert _relative_error(torch.tensor([[1.02, nan], [-4.0, 7.0]]), bulk) == pytest.approx(0.02 / 4)
+    assert math.isnan(_relative_error(torch.tensor([[nan, nan], [-4.0, nan]]), bulk))  # not < 2e-2: fails
+    assert _relative_error(torch.tensor([[nan]]), torch.tensor([[nan]])) == 0.0  # nothing was sent there
+
+
 def test_rank_slice_metrics_follow_the_definitions():
     from bench.common import overlap_metrics as metrics
 
@@ -169,6 +182,8 @@ def test_rank_slice_metrics_follow_the_definitions():
     assert m["fused_eta"] == pytest.approx((4 + 1 - 4.2) / 1.0) and m["chunked_eta"] == pytest.approx(0.5)
     assert m["fused_sol"] == pytest.approx(4.0 / 4.2) and m["fused_speedup"] == pytest.approx(5.0 / 4.2)
     assert m["fused_gemm_slowdown"] == pytest.approx(4.62 / 4.4)  # against the same (Triton) GEMM alone
+    # the overlap alone: fused against its own (Triton) GEMM, where eta and SOL above count cuBLAS's speed too
+    assert m["fused_eta_own"] == pytest.approx((4.4 + 1 - 4.2) / 1.0) and m["fused_sol_own"] == pytest.approx(4.4 / 4.2)
 
 
 def test_report_checks_the_targets_and_draws_one_plot_per_pattern_and_regime(tmp_path):
@@ -183,6 +198,8 @@ def test_report_checks_the_targets_and_draws_one_plot_per_pattern_and_regime(tmp
     # compute-bound d2d rows: attn-o (fused 1.08 vs ideal 1.0: within 1.1x, eta 0.84), mlp-down (2.5 vs 2.0: no), qkv (1.45: no)
     assert "fused within 1.1x the ideal on compute-bound d2d shapes: 1 of 3" in text
     assert "overlap efficiency >= 0.8 on those shapes: 1 of 3" in text
+    # against fused's own GEMM alone: attn-o (1.05 / 1.08, eta 0.94) passes; mlp-down (2.0 / 2.5) and qkv (1.0 / 1.45) do not
+    assert "the overlap only, without the kernel's speed): within 1.1x on 1, efficiency >= 0.8 on 1 of 3" in text
     # picks: fused, chunked (2.5 ties fused; 2.5 <= 0.98 x 2.6), fused, bulk (nothing 2% faster)
     assert [r["auto"] for r in result["rows"]] == ["fused", "chunked", "fused", "bulk"]
     assert ("`auto` never slower than bulk on any row: yes; it picks other than bulk on 3 of 4 rows, where fresh runs "
