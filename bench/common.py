@@ -124,6 +124,7 @@ def median_time(fn: Callable[[], Any], device: torch.device, iters: int, repeats
     return statistics.median(samples)
 
 
+HEADSTART_LIMIT = 2**27  # cycles: ~70 ms at H100 clocks, more than any shape's enqueueing needs
 L2_SCRUB_BYTES = 256 << 20  # several times any GPU's L2 (H100 50 MB, H200 60 MB), as triton's do_bench
 
 
@@ -171,6 +172,8 @@ def event_median(run: Callable[[Any, Any], Any], iters: int, *, warmup: int, hea
         caught_up = headstart_cycles and slept.query()  # the GPU may have waited for the host inside the timing
         settle(what)
         if caught_up:
+            if headstart_cycles >= HEADSTART_LIMIT:  # no head start is enough: the run makes the host wait for the GPU
+                raise AssertionError(f"{what}: the GPU caught up with the host even behind a {headstart_cycles}-cycle sleep")
             headstart_cycles *= 2
             continue
         samples.append(start.elapsed_time(end) * 1e-3)
