@@ -120,7 +120,7 @@ COLUMNS = [
     ("name", "layer", ""), ("regime", "regime", ""), ("gemm_us", "gemm us", ".0f"), ("comm_us", "comm us", ".0f"),
     ("bulk_us", "bulk us", ".0f"), ("chunked_us", "chunked us", ".0f"), ("fused_us", "fused us", ".0f"),
     ("ideal_us", "ideal us", ".0f"), ("fused_eta", "fused eta", ".2f"), ("fused_sol", "fused SOL", ".2f"),
-    ("fused_gemm_slowdown", "GEMM slowdown", ".2f"), ("fused_speedup", "vs bulk", ".2f"),
+    ("fused_gemm_slowdown", "GEMM slowdown", ".2f"), ("hook_cost", "hook cost", ".2f"), ("fused_speedup", "vs bulk", ".2f"),
 ]  # fmt: skip
 
 

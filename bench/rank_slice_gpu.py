@@ -23,8 +23,8 @@ HEADSTART_CYCLES = 2_000_000
 
 
 def measure(shape: dict, regime: str, world: int, dtype: torch.dtype, iters: int) -> tuple[dict[str, float], str]:
-    """``(times, pick)``: median seconds of gemm, gemm_triton, comm, bulk, chunked, fused and the
-    GEMM inside fused; and, where the dispatcher's rule (``dispatch.pick``) picks other than bulk on
+    """``(times, pick)``: median seconds of gemm (cuBLAS), gemm_triton (the Triton GEMM, every SM,
+    no hooks), gemm_hooked (fused's GEMM alone), comm, bulk, chunked, fused and the GEMM inside fused; and, where the dispatcher's rule (``dispatch.pick``) picks other than bulk on
     those, of fresh runs of its pick (``auto``) and of bulk (``auto_bulk``): whether the pick holds
     up. Checks first that chunked and fused give bulk's result, and after that no fused wait gave
     up. Each checked run starts from NaN in every buffer data arrives in: a run that reads before
@@ -122,15 +122,16 @@ def _join(cur, *streams) -> None:
         cur.wait_stream(stream)
 
 
-def _variants(reference, triton_gemm, comm, bulk, chunked, fused, landing: list[torch.Tensor], sent: list[torch.Tensor]) -> dict:
-    """The timed variants; ``poison``: NaN into the ``landing`` buffers (where data arrives, this
+def _variants(reference, triton_gemm, hooked, comm, bulk, chunked, fused, landing: list[torch.Tensor], sent: list[torch.Tensor]) -> dict:
+    """The timed variants (``hooked``: fused's GEMM alone, with its plan and hooks, nothing to wait
+    for and nobody waiting); ``poison``: NaN into the ``landing`` buffers (where data arrives, this
     rank's or its peers'); ``sent``: the buffers standing in for the peers' (what this rank sent)."""
     def poison():
         for t in landing + sent:
             t.fill_(float("nan"))
 
-    return {"gemm": reference, "gemm_triton": triton_gemm, "comm": comm, "bulk": bulk, "chunked": chunked, "fused": fused,
-            "fused_gemm": fused, "poison": poison, "sent": sent}  # fmt: skip
+    return {"gemm": reference, "gemm_triton": triton_gemm, "gemm_hooked": hooked, "comm": comm, "bulk": bulk, "chunked": chunked,
+            "fused": fused, "fused_gemm": fused, "poison": poison, "sent": sent}  # fmt: skip
 
 
 def _peers(count: int, rows: int, cols: int, dtype: torch.dtype, regime: str) -> list[torch.Tensor]:
@@ -158,6 +159,7 @@ def _all_gather(shape: dict, regime: str, world: int, dtype: torch.dtype, status
     epoch = torch.zeros(1, dtype=torch.int32, device="cuda")  # a tensor: an int would be filled into one inside the timing
     plan = plan_for(gathered, w)
     waiting_plan = leave_sms(plan, gathered.device, 1)  # as the library's AG+GEMM: an SM for the copies it waits on
+    raised, quiet = torch.ones(world, dtype=torch.int32, device="cuda"), torch.zeros_like(status)  # for hooked(): no allocation inside a timing
 
     def send_own():  # outbound, needing nothing but this rank's shard
         send.wait_stream(cur)
@@ -205,7 +207,11 @@ def _all_gather(shape: dict, regime: str, world: int, dtype: torch.dtype, status
         _join(cur, copy, send)
         return y
 
-    return _variants(lambda: gathered @ w.T, lambda: gemm(gathered, w, plan=plan), comm, bulk, chunked, fused, [gathered, y], outgoing)
+    def hooked():  # every flag raised already (>= epoch 1)
+        return gemm(gathered, w, out=y, wait=WaitHook(raised, raised[:1], n), start_chunk=0, plan=waiting_plan, check=False, status=quiet)
+
+    return _variants(lambda: gathered @ w.T, lambda: gemm(gathered, w, plan=plan), hooked, comm, bulk, chunked, fused, [gathered, y],
+                     outgoing)  # fmt: skip
 
 
 def _reduce_scatter(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor, delay: Delay) -> dict:
@@ -263,7 +269,12 @@ def _reduce_scatter(shape: dict, regime: str, world: int, dtype: torch.dtype, st
             exchange(q)
         return joined()
 
-    return _variants(lambda: x @ w.T, lambda: gemm(x, w, plan=plan), comm, bulk, chunked, fused, [partial, staging], outgoing)
+    idle, quiet = torch.zeros(world, dtype=torch.int32, device="cuda"), torch.zeros_like(status)  # counters nobody waits on
+
+    def hooked():
+        return gemm(x, w, out=partial, signal=SignalHook(idle, n), start_chunk=1, plan=plan, status=quiet)
+
+    return _variants(lambda: x @ w.T, lambda: gemm(x, w, plan=plan), hooked, comm, bulk, chunked, fused, [partial, staging], outgoing)
 
 
 def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor, delay: Delay, chunks: int = 4) -> dict:
@@ -372,4 +383,9 @@ def _by_row_chunks(x, w, partial, chunks, exchange, finish, status, delay, landi
             exchange(span, send, receive)
         return joined()
 
-    return _variants(lambda: x @ w.T, lambda: gemm(x, w, plan=plan), comm, bulk, chunked, fused, landing, sent)
+    idle, quiet = torch.zeros_like(counters), torch.zeros_like(status)  # counters nobody waits on
+
+    def hooked():
+        return gemm(x, w, out=partial, signal=SignalHook(idle, step), plan=fused_plan, status=quiet)
+
+    return _variants(lambda: x @ w.T, lambda: gemm(x, w, plan=plan), hooked, comm, bulk, chunked, fused, landing, sent)

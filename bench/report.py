@@ -84,18 +84,20 @@ def render(result: dict) -> tuple[str, dict[str, str]]:
              "", "One rank's real GEMM with its real per-rank communication volume moved by copy engines from buffers standing "
              "in for peers: d2d = device memory (HBM, faster than NVLink), host = pinned host memory (PCIe). CUDA events, "
              f"median of {c['iters']}. gemm = cuBLAS; eta and SOL are fused's, against it; \"own\" ones against fused's "
-             "Triton GEMM alone. GEMM slowdown: the GEMM inside fused over that GEMM alone on every SM, so it includes "
-             "the SMs fused leaves free (1 for AG, 8 for two-shot) and, for AG, its waits for data.",
+             "GEMM alone (its plan and hooks, nothing to wait for). GEMM slowdown: the GEMM inside fused over that GEMM "
+             "alone (for AG it includes its waits for data). Hook cost: that GEMM alone over the Triton GEMM on every SM "
+             "without hooks (the SMs fused leaves free: 1 for AG, 8 for two-shot; and the hooks).",
              *_incomplete(result, failed), "", "## Targets", "", *targets(rows)]  # fmt: skip
     svgs = {}
     for pattern in sorted({r["pattern"] for r in rows}):
         mine = [r for r in rows if r["pattern"] == pattern]
         lines += ["", f"## {pattern}", "", "| layer | regime | gemm us | comm us | bulk us | chunked us | fused us | ideal us | eta | SOL | own eta | own SOL "
-                  "| GEMM slowdown | auto |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| GEMM slowdown | hook cost | auto |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in mine:
             lines.append(f"| {r['name']} | {r['regime']} | {r['gemm_us']:.0f} | {r['comm_us']:.0f} | {r['bulk_us']:.0f} | {r['chunked_us']:.0f} | "
                          f"{r['fused_us']:.0f} | {r['ideal_us']:.0f} | {r['fused_eta']:.2f} | {r['fused_sol']:.2f} | "
-                         f"{r['fused_eta_own']:.2f} | {r['fused_sol_own']:.2f} | {r['fused_gemm_slowdown']:.2f} | {r['auto']} |")  # fmt: skip
+                         f"{r['fused_eta_own']:.2f} | {r['fused_sol_own']:.2f} | {r['fused_gemm_slowdown']:.2f} | {r['hook_cost']:.2f} | "
+                         f"{r['auto']} |")  # fmt: skip
         for regime in sorted({r["regime"] for r in mine}):
             subset = [r for r in mine if r["regime"] == regime]
             name = f"rank_slice_{pattern}_{regime}.svg"

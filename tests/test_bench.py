@@ -149,10 +149,10 @@ def synthetic_rank_slice():
 
     rows = []
     for name, pattern, regime, t in [  # auto, auto_bulk: fresh runs of the pick and of bulk, where the pick is not bulk
-        ("a/tp8/attn-o/m2048", "gemm_rs", "d2d", dict(gemm=1.0, gemm_triton=1.05, comm=0.5, bulk=1.5, chunked=1.2, fused=1.08, fused_gemm=1.1, auto=1.1, auto_bulk=1.49)),
-        ("a/tp8/mlp-down/m2048", "gemm_rs", "d2d", dict(gemm=2.0, gemm_triton=2.0, comm=0.6, bulk=2.6, chunked=2.5, fused=2.5, fused_gemm=2.4, auto=2.52, auto_bulk=2.61)),
-        ("a/tp8/attn-o/m2048", "gemm_rs", "host", dict(gemm=1.0, gemm_triton=1.0, comm=3.0, bulk=4.0, chunked=3.5, fused=3.2, fused_gemm=1.2, auto=3.3, auto_bulk=4.1)),
-        ("a/tp8/qkv/m2048", "ag_gemm", "d2d", dict(gemm=1.0, gemm_triton=1.0, comm=0.4, bulk=1.4, chunked=1.5, fused=1.45, fused_gemm=1.3)),
+        ("a/tp8/attn-o/m2048", "gemm_rs", "d2d", dict(gemm=1.0, gemm_triton=1.0, gemm_hooked=1.05, comm=0.5, bulk=1.5, chunked=1.2, fused=1.08, fused_gemm=1.1, auto=1.1, auto_bulk=1.49)),
+        ("a/tp8/mlp-down/m2048", "gemm_rs", "d2d", dict(gemm=2.0, gemm_triton=2.0, gemm_hooked=2.0, comm=0.6, bulk=2.6, chunked=2.5, fused=2.5, fused_gemm=2.4, auto=2.52, auto_bulk=2.61)),
+        ("a/tp8/attn-o/m2048", "gemm_rs", "host", dict(gemm=1.0, gemm_triton=1.0, gemm_hooked=1.0, comm=3.0, bulk=4.0, chunked=3.5, fused=3.2, fused_gemm=1.2, auto=3.3, auto_bulk=4.1)),
+        ("a/tp8/qkv/m2048", "ag_gemm", "d2d", dict(gemm=1.0, gemm_triton=1.0, gemm_hooked=1.0, comm=0.4, bulk=1.4, chunked=1.5, fused=1.45, fused_gemm=1.3)),
     ]:  # fmt: skip
         m = metrics({k: v * 1e-3 for k, v in t.items()})
         m["ideal_us"] = m.pop("ideal") * 1e6
@@ -177,11 +177,12 @@ def test_rank_slice_checks_what_bulk_wrote_and_fails_on_poison_left_there():
 def test_rank_slice_metrics_follow_the_definitions():
     from bench.common import overlap_metrics as metrics
 
-    m = metrics(dict(gemm=4.0, gemm_triton=4.4, comm=1.0, bulk=5.0, chunked=4.5, fused=4.2, fused_gemm=4.62))
+    m = metrics(dict(gemm=4.0, gemm_triton=4.2, gemm_hooked=4.4, comm=1.0, bulk=5.0, chunked=4.5, fused=4.2, fused_gemm=4.62))
     assert m["ideal"] == 4.0 and m["compute_bound"] == 1.0
     assert m["fused_eta"] == pytest.approx((4 + 1 - 4.2) / 1.0) and m["chunked_eta"] == pytest.approx(0.5)
     assert m["fused_sol"] == pytest.approx(4.0 / 4.2) and m["fused_speedup"] == pytest.approx(5.0 / 4.2)
-    assert m["fused_gemm_slowdown"] == pytest.approx(4.62 / 4.4)  # against the same (Triton) GEMM alone
+    assert m["fused_gemm_slowdown"] == pytest.approx(4.62 / 4.4)  # against the same GEMM alone (plan, hooks)
+    assert m["hook_cost"] == pytest.approx(4.4 / 4.2)  # that GEMM alone against the Triton GEMM on every SM, no hooks
     # the overlap alone: fused against its own (Triton) GEMM, where eta and SOL above count cuBLAS's speed too
     assert m["fused_eta_own"] == pytest.approx((4.4 + 1 - 4.2) / 1.0) and m["fused_sol_own"] == pytest.approx(4.4 / 4.2)
 
@@ -306,7 +307,7 @@ def test_rank_slice_measures_every_variant_on_a_gpu(pattern, regime):
 
     times, chosen = rank_slice_gpu.measure({"pattern": pattern, "M": 256, "N": 512, "K": 512}, regime, 2, torch.bfloat16, 2)
     confirmed = {"auto", "auto_bulk"} if chosen != "bulk" else set()
-    assert set(times) == {"gemm", "gemm_triton", "comm", "bulk", "chunked", "fused", "fused_gemm", *confirmed}
+    assert set(times) == {"gemm", "gemm_triton", "gemm_hooked", "comm", "bulk", "chunked", "fused", "fused_gemm", *confirmed}
     assert all(math.isfinite(t) and t > 0 for t in times.values())
 
 
