@@ -23,13 +23,14 @@ HEADSTART_CYCLES = 2_000_000
 
 
 def measure(shape: dict, regime: str, world: int, dtype: torch.dtype, iters: int) -> tuple[dict[str, float], str]:
-    """``(times, pick)``: median seconds of gemm (cuBLAS), gemm_triton (the Triton GEMM, every SM,
-    no hooks), gemm_hooked (fused's GEMM alone), comm, bulk, chunked, fused and the GEMM inside fused; and, where the dispatcher's rule (``dispatch.pick``) picks other than bulk on
-    those, of fresh runs of its pick (``auto``) and of bulk (``auto_bulk``): whether the pick holds
-    up. Checks first that chunked and fused give bulk's result, and after that no fused wait gave
-    up. Each checked run starts from NaN in every buffer data arrives in: a run that reads before
-    its data has landed cannot pass on what the previous run left there. ``StuckStream`` when
-    queued work does not finish (nothing more can run in this process)."""
+    """``(times, pick)``: median seconds of gemm (cuBLAS), gemm_triton (the Triton GEMM on every SM,
+    no hooks), gemm_hooked (fused's GEMM alone), comm, bulk, chunked, fused and the GEMM inside
+    fused; and, where the dispatcher's rule (``dispatch.pick``) picks other than bulk on those, of
+    fresh runs of its pick (``auto``) and of bulk (``auto_bulk``): whether the pick holds up. First
+    chunked and fused are checked against bulk, result and what was sent, from NaN in every buffer
+    data arrives in and with their data held back (``Delay``): a run that reads before its data
+    has landed fails. ``StuckStream`` when queued work does not finish (nothing more can run in
+    this process)."""
     build = {"ag_gemm": _all_gather, "gemm_rs": _reduce_scatter, "gemm_ar": _all_reduce, "gemm_ar_two_shot": _all_reduce_two_shot}[shape["pattern"]]
     label = f"rank slice {shape['name']} [{regime}]"
     status, delay = torch.zeros(4, dtype=torch.int32, device="cuda"), Delay()
