@@ -90,6 +90,17 @@ def _eta_sol(gemm: float, comm: float, overlapped: float) -> tuple[float, float]
     return (gemm + comm - overlapped) / min(gemm, comm), max(gemm, comm) / overlapped
 
 
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest difference relative to the largest expected element, over the elements bulk wrote
+    (a peer's buffer holds only what it was sent: the rest keeps the poison); NaN where ``got``
+    kept the poison there."""
+    keep = expected.isfinite()
+    if not keep.any():
+        return 0.0
+    got, expected = got.float()[keep], expected.float()[keep]
+    return (got - expected).abs().max().item() / max(expected.abs().max().item(), 1e-30)
+
+
 def _cell(value: Any, spec: str) -> str:
     if value is None:
         return "-"

@@ -14,7 +14,8 @@ from interlace.engine.overlap.dispatch import pick
 from interlace.engine.overlap.fused import REDUCE_SMS
 from interlace.ops.gemm import SignalHook, WaitHook, chunk_outputs, gemm, leave_sms, plan_for
 
-from .common import around, event_median, settle
+from .common import around, event_median, relative_error, settle
+from .rank_slice import STRATEGIES
 
 WARMUP = 3
 # GPU time, not Python's: each timed run is queued behind a ~1 ms sleep kernel, so the host has
@@ -46,8 +47,8 @@ def measure(shape: dict, regime: str, world: int, dtype: torch.dtype, iters: int
         with delay.held():  # a consumer that reads before its data has landed reads NaN, whatever the host's pace
             got = variants[name]().to(torch.float32, copy=True)
         settle(f"{label}: checking {name}")
-        errors = [("its result", _relative_error(got, expected))]
-        errors += [(f"what it sent ({i})", _relative_error(t.to("cuda"), e)) for i, (t, e) in enumerate(zip(sent, expected_sent))]
+        errors = [("its result", relative_error(got, expected))]
+        errors += [(f"what it sent ({i})", relative_error(t.to("cuda"), e)) for i, (t, e) in enumerate(zip(sent, expected_sent))]
         for what, error in errors:
             if not error < 2e-2:  # bf16 rounding of differently ordered sums, relative to the largest element
                 raise AssertionError(f"{label}: {name} differs from bulk in {what} by {error:.3g} (relative)")
@@ -59,7 +60,7 @@ def measure(shape: dict, regime: str, world: int, dtype: torch.dtype, iters: int
 
     times = {name: median(name, around(fn)) for name, fn in variants.items() if name != "fused_gemm"}
     times["fused_gemm"] = median("fused_gemm", variants["fused_gemm"])  # records its events around the GEMM inside
-    chosen = pick({name: times[name] for name in ("bulk", "chunked", "fused")})[0]
+    chosen = pick({name: times[name] for name in STRATEGIES})[0]
     if chosen != "bulk":  # the dispatcher's rule decides on the runs above; fresh runs check it against bulk
         times["auto"] = median(f"auto ({chosen})", around(variants[chosen]))
         times["auto_bulk"] = median("auto's bulk", around(variants["bulk"]))
@@ -90,17 +91,6 @@ class Delay:
         if self.cycles:
             with torch.cuda.stream(stream):
                 torch.cuda._sleep(self.cycles)
-
-
-def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    """Largest difference relative to the largest expected element, over the elements bulk wrote
-    (a peer's buffer holds only what it was sent: the rest keeps the poison); NaN where ``got``
-    kept the poison there."""
-    keep = expected.isfinite()
-    if not keep.any():
-        return 0.0
-    got, expected = got.float()[keep], expected.float()[keep]
-    return (got - expected).abs().max().item() / max(expected.abs().max().item(), 1e-30)
 
 
 def _between(start, end, launch):

@@ -165,13 +165,13 @@ def synthetic_rank_slice():
 def test_rank_slice_checks_what_bulk_wrote_and_fails_on_poison_left_there():
     """A peer's buffer holds only what this rank sent it, the rest keeps the NaN poison in every
     variant: compared where bulk wrote, and a variant that left the poison there fails."""
-    from bench.rank_slice_gpu import _relative_error
+    from bench.common import relative_error
 
     nan = float("nan")
     bulk = torch.tensor([[1.0, nan], [-4.0, nan]])
-    assert _relative_error(torch.tensor([[1.02, nan], [-4.0, 7.0]]), bulk) == pytest.approx(0.02 / 4)
-    assert math.isnan(_relative_error(torch.tensor([[nan, nan], [-4.0, nan]]), bulk))  # not < 2e-2: fails
-    assert _relative_error(torch.tensor([[nan]]), torch.tensor([[nan]])) == 0.0  # nothing was sent there
+    assert relative_error(torch.tensor([[1.02, nan], [-4.0, 7.0]]), bulk) == pytest.approx(0.02 / 4)
+    assert math.isnan(relative_error(torch.tensor([[nan, nan], [-4.0, nan]]), bulk))  # not < 2e-2: fails
+    assert relative_error(torch.tensor([[nan]]), torch.tensor([[nan]])) == 0.0  # nothing was sent there
 
 
 def test_rank_slice_metrics_follow_the_definitions():

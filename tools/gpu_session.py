@@ -16,10 +16,11 @@ Under ``--out``: ``session.log`` (every step's output, headed by its command), `
 the envelope ``env.json``, each test step's JUnit XML under ``tests/``, each benchmark's JSON and
 the report), packed again after every step, so a session killed from outside still brings back
 what it did. Set-up is required to succeed, and so is ``env``, which fails unless torch sees a
-GPU and the extension was built with CUDA: without those every GPU test would skip. Compiled kernels come back too (``triton-cache.tar.gz``, when under 48 MiB): unpacked into
+GPU and the extension was built with CUDA: without those every GPU test would skip. Compiled
+kernels come back too (``triton-cache.tar.gz``, when under 48 MiB): unpacked into
 ``.triton-cache/`` here and named in the next call's carry, that call compiles nothing already
-compiled (each call may get a fresh machine). The device copy of the repository has no ``.git``: set ``INTERLACE_COMMIT`` to the commit sent,
-and the result envelopes record it. Where the device's Python has no headers (no python3-dev),
+compiled (each call may get a fresh machine). The device copy of the repository has no ``.git``:
+set ``INTERLACE_COMMIT`` to the commit sent, and the result envelopes record it. Where the device's Python has no headers (no python3-dev),
 the build uses those carried in ``.pyheaders/python3.X`` (copied from a Python of that version
 elsewhere; an ignored folder, named in the call's carry).
 """

@@ -95,9 +95,8 @@ def matmul_all_reduce(x: torch.Tensor, weight: torch.Tensor, group: Group, confi
 
 def _resolve(config: OverlapConfig, group: Group, pattern: str, x: torch.Tensor, n: int) -> OverlapConfig:
     """``auto`` becomes the dispatcher's measured choice for this call: decided once per group and
-    case (collectively, on the first call), then a lookup kept with the group: measured on our
-    2-core CPU machine, 1.5 us a call, where asking the dispatcher each time took 24 us (as much
-    as a decode step's small GEMM on a GPU)."""
+    case (collectively, on the first call), then a lookup kept with the group: asking the
+    dispatcher on every call builds a ``Case`` and its key, a cost on decode's small GEMMs."""
     if config.strategy != "auto":
         return config
     dispatcher = default_dispatcher()
