@@ -219,7 +219,7 @@ def chunk_major_group(plan: Plan, m: int, chunk_rows: int) -> int:
 
 def plan_for(x: torch.Tensor, w: torch.Tensor) -> Plan:
     """The plan for this shape and dtype: the autotuner's pick, measured once without hooks."""
-    return _plan(x.shape[0], w.shape[0], x.shape[1], x.dtype, x.device.type, _sms(x.device))
+    return _plan(x.shape[0], w.shape[0], x.shape[1], x.dtype, x.device)
 
 
 def leave_sms(plan: Plan, device: torch.device, spare: int, sharing: int = 1) -> Plan:
@@ -236,14 +236,16 @@ _PLANS: dict[tuple, Plan] = {}
 _TUNING = threading.Lock()
 
 
-def _plan(m: int, n: int, k: int, dtype: torch.dtype, device_type: str, sms: int) -> Plan:
-    key = (m, n, k, dtype, device_type, sms)
+def _plan(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> Plan:
+    """Kept per shape, dtype and kind of device (its SM count), tuned on ``device``."""
+    sms = _sms(device)
+    key = (m, n, k, dtype, device.type, sms)
     if key in _PLANS:  # without the lock: rank threads need not queue behind one that is tuning
         return _PLANS[key]
     with _TUNING:
         if key not in _PLANS:
             configs = kernel.configs(INTERPRETING, quick=_quick_tuning())
-            best = configs[0] if len(configs) == 1 else _autotune(m, n, k, dtype, configs)
+            best = configs[0] if len(configs) == 1 else _autotune(m, n, k, dtype, configs, device)
             b = best.kwargs
             tiles = triton.cdiv(m, b["BLOCK_M"]) * triton.cdiv(n, b["BLOCK_N"])
             _PLANS[key] = Plan(b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"], b["GROUP_M"], best.num_warps, best.num_stages,
@@ -251,16 +253,18 @@ def _plan(m: int, n: int, k: int, dtype: torch.dtype, device_type: str, sms: int
         return _PLANS[key]
 
 
-def _autotune(m: int, n: int, k: int, dtype: torch.dtype, configs: list) -> triton.Config:
-    """Time every config on scratch operands of this shape (hooks off) and keep the fastest."""
-    if torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(f"gemm: the first call for shape M={m} N={n} K={k} {dtype} tunes (it runs and times kernels): "
-                           "make it once before capturing a CUDA graph")  # fmt: skip
-    stream = _tuning_stream(torch.cuda.current_device())
+def _autotune(m: int, n: int, k: int, dtype: torch.dtype, configs: list, device: torch.device) -> triton.Config:
+    """Time every config on scratch operands of this shape (hooks off) on ``device`` (the caller's
+    operands', whatever the thread's current device) and keep the fastest."""
+    with torch.cuda.device(device):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"gemm: the first call for shape M={m} N={n} K={k} {dtype} tunes (it runs and times kernels): "
+                               "make it once before capturing a CUDA graph")  # fmt: skip
+    stream = _tuning_stream(device.index)
     with torch.cuda.stream(stream):
-        x = torch.randn(m, k, device="cuda", dtype=dtype)
-        w = torch.randn(n, k, device="cuda", dtype=dtype)
-        sms = _sms(x.device)
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        w = torch.randn(n, k, device=device, dtype=dtype)
+        sms = _sms(device)
         timings = {}
         for cfg in configs:
             b = cfg.kwargs
@@ -353,4 +357,8 @@ def _check_hooks(wait, signal, m, n, device, start_chunk) -> int:
         raise ValueError(f"gemm: start_chunk must be in [0, {chunks}), got {start_chunk}")
     if wait is not None and isinstance(wait.epoch, int) and wait.epoch < 1:
         raise ValueError(f"gemm: wait.epoch must be >= 1 (flags start at 0), got {wait.epoch}")
+    if wait is not None and isinstance(wait.epoch, torch.Tensor) and (
+        wait.epoch.dtype != torch.int32 or wait.epoch.numel() != 1 or wait.epoch.device != device
+    ):  # the kernel compares it with the int32 flags as loaded
+        raise ValueError(f"gemm: a tensor wait.epoch must be 1 int32 element on {device}, got {describe(wait.epoch)}")
     return chunk_rows
