@@ -317,11 +317,15 @@ def test_a_rank_that_stops_sending_is_named_within_the_deadline(transport):
 # --- the command line ------------------------------------------------------------------------------
 
 
-def cli(*args):
+def run_cli(*args):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "interlace", "schedule", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "interlace", "schedule", *args], capture_output=True, text=True, timeout=120)
+
+
+def cli(*args):
+    done = run_cli(*args)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -343,6 +347,18 @@ def test_cli_auto_picks_the_fastest_schedule_within_the_budget_and_says_why():
     assert re.search(r"\n\s+1\s+8\s+55.000\s+27.3%\s+0.12\s+\+12.2%", free), free  # the runner-up and what it loses
     tight = cli(*base, "--memory-budget", "200000")
     assert "auto: chose chunks=1, microbatches=8: predicted makespan 55.000 ms" in tight and "of a 0.19 MiB budget" in tight
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--kind", "1f1b", "--auto"], "--auto plans inference schedules: --kind forward (interleaved chunks) or decode, got --kind 1f1b"),
+    (["--kind", "forward", "--auto", "--training"], "--training is not supported with it"),
+    (["--kind", "forward", "--auto", "--chunks", "2", "--microbatches", "4"], "drop --microbatches, --chunks"),
+    (["--kind", "decode", "--auto", "--batches", "2"], "drop --batches"),
+    (["--kind", "forward", "--batch", "16", "--layers", "8"], "--batch, --layers: only with --auto"),
+])  # fmt: skip
+def test_cli_refuses_options_it_would_ignore(args, message):
+    done = run_cli("--stages", "2", *args)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
 
 
 def test_cli_auto_decode_picks_batches_in_flight():
