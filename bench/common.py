@@ -62,7 +62,7 @@ def report_table(head: str, result: dict[str, Any], columns: Sequence[tuple[str,
 
 
 def overlap_metrics(t: dict[str, float]) -> dict[str, float]:
-    """DESIGN.md's numbers for one overlapped operator, from median seconds of ``gemm``, ``comm``,
+    """The numbers for one overlapped operator, from median seconds of ``gemm``, ``comm``,
     ``bulk`` and any of ``chunked``, ``fused`` (and ``fused_gemm``, ``gemm_hooked``, ``gemm_triton``:
     the GEMM inside the fused run; the same GEMM alone, its plan and hooks, with nothing to wait
     for; the Triton GEMM on every SM without hooks): ``ideal = max(gemm, comm)``; per strategy s,

@@ -5,7 +5,7 @@ RECV are posted without blocking (transfers overlap compute); a compute action s
 rank is free and its input has arrived. A transfer leaves when its SEND is posted, queues behind
 earlier transfers on the same directed link, and takes ``latency + bytes / bandwidth``.
 
-With uniform costs and free links it reproduces DESIGN.md's closed forms exactly (T: one rank's
+With uniform costs and free links it reproduces the closed forms exactly (T: one rank's
 forward time per microbatch, its chunks T/v each; training B = 2F):
 
 - GPipe / 1F1B bubble ``(p-1)/(m+p-1)``; interleaved 1F1B ``(p-1)/(v m + p-1)`` (m % p == 0);
