@@ -43,9 +43,16 @@ def _sleeper(seconds: float, busy: list):
     return stage
 
 
+def schedule(kind: str, ranks: int, microbatches: int, chunks: int, batches: int):
+    """A case's schedule: decode (``batches`` in flight) generates as many tokens in all as the
+    others have microbatches."""
+    if kind == "decode":
+        return generate(kind, ranks, max(1, microbatches // batches), chunks, batches=batches)
+    return generate(kind, ranks, microbatches, chunks)
+
+
 def measure_rank(group, kind: str, microbatches: int, chunks: int, batches: int, rank_time: float) -> tuple[float, float, float]:
-    steps = max(1, microbatches // max(batches, 1))
-    s = generate(kind, group.world_size, steps if kind == "decode" else microbatches, chunks, batches=batches)
+    s = schedule(kind, group.world_size, microbatches, chunks, batches)
     verify(s)
     busy: list[float] = []
     stages = {i: _sleeper(rank_time / chunks, busy) for i in range(s.stages) if s.owner(i) == group.rank}
@@ -64,8 +71,7 @@ def run(config: Config) -> dict:
         per_rank = spawn(measure_rank, config.ranks, "local", timeout=120,
                          args=(kind, config.microbatches, chunks, batches, config.rank_time))  # fmt: skip
         measured = max(end for _, end, _ in per_rank) - min(start for start, _, _ in per_rank)
-        steps = max(1, config.microbatches // max(batches, 1))
-        s = generate(kind, config.ranks, steps if kind == "decode" else config.microbatches, chunks, batches=batches)
+        s = schedule(kind, config.ranks, config.microbatches, chunks, batches)
         sim = simulate(s, Costs.uniform(s, config.rank_time))
         rows.append({
             "kind": kind, "ranks": config.ranks, "microbatches": s.microbatches, "chunks": chunks, "batches": batches,

@@ -51,7 +51,7 @@ def svg_plot(title: str, labels: list[str], series: list[tuple[str, str, list[fl
 
 def noise(row: dict) -> float:
     """How far apart a row's two timings of bulk are, relative to the faster: the same code timed
-    twice (METHOD: a difference smaller than that is noise)."""
+    twice: a difference between strategies smaller than that is noise."""
     first, again = row["bulk_us"], row["bulk_again_us"]
     return abs(first - again) / min(first, again)
 

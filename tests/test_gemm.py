@@ -299,6 +299,8 @@ BAD = [
      r"wait.epoch must be >= 1"),
     (lambda x, w: gemm(x, w, wait=WaitHook(torch.zeros(2, dtype=torch.int32, device=DEVICE), torch.ones(1, dtype=torch.int64, device=DEVICE), 2)),
      ValueError, r"a tensor wait.epoch must be 1 int32 element on .*, got int64\[1\]"),
+    (lambda x, w: gemm(x, w, wait=WaitHook(torch.zeros(2, dtype=torch.int32, device=DEVICE), torch.ones(2, dtype=torch.int32, device=DEVICE), 2)),
+     ValueError, r"a tensor wait.epoch must be 1 int32 element on .*, got int32\[2\]"),
     (lambda x, w: gemm(x, w, signal=SignalHook(torch.zeros(2, dtype=torch.int32, device=DEVICE), 2), start_chunk=2), ValueError,
      r"start_chunk must be in \[0, 2\), got 2"),
     *([(lambda x, w: gemm(x, w, compile_only=True), ValueError, r"compile_only compiles for a GPU, and x is on cpu")]

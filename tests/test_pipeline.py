@@ -355,10 +355,29 @@ def test_cli_auto_picks_the_fastest_schedule_within_the_budget_and_says_why():
     (["--kind", "forward", "--auto", "--chunks", "2", "--microbatches", "4"], "drop --microbatches, --chunks"),
     (["--kind", "decode", "--auto", "--batches", "2"], "drop --batches"),
     (["--kind", "forward", "--batch", "16", "--layers", "8"], "--batch, --layers: only with --auto"),
+    (["--kind", "forward", "--batches", "3"], "schedule kind 'forward' does not take batches (it is for decode), got batches=3"),
+    (["--kind", "decode", "--training"], "schedule kind 'decode' does not take training (it is for gpipe, 1f1b, interleaved)"),
 ])  # fmt: skip
 def test_cli_refuses_options_it_would_ignore(args, message):
     done = run_cli("--stages", "2", *args)
     assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_cli_defaults_give_the_closed_forms():
+    """Without options: 8 microbatches of 1 ms on 2 ranks, m T + (p - 1) T; --auto for a batch of
+    32 at 1 ms per sample and 20 us per stage forward: with x = m v stage runs per rank of
+    20 us + 32 ms / (2 x) each, (x + 1) of them, least at x = 32 (m = 32, v = 1): 17.16 ms."""
+    assert "2 ranks x 1 chunks = 2 stages, 8 microbatches" in (out := cli("--kind", "forward", "--stages", "2"))
+    assert "predicted makespan 9.000 ms" in out
+    assert "auto: chose chunks=1, microbatches=32: predicted makespan 17.160 ms" in cli("--kind", "forward", "--stages", "2", "--auto")
+
+
+@pytest.mark.parametrize("kind,options", [("decode", dict(chunks=2)), ("gpipe", dict(group_size=2)), ("forward", dict(training=True)),
+                                          ("interleaved", dict(batches=2))])  # fmt: skip
+def test_generate_refuses_what_a_kind_would_ignore(kind, options):
+    (option, value), = options.items()
+    with pytest.raises(ValueError, match=rf"schedule kind '{kind}' does not take {option} \(it is for .*\), got {option}={value}"):
+        generate(kind, 2, 4, **options)
 
 
 def test_cli_auto_decode_picks_batches_in_flight():

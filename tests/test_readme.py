@@ -36,6 +36,7 @@ def test_short_example_generates_the_unsharded_models_tokens():
 def test_communication_example_gathers_and_reduces():
     ns = run(example("all_reduce_async"))
     world_size = 4
+    assert len(ns["results"]) == world_size
     x = torch.cat([torch.full((2, 4), float(r)) for r in range(world_size)])
     for rank, (reduced, y) in enumerate(ns["results"]):
         torch.testing.assert_close(reduced, torch.full((2, 4), float(sum(range(world_size)))), rtol=0, atol=0, msg=f"rank {rank}")

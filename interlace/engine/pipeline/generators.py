@@ -77,13 +77,24 @@ def decode(ranks: int, batches: int, steps: int) -> Schedule:
     return _place_transfers(Schedule("decode", ranks, 1, batches * steps, batches), orders)
 
 
+# The options each applies to; given to another kind, an option is refused, not ignored.
+TAKES = {"chunks": ("interleaved", "forward"), "group_size": ("interleaved", "forward"),
+         "training": ("gpipe", "1f1b", "interleaved"), "batches": ("decode",)}  # fmt: skip
+
+
 def generate(kind: str, ranks: int, microbatches: int, chunks: int = 1, *, group_size: int | None = None,
-             training: bool = False, batches: int = 1) -> Schedule:  # fmt: skip
-    """By name, for the CLI: ``decode`` reads ``microbatches`` as decode steps per batch."""
+             training: bool = False, batches: int | None = None) -> Schedule:  # fmt: skip
+    """By name, for the CLI: ``decode`` reads ``microbatches`` as decode steps per batch, and
+    ``batches`` (default 1) as the batches in flight."""
     if kind not in KINDS:
         raise ValueError(f"schedule kind must be one of {KINDS}, got {kind!r}")
     if kind in ("gpipe", "1f1b") and chunks != 1:
         raise ValueError(f"{kind} places one stage per rank; use kind='interleaved' for chunks={chunks}")
+    given = {"chunks": chunks, "group_size": group_size, "training": training, "batches": batches}
+    unset = {"chunks": 1, "group_size": None, "training": False, "batches": None}
+    for option, value in given.items():
+        if value != unset[option] and kind not in TAKES[option]:
+            raise ValueError(f"schedule kind {kind!r} does not take {option} (it is for {', '.join(TAKES[option])}), got {option}={value!r}")
     if kind == "gpipe":
         return gpipe(ranks, microbatches, training=training)
     if kind == "1f1b":
@@ -92,7 +103,7 @@ def generate(kind: str, ranks: int, microbatches: int, chunks: int = 1, *, group
         return interleaved(ranks, microbatches, chunks, group_size=group_size) if training else forward(ranks, microbatches, chunks, group_size=group_size)
     if kind == "forward":
         return forward(ranks, microbatches, chunks, group_size=group_size)
-    return decode(ranks, batches, microbatches)
+    return decode(ranks, 1 if batches is None else batches, microbatches)
 
 
 def dependencies(schedule: Schedule, action: Action) -> list[tuple[str, Action]]:
