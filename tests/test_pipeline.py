@@ -372,8 +372,8 @@ def test_cli_defaults_give_the_closed_forms():
     assert "auto: chose chunks=1, microbatches=32: predicted makespan 17.160 ms" in cli("--kind", "forward", "--stages", "2", "--auto")
 
 
-@pytest.mark.parametrize("kind,options", [("decode", dict(chunks=2)), ("gpipe", dict(group_size=2)), ("forward", dict(training=True)),
-                                          ("interleaved", dict(batches=2))])  # fmt: skip
+@pytest.mark.parametrize("kind,options", [("decode", dict(chunks=2)), ("1f1b", dict(chunks=2)), ("gpipe", dict(group_size=2)),
+                                          ("forward", dict(training=True)), ("interleaved", dict(batches=2))])  # fmt: skip
 def test_generate_refuses_what_a_kind_would_ignore(kind, options):
     (option, value), = options.items()
     with pytest.raises(ValueError, match=rf"schedule kind '{kind}' does not take {option} \(it is for .*\), got {option}={value}"):

@@ -88,8 +88,6 @@ def generate(kind: str, ranks: int, microbatches: int, chunks: int = 1, *, group
     ``batches`` (default 1) as the batches in flight."""
     if kind not in KINDS:
         raise ValueError(f"schedule kind must be one of {KINDS}, got {kind!r}")
-    if kind in ("gpipe", "1f1b") and chunks != 1:
-        raise ValueError(f"{kind} places one stage per rank; use kind='interleaved' for chunks={chunks}")
     given = {"chunks": chunks, "group_size": group_size, "training": training, "batches": batches}
     unset = {"chunks": 1, "group_size": None, "training": False, "batches": None}
     for option, value in given.items():
