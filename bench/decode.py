@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .common import around, copy_rate, event_median, report_table, settle
+from .common import around, copy_rate, event_median, relative_error, report_table, settle
 from .layers import MODELS
 
 WARMUP = 5
@@ -93,7 +93,7 @@ def _measure(m: int, hidden: int, world: int, dtype: torch.dtype, iters: int, co
         got_both = fn()
         settle(f"decode m{m} tp{world}: checking {variant}")
         for what, got, want in zip(("output", "residual"), got_both, (exact_normed, exact)):
-            error = (got.double() - want).abs().max().item() / want.abs().max().item()
+            error = relative_error(got, want)
             if not error < 2e-2:  # bf16 rounding, relative to the largest element
                 return {"failed": f"{variant} {what} off by {error:.3g} (relative) against float64"}
     variants = {"unfused": unfused, "fused": fused, "kernel": kernel}

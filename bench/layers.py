@@ -15,7 +15,8 @@ call from its own measurements (or its cache: ``auto_measured`` says when), and 
 like the others, so ``auto/bulk`` checks its choice on fresh runs. With ``ideal = max(gemm, comm)``:
 overlap efficiency ``eta = (gemm + comm - chunked) / min(gemm, comm)`` (1 = all hidden, < 0 =
 slower than no overlap), speed of light ``sol = ideal / chunked``, ``speedup = bulk / chunked``.
-Chunked and fused results are checked against bulk before anything is timed.
+Chunked and fused results are compared with bulk's before anything is timed (each row records
+the largest difference); a fused wait that gave up while timing stops the run.
 """
 
 from __future__ import annotations

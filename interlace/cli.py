@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from interlace.engine.pipeline.generators import KINDS
@@ -24,10 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         return _env(args)
     if conflict := _auto_conflict(args):
         schedule.error(conflict)
-    try:
-        return _schedule(args)
-    except ValueError as error:  # the schedule's parameters (generate and plan.auto name what is wrong)
-        schedule.error(str(error))
+    return _schedule(args, schedule.error)
 
 
 def _env(args) -> int:
@@ -114,7 +112,8 @@ def _auto_conflict(args) -> str | None:
     return None
 
 
-def _schedule(args) -> int:
+def _schedule(args, refuse: Callable[[str], None]) -> int:
+    """``refuse``: the parser's error, for parameters ``plan.auto`` or ``generate`` reject."""
     from interlace.engine.pipeline import Costs, generate, simulate, verify
     from interlace.engine.pipeline import plan
 
@@ -122,13 +121,19 @@ def _schedule(args) -> int:
         work = plan.Workload(batch=_given(args, "batch"), sample_time=_given(args, "sample_time"), overhead=_given(args, "overhead"),
                              activation_bytes=args.activation_bytes, latency=args.latency, bandwidth=args.bandwidth,
                              steps=_given(args, "microbatches"))  # fmt: skip
-        best, candidates = plan.auto(args.kind, args.stages, work, args.memory_budget, layers=args.layers)
+        try:
+            best, candidates = plan.auto(args.kind, args.stages, work, args.memory_budget, layers=args.layers)
+        except ValueError as error:
+            refuse(str(error))
         print(plan.explain(best, candidates, args.kind, args.memory_budget))
         schedule, sim = best.schedule, best.sim
     else:
         batches = _given(args, "batches") if args.kind == "decode" else args.batches  # other kinds refuse it if given
-        schedule = generate(args.kind, args.stages, _given(args, "microbatches"), _given(args, "chunks"), group_size=args.group_size,
-                            training=args.training, batches=batches)  # fmt: skip
+        try:
+            schedule = generate(args.kind, args.stages, _given(args, "microbatches"), _given(args, "chunks"), group_size=args.group_size,
+                                training=args.training, batches=batches)  # fmt: skip
+        except ValueError as error:
+            refuse(str(error))
         verify(schedule)
         links = dict(latency=args.latency, bandwidth=args.bandwidth, message_bytes=args.activation_bytes)
         sim = simulate(schedule, Costs.uniform(schedule, _given(args, "stage_time"), **links))

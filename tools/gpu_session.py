@@ -279,7 +279,7 @@ def pack_cache(cache: Path, archive: Path, limit: int = CACHE_LIMIT) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plan", choices=["check", "measure", "all"], default="check")
-    parser.add_argument("--steps", default=None, help="comma list of step names to run from the plan (set-up always runs)")
+    parser.add_argument("--steps", default=None, help="comma list of step names to run from the plan (set-up and env always run)")
     parser.add_argument("--out", type=Path, required=True, help="folder for session.log, summary.json, results.tar.gz")
     parser.add_argument("--budget", type=float, default=560.0, help="seconds for every step together")
     args = parser.parse_args(argv)
