@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from interlace.engine.device import drain_within
 from interlace.engine.device import synchronize as sync
 from interlace.engine.telemetry import envelope
 
@@ -155,11 +156,7 @@ class StuckStream(TimeoutError):
 def settle(what: str, seconds: float = STUCK_AFTER_S) -> None:
     """Block until the work queued on the current stream is done, or raise ``StuckStream`` naming
     ``what`` after ``seconds`` (a synchronize would block for good behind a stuck stream wait)."""
-    done, deadline = torch.cuda.current_stream().record_event(), time.monotonic() + seconds
-    while not done.query():
-        if time.monotonic() > deadline:
-            raise StuckStream(f"{what}: the GPU work queued did not finish within {seconds:.0f} s (a stream wait is stuck)")
-        time.sleep(1e-4)
+    drain_within(torch.device("cuda", torch.cuda.current_device()), seconds, what, StuckStream)
 
 
 def event_median(run: Callable[[Any, Any], Any], iters: int, *, warmup: int, headstart_cycles: int = 0, what: str = "a timed run") -> float:

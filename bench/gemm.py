@@ -7,25 +7,27 @@ against cuBLAS (relative error ``|y - ref| / |ref|``) before it is timed. Times 
 ``triton.testing.do_bench`` medians over rotating weight copies (at least twice the L2 in all),
 so small-M shapes read their weights from memory as a model's layers do. ``floor_us`` is the
 roofline with ceilings measured in the same run (cuBLAS at 8192^3, a large device copy):
-``max(flops / peak_flops, bytes / copy_rate)``. ``spin_ns``: what one spin of a wait that never
-succeeds costs, in the GEMM and in the flag kernel (the slope between two spin bounds), and so how
-many seconds the default bound ``DEFAULT_MAX_SPINS`` waits.
+``max(flops / peak_flops, bytes / copy_rate)``. ``gave_up_s``: how long a wait on a flag never
+raised, asked to give up after ``GIVE_UP_AFTER_S``, takes, in the GEMM and in the flag kernel (the
+GPU's timer bounds a wait: about the timeout, not much more).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .common import copy_rate, report_table
+from .common import copy_rate, report_table, settle
 
 LLAMA3_70B_TP8 = {"qkv": (1280, 8192), "o": (8192, 1024), "gate-up": (7168, 8192), "down": (8192, 3584)}  # N, K per rank
 TOKENS = (16, 128, 2048, 8192)
+GIVE_UP_AFTER_S = 0.01
 MAX_REL_ERR = {"bfloat16": 1e-2, "float16": 5e-3, "float32": 1e-4}  # bf16 keeps 8 bits of mantissa: its sums land in 1e-3..1e-2
 
 
@@ -73,7 +75,7 @@ def run(config: Config, checkpoint: Callable[[list[dict]], None] | None = None) 
     measured = [r for r in rows if "failed" not in r]
     big = [r["ratio"] for r in measured if r["M"] >= 2048]
     summary = {"geomean_ratio_m_ge_2048": geomean(big), "max_hook_cost": max((r["hook_cost"] for r in measured), default=None),
-               "peak_tflops_measured": peak / 1e12, "copy_GBps_measured": copy_bps / 1e9, **_spin_cost(dtype)}  # fmt: skip
+               "peak_tflops_measured": peak / 1e12, "copy_GBps_measured": copy_bps / 1e9, **_give_up_times(dtype)}  # fmt: skip
     return {"rows": rows, "skipped": [], "config": asdict(config), "summary": summary}
 
 
@@ -116,25 +118,33 @@ def _measure(name, m, n, k, dtype, chunks, peak, copy_bps, plan_for) -> dict:
     }  # fmt: skip
 
 
-def _spin_cost(dtype: torch.dtype, spins: tuple[int, int] = (2**10, 2**14)) -> dict:
-    """Nanoseconds per spin of a wait on a flag never raised: the GEMM's (one wave of tiles, each
-    waiting) and the flag kernel's, and what ``DEFAULT_MAX_SPINS`` is in seconds for each."""
-    from triton.testing import do_bench
-
+def _give_up_times(dtype: torch.dtype, runs: int = 5) -> dict:
+    """Median seconds (CUDA events) a wait on a flag never raised takes to give up when asked to after
+    ``GIVE_UP_AFTER_S``: the GEMM's (one wave of tiles, each waiting) and the flag kernel's."""
     from interlace.ops import flags as epoch_flags
-    from interlace.ops.gemm import DEFAULT_MAX_SPINS, WaitHook, gemm
+    from interlace.ops.gemm import WaitHook, gemm
 
     x, w = torch.randn(1024, 1024, device="cuda", dtype=dtype), torch.randn(1024, 1024, device="cuda", dtype=dtype)
     never, epoch = torch.zeros(1, dtype=torch.int32, device="cuda"), torch.ones(1, dtype=torch.int32, device="cuda")
-    waits = {  # a fresh status per call: a recorded failure makes every later wait give up at once
-        "gemm": lambda n: gemm(x, w, wait=WaitHook(never, epoch, 1024), max_spins=n, check=False),
-        "flag": lambda n: epoch_flags.wait(never, 0, epoch_flags.EpochValue(epoch), torch.zeros(4, dtype=torch.int32, device="cuda"), 0, n),
+    waits = {
+        "gemm": lambda status: gemm(x, w, wait=WaitHook(never, epoch, 1024), wait_timeout=GIVE_UP_AFTER_S, check=False, status=status),
+        "flag": lambda status: epoch_flags.wait(never, 0, epoch_flags.EpochValue(epoch), status, 0, GIVE_UP_AFTER_S),
     }  # fmt: skip
-    out = {}
+    out = {"give_up_asked_s": GIVE_UP_AFTER_S}
     for name, wait in waits.items():
-        low, high = (do_bench(lambda n=n: wait(n), warmup=5, rep=50, return_mode="median") * 1e6 for n in spins)
-        per_spin = (high - low) / (spins[1] - spins[0])
-        out |= {f"{name}_spin_ns": per_spin, f"{name}_default_wait_s": per_spin * DEFAULT_MAX_SPINS * 1e-9}
+        samples = []
+        for run in range(runs + 1):  # the first compiles: untimed
+            status = torch.zeros(4, dtype=torch.int32, device="cuda")  # fresh: a recorded failure makes later waits give up at once
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            wait(status)
+            end.record()
+            settle(f"gemm bench: a {name} wait asked to give up after {GIVE_UP_AFTER_S} s")
+            if not status[0].item():
+                raise AssertionError(f"gemm bench: a {name} wait on a flag never raised did not record giving up: {status.tolist()}")
+            if run:
+                samples.append(start.elapsed_time(end) * 1e-3)
+        out[f"{name}_gave_up_s"] = statistics.median(samples)
     return out
 
 
@@ -165,6 +175,6 @@ def table(result: dict) -> str:
     if s and s["max_hook_cost"] is not None:
         head += (f"\ngeomean ratio over M >= 2048: {s['geomean_ratio_m_ge_2048']:.3f}; max hook cost {s['max_hook_cost']:+.1%}; "
                  f"measured peak {s['peak_tflops_measured']:.0f} TF/s, copy {s['copy_GBps_measured']:.0f} GB/s; "
-                 f"a spin costs {s['gemm_spin_ns']:.0f} ns in the GEMM ({s['gemm_default_wait_s']:.1f} s by default), "
-                 f"{s['flag_spin_ns']:.0f} ns in the flag kernel ({s['flag_default_wait_s']:.1f} s)")  # fmt: skip
+                 f"waits asked to give up after {s['give_up_asked_s'] * 1e3:.0f} ms gave up after "
+                 f"{s['gemm_gave_up_s'] * 1e3:.1f} ms (GEMM), {s['flag_gave_up_s'] * 1e3:.1f} ms (flag kernel)")  # fmt: skip
     return report_table(head, result, COLUMNS)

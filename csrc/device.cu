@@ -228,9 +228,12 @@ void copy_chunks_async(uintptr_t stream, const std::vector<uintptr_t>& dst, cons
                        const std::vector<int32_t>& values) {
   auto s = reinterpret_cast<cudaStream_t>(stream);
   for (size_t i = 0; i < dst.size(); ++i) {
-    check(cudaMemcpyAsync(reinterpret_cast<void*>(dst[i]), reinterpret_cast<const void*>(src[i]), nbytes[i],
-                          cudaMemcpyDefault, s),
-          "cudaMemcpyAsync of chunk " + std::to_string(i));
+    // An empty chunk copies nothing, and its pointers may lie one past an allocation's end, where
+    // cudaMemcpyDefault cannot tell which memory they are: no copy, only its flag.
+    if (nbytes[i] != 0)
+      check(cudaMemcpyAsync(reinterpret_cast<void*>(dst[i]), reinterpret_cast<const void*>(src[i]), nbytes[i],
+                            cudaMemcpyDefault, s),
+            "cudaMemcpyAsync of chunk " + std::to_string(i));
     if (flags[i] != 0) stream_write_value(stream, flags[i], values[i]);
   }
 }

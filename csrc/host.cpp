@@ -97,7 +97,8 @@ void copy_chunks(const std::vector<uintptr_t>& dst, const std::vector<uintptr_t>
                  const std::vector<size_t>& nbytes, const std::vector<uintptr_t>& flags,
                  const std::vector<int32_t>& values) {
   for (size_t i = 0; i < dst.size(); ++i) {
-    std::memcpy(reinterpret_cast<void*>(dst[i]), reinterpret_cast<const void*>(src[i]), nbytes[i]);
+    if (nbytes[i] != 0)  // an empty tensor's pointer may be null, which memcpy must not get
+      std::memcpy(reinterpret_cast<void*>(dst[i]), reinterpret_cast<const void*>(src[i]), nbytes[i]);
     if (flags[i] != 0) flag_store(flags[i], values[i]);
   }
 }

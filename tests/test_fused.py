@@ -323,16 +323,16 @@ def test_epoch_flag_kernels_write_and_wait_at_the_device_epoch(device, seed):
     value = EpochValue(epoch, scale, offset)
     epoch_flags.write(flags, 1, value, status)
     assert flags.tolist() == [0, epoch_value * scale + offset, 0]
-    epoch_flags.wait(flags, 1, value, status, wait_id=7, max_spins=10)
+    epoch_flags.wait(flags, 1, value, status, wait_id=7, timeout=0.005)
     assert status.tolist() == [0, 0, 0, 0]
     epoch.fill_(2**31 - 1)  # the next epoch wraps to -2**31, which is still >= 2**31 - 1 as flags compare
     epoch_flags.write(flags, 0, EpochValue(epoch, 1, 1), status)
-    epoch_flags.wait(flags, 0, EpochValue(epoch), status, wait_id=1, max_spins=10)
+    epoch_flags.wait(flags, 0, EpochValue(epoch), status, wait_id=1, timeout=0.005)
     assert flags[0].item() == -(2**31) and status.tolist() == [0, 0, 0, 0]
     epoch.fill_(epoch_value)
-    epoch_flags.wait(flags, 2, EpochValue(epoch), status, wait_id=9, max_spins=10)  # flag 2 is 0 < epoch: gives up
+    epoch_flags.wait(flags, 2, EpochValue(epoch), status, wait_id=9, timeout=0.005)  # flag 2 is 0 < epoch: gives up
     assert status.tolist() == [2, 9, epoch_value, 0]
-    epoch_flags.wait(flags, 1, value, status, wait_id=4, max_spins=10)  # reached, and the first failure stays
+    epoch_flags.wait(flags, 1, value, status, wait_id=4, timeout=0.005)  # reached, and the first failure stays
     epoch_flags.write(flags, 2, EpochValue(epoch), status)  # a failed operator publishes nothing more
     assert status.tolist() == [2, 9, epoch_value, 0] and flags[2].item() == 0
 
@@ -362,11 +362,11 @@ def test_a_rank_does_not_overwrite_what_a_slow_peer_still_reads(kind, seed):
     assert spawn(back_to_back, 3, "local", timeout=DEADLINE, args=(seed, kind)) == [True] * 3
 
 
-def late_peer(group, pattern, delay, spins=300):
+def late_peer(group, pattern, delay, wait_timeout=0.15):
     """Rank 1 sets the workspace up, then calls ``delay`` seconds late (or never: None): rank 0 must
     give up, naming what it waited on."""
     w = group.world_size
-    make = {"ag": lambda: FusedAllGatherMatmul(group, ROWS, K, torch.float32, max_spins=spins),
+    make = {"ag": lambda: FusedAllGatherMatmul(group, ROWS, K, torch.float32, wait_timeout=wait_timeout),
             "rs": lambda: FusedMatmulReduceScatter(group, ROWS, N, torch.float32)}[pattern]  # fmt: skip
     op = make()
     call = {"ag": lambda: op(rand(0, (ROWS, K)), [rand(1, (N, K))]), "rs": lambda: op(rand(0, (w * ROWS, K)), rand(1, (N, K)))}
@@ -385,16 +385,16 @@ def late_peer(group, pattern, delay, spins=300):
     return "no error"
 
 
-@pytest.mark.parametrize("pattern,delay,spins,message", [
-    ("ag", None, 300, r"AG\+GEMM rank 0: rank 1's rows: flag 1 did not reach 1 within [\d.]+ s \(observed 0\)"),
-    ("ag", 1.0, 300, r"rank 0: AG\+GEMM: the GEMM's wait on chunk 1 timed out: expected flag >= 1, observed 0"),
-    # the GEMM's bound is minutes of interpreted spins: it stops when the lane's wait gives up at the deadline
-    ("ag", None, 2**20, r"AG\+GEMM rank 0: rank 1's rows: flag 1 did not reach 1 within [\d.]+ s \(observed 0\)"),
-    ("rs", None, 300, r"GEMM\+RS rank 0: rank 1's tiles of chunk 0: flag 0 did not reach \d+ within [\d.]+ s \(observed 0\)"),
-], ids=["ag-silent", "ag-late-gemm-spin-bound", "ag-silent-gemm-stopped-at-the-deadline", "rs-silent"])  # fmt: skip
+@pytest.mark.parametrize("pattern,delay,wait_timeout,message", [
+    ("ag", None, 0.15, r"AG\+GEMM rank 0: rank 1's rows: flag 1 did not reach 1 within [\d.]+ s \(observed 0\)"),
+    ("ag", 1.0, 0.15, r"rank 0: AG\+GEMM: the GEMM's wait on chunk 1 timed out: expected flag >= 1, observed 0"),
+    # the GEMM's wait timeout is minutes: it stops when the lane's wait gives up at the deadline
+    ("ag", None, 600.0, r"AG\+GEMM rank 0: rank 1's rows: flag 1 did not reach 1 within [\d.]+ s \(observed 0\)"),
+    ("rs", None, 0.15, r"GEMM\+RS rank 0: rank 1's tiles of chunk 0: flag 0 did not reach \d+ within [\d.]+ s \(observed 0\)"),
+], ids=["ag-silent", "ag-late-gemm-wait-timeout", "ag-silent-gemm-stopped-at-the-deadline", "rs-silent"])  # fmt: skip
 @CPU  # on a GPU an eager stream wait has no bound: a silent peer leaves the lane's stream blocked
-def test_a_silent_or_late_peer_is_named_not_waited_for_forever(pattern, delay, spins, message):
-    elapsed, text = spawn(late_peer, 2, "local", timeout=2.0, deadline=60, args=(pattern, delay, spins))[0]
+def test_a_silent_or_late_peer_is_named_not_waited_for_forever(pattern, delay, wait_timeout, message):
+    elapsed, text = spawn(late_peer, 2, "local", timeout=2.0, deadline=60, args=(pattern, delay, wait_timeout))[0]
     assert re.search(message, text), text
     assert elapsed < 30
 

@@ -56,14 +56,15 @@ def compile_gemm(capability, dtype, config, hooks, m=4096, n=4096, k=4096, int64
     pointers = {name: dtype for name in ("x_ptr", "w_ptr", "y_ptr", "bias_ptr", "res_ptr")}
     pointers |= {name: torch.int32 for name in ("flags_ptr", "counters_ptr", "status_ptr", "epoch_ptr")}
     ints = dict(M=m, N=n, K=k, stride_xm=k, stride_xk=1, stride_wn=k, stride_wk=1, stride_ym=n, stride_yn=1, stride_rm=n,
-                stride_rn=1, chunk_rows=m // 8, start_chunk=3, max_spins=2**23)  # fmt: skip
+                stride_rn=1, chunk_rows=m // 8, start_chunk=3, patience=60_000_000)  # fmt: skip
     constexprs = dict(config.kwargs, HAS_BIAS=True, HAS_RESIDUAL=True, ACTIVATION=1, WAIT=hooks, SIGNAL=hooks, UPCAST=False,
                       INT64=int64)
     return compile_for(gemm_kernels.gemm_kernel, capability, pointers, ints, constexprs, config.num_warps, config.num_stages)
 
 
 def instructions(ptx: str) -> set[str]:
-    return set(re.findall(r"\b(?:ld|st|atom|red)\.[\w.]+", ptx))
+    """Memory instructions, and reads of the global timer (``globaltimer``)."""
+    return set(re.findall(r"\b(?:ld|st|atom|red)\.[\w.]+", ptx)) | ({"globaltimer"} if "%globaltimer" in ptx else set())
 
 
 GEMM_TARGETS = {"sm90-bf16": (90, torch.bfloat16), "sm80-fp16": (80, torch.float16)}
@@ -98,7 +99,7 @@ def report() -> dict:
     flag = {}
     for wait in (True, False):
         pointers = {name: torch.int32 for name in ("flags_ptr", "epoch_ptr", "status_ptr")}
-        ints = dict(index=3, scale=5, offset=-1, wait_id=2, max_spins=2**23)
+        ints = dict(index=3, scale=5, offset=-1, wait_id=2, patience=60_000_000)
         flag[str(wait)] = sorted(instructions(compile_for(flags.flag_kernel, 90, pointers, ints, dict(WAIT=wait), num_warps=1).asm["ptx"]))
     return {"gemm": gemms, "hooks": hooks, "int64": int64, "loads": loads, "flag": flag}
 
@@ -130,7 +131,8 @@ def test_gemm_hooks_are_system_scope_and_cost_nothing_when_off(compiled):
     with_hooks, without = set(compiled["hooks"]["True"]), set(compiled["hooks"]["False"])
     assert "ld.global.sys.acquire.b32" in with_hooks  # WAIT: tl.atomic_add(flag, 0, acquire, sys) lowers to a load
     assert "atom.global.sys.release.add.u32" in with_hooks  # SIGNAL
-    assert not {i for i in without if i.startswith("atom") or ".sys." in i}, sorted(without)
+    assert "globaltimer" in with_hooks  # a wait's bound is a time
+    assert not {i for i in without if i.startswith("atom") or ".sys." in i or i == "globaltimer"}, sorted(without)
 
 
 @pytest.mark.parametrize("world", ["2", "8"])
@@ -142,5 +144,6 @@ def test_kernels_reading_peers_read_16_byte_vectors(compiled, kernel, world):
 
 def test_flag_kernels_wait_with_acquire_and_write_with_release_at_system_scope(compiled):
     wait, write = set(compiled["flag"]["True"]), set(compiled["flag"]["False"])
-    assert "ld.global.sys.acquire.b32" in wait, sorted(wait)
+    assert "ld.global.sys.acquire.b32" in wait and "globaltimer" in wait, sorted(wait)
+    assert "globaltimer" not in write
     assert any(i.startswith("atom.global.sys.release.exch") for i in write), sorted(write)

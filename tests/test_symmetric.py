@@ -164,6 +164,19 @@ def test_copy_chunks_raise_a_flag_per_chunk(world_size):
     assert spawn(pull_chunks, world_size, "gloo", timeout=30) == [True] * world_size
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_an_empty_chunk_copies_nothing_and_still_raises_its_flag(device, seed):
+    """Empty pieces (a two-shot chunk with fewer rows than ranks) point one past a buffer's end, or
+    nowhere: nothing is copied, the flag is raised, the chunks after it still land."""
+    src = torch.randn(8, generator=torch.Generator().manual_seed(seed)).to(device)
+    dst, flags = torch.zeros(8, device=device), torch.zeros(3, dtype=torch.int32, device=device)
+    empty = torch.empty(0, device=device)
+    signals.copy_chunks([(dst[8:], src[8:]), (empty, empty.clone()), (dst[:5], src[:5])], flags, [0, 1, 2], value=7)
+    for i in range(3):
+        signals.host_wait(flags, i, 7, 10.0)
+    assert torch.equal(dst.cpu(), torch.cat([src[:5].cpu(), torch.zeros(3)])) and flags.tolist() == [7] * 3
+
+
 # --- misuse --------------------------------------------------------------------------------------
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import weakref
+from collections.abc import Callable
 
 import torch
 
@@ -42,6 +44,29 @@ def finish_within(fn, timeout: float, what: str):
     if "error" in outcome:
         raise outcome["error"]
     return outcome.get("value")
+
+
+def drain(device: torch.device, poll: Callable[[], None]) -> None:
+    """Block until the work queued so far on ``device``'s current stream is done (no-op on CPUs),
+    calling ``poll()`` between queries: it raises to give up. A synchronize would block for good
+    behind a stream wait never satisfied."""
+    if device.type != "cuda":
+        return
+    done = torch.cuda.current_stream(device).record_event()
+    while not done.query():
+        poll()
+        time.sleep(1e-4)
+
+
+def drain_within(device: torch.device, seconds: float, what: str, error: type[TimeoutError] = TimeoutError) -> None:
+    """``drain`` with a deadline ``seconds`` from now: past it, ``error`` naming ``what``."""
+    deadline = time.monotonic() + seconds
+
+    def poll() -> None:
+        if time.monotonic() > deadline:
+            raise error(f"{what}: the GPU work queued did not finish within {seconds:g} s (a stream wait is stuck)")
+
+    drain(device, poll)
 
 
 def record_event(device: torch.device, stream: torch.cuda.Stream | None = None) -> torch.cuda.Event | None:

@@ -11,9 +11,10 @@ program takes tiles ``pid, pid + num_programs, ...``.
 Hooks (int32 flag arrays, one entry per chunk of ``chunk_rows`` rows of x / y):
 - WAIT: before loading its rows, a tile waits (acquire, bounded spin) until ``flags[c] >= epoch``
   for every chunk c its rows touch. ``epoch`` is read from device memory, so a captured CUDA graph
-  can advance it between replays and flags never need resetting. On a spin past ``max_spins`` it records
-  ``status = [1, chunk, epoch, observed]`` (first failure wins), skips the tile, and every later
-  wait gives up at once: the launch ends quickly and the wrapper raises.
+  can advance it between replays and flags never need resetting. Past ``patience`` (a time: see
+  ``interlace.kernels.flags``) it records ``status = [1, chunk, epoch, observed]`` (first failure
+  wins), skips the tile, and every later wait gives up at once: the launch ends quickly and the
+  wrapper raises.
 - SIGNAL: after a tile's store, a CTA barrier, then ``counters[c] +=`` the number of outputs the
   tile wrote in chunk c (release), for every chunk c its rows touch: ``counters[c] == epoch *
   rows_in_chunk(c) * N`` once the epoch-th call has finished chunk c, whatever the block sizes
@@ -65,11 +66,11 @@ def _tile_coords(tile, num_m, num_n, first_m, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _wait_chunks(flags_ptr, status_ptr, chunk_first, chunk_last, epoch, max_spins):
+def _wait_chunks(flags_ptr, status_ptr, chunk_first, chunk_last, epoch, patience):
     """1 when every chunk in [chunk_first, chunk_last] reached ``epoch``; 0 after recording a timeout."""
     ready = 1
     for chunk in range(chunk_first, chunk_last + 1):
-        seen = spin_until(flags_ptr + chunk, epoch, status_ptr, max_spins)
+        seen = spin_until(flags_ptr + chunk, epoch, status_ptr, patience)
         if (seen - epoch) < 0:
             record_failure(status_ptr, 1, chunk, epoch, seen)  # GEMM_WAIT_FAILED
             ready = 0
@@ -110,11 +111,11 @@ def _epilogue(acc, rows, cols, M, N, bias_ptr, res_ptr, stride_rm, stride_rn,
 
 # Hook arguments vary by rank (start_chunk) and operator: one compiled variant serves them all, so
 # one eager call of a shape loads everything a CUDA-graph capture of any rank's call launches.
-@triton.jit(do_not_specialize=["chunk_rows", "start_chunk", "max_spins"])
+@triton.jit(do_not_specialize=["chunk_rows", "start_chunk", "patience"])
 def gemm_kernel(
     x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, flags_ptr, counters_ptr, status_ptr,
     M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_rm, stride_rn,
-    epoch_ptr, chunk_rows, start_chunk, max_spins,
+    epoch_ptr, chunk_rows, start_chunk, patience,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
     WAIT: tl.constexpr, SIGNAL: tl.constexpr, UPCAST: tl.constexpr, INT64: tl.constexpr,
@@ -132,7 +133,7 @@ def gemm_kernel(
         chunk_last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) // chunk_rows
         ready = 1
         if WAIT:
-            ready = _wait_chunks(flags_ptr, status_ptr, chunk_first, chunk_last, epoch, max_spins)
+            ready = _wait_chunks(flags_ptr, status_ptr, chunk_first, chunk_last, epoch, patience)
         if ready == 1:
             acc = _mainloop(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
                             BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, INT64)  # fmt: skip

@@ -16,7 +16,7 @@ import torch
 
 from interlace.kernels import flags as kernel
 from interlace.ops.describe import describe
-from interlace.ops.gemm import launching
+from interlace.ops.gemm import launching, patience
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,14 +40,14 @@ def write(flags: torch.Tensor, index: int, value: EpochValue, status: torch.Tens
     _launch(flags, index, value, stream, status, 0, 0, wait=False)
 
 
-def wait(flags: torch.Tensor, index: int, value: EpochValue, status: torch.Tensor, wait_id: int, max_spins: int,
+def wait(flags: torch.Tensor, index: int, value: EpochValue, status: torch.Tensor, wait_id: int, timeout: float,
          stream: torch.cuda.Stream | None = None) -> None:  # fmt: skip
     """Order ``stream`` after ``flags[index] >= value`` with a spinning one-thread kernel; after
-    ``max_spins`` spins it records ``[2, wait_id, value, observed]`` in ``status`` and gives up."""
-    _launch(flags, index, value, stream, status, wait_id, max_spins, wait=True)
+    ``timeout`` seconds it records ``[2, wait_id, value, observed]`` in ``status`` and gives up."""
+    _launch(flags, index, value, stream, status, wait_id, patience(timeout), wait=True)
 
 
-def _launch(flags, index, value, stream, status, wait_id, max_spins, *, wait: bool) -> None:
+def _launch(flags, index, value, stream, status, wait_id, bound, *, wait: bool) -> None:
     if flags.dtype != torch.int32 or flags.dim() != 1 or not 0 <= index < flags.numel():
         raise ValueError(f"flag {index} of {describe(flags)}: expected an index into a 1-D int32 vector")
     if status.dtype != torch.int32 or status.numel() < 4 or status.device != flags.device:
@@ -55,7 +55,7 @@ def _launch(flags, index, value, stream, status, wait_id, max_spins, *, wait: bo
     if value.epoch.device != flags.device:
         raise ValueError(f"flag {index}: the epoch is on {value.epoch.device}, the flags on {flags.device}")
     with launching(flags.device), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-        kernel.flag_kernel[(1,)](flags, index, value.epoch, value.scale, value.offset, status, wait_id, max_spins,
+        kernel.flag_kernel[(1,)](flags, index, value.epoch, value.scale, value.offset, status, wait_id, bound,
                                  WAIT=wait, num_warps=1)  # fmt: skip
 
 
@@ -65,4 +65,4 @@ def warm_up(device: torch.device) -> None:
     graph is being captured must not compile and load modules inside the capture."""
     flags, status = torch.zeros(1, dtype=torch.int32, device=device), torch.zeros(4, dtype=torch.int32, device=device)
     write(flags, 0, EpochValue(flags), status)
-    wait(flags, 0, EpochValue(flags), status, 0, 1)
+    wait(flags, 0, EpochValue(flags), status, 0, 1e-6)

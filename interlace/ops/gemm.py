@@ -6,7 +6,7 @@ persistent grid derived from the plan's block sizes. Shapes: ``x [M, K]``, ``w [
 strides: ``w`` may be a transposed view), ``bias [N]``, ``residual [M, N]``, ``y [M, N]``.
 
 Overlap hooks (``WaitHook``, ``SignalHook``) work on int32 flags, one per chunk of ``chunk_rows``
-rows. A wait that passes its bound makes ``gemm`` raise ``TimeoutError`` naming the chunk, the
+rows. A wait that runs past ``wait_timeout`` makes ``gemm`` raise ``TimeoutError`` naming the chunk, the
 expected and the observed value; the output is never returned. ``check=False`` skips the host
 synchronisation this needs (CUDA graphs, streams): call ``hook.check()`` later instead. Waits
 record a timeout in ``status`` (int32[4]), fresh per launch unless one is passed: a kept one
@@ -33,13 +33,14 @@ import triton
 
 from interlace.engine.device import new_stream
 from interlace.kernels import gemm as kernel
+from interlace.kernels.flags import INTERPRETING
 from interlace.ops.describe import describe
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Spin bound of a wait. A GPU spin is two L2 atomics (~1-2 us): 2**23 spins is ~10-20 s.
-# An interpreted spin is Python (~0.1 ms): 2**14 is a couple of seconds.
-DEFAULT_MAX_SPINS = 2**14 if INTERPRETING else 2**23
+DEFAULT_WAIT_TIMEOUT = 60.0  # seconds a hooked GEMM called on its own waits per chunk (an operator passes its group timeout)
+# An interpreted spin costs 0.5 ms (a GEMM's wait) to 0.7 ms (the flag kernel's), measured on the
+# 2-core CI machine with triton 3.7.1: the lower one, so an interpreted wait lasts at least as asked there.
+INTERPRETED_SPIN_S = 5e-4
 GEMM_WAIT_FAILED = 1  # status[0] after one of the GEMM's waits gave up (the kernel writes 1)
 INTERPRETER_PROGRAMS = 2  # sequential programs under the interpreter: two exercise the persistent loop
 # The interpreter patches triton.language globally while a kernel runs: two threads interpreting at
@@ -72,6 +73,15 @@ def _minor(version: str) -> tuple[int, ...]:
 
 
 INTERPRETER_PROBLEM = interpreter_problem()  # this process's, once: gemm() raises it
+
+
+def patience(seconds: float) -> int:
+    """A wait's bound as the kernels take it (see ``interlace.kernels.flags``): microseconds of the
+    GPU's timer, or under the interpreter spins; at least 1, at most int32's largest (35 minutes)."""
+    if not seconds > 0:
+        raise ValueError(f"a wait's timeout must be a positive number of seconds, got {seconds!r}")
+    units = seconds / INTERPRETED_SPIN_S if INTERPRETING else seconds * 1e6
+    return max(1, min(2**31 - 1, math.ceil(units)))
 
 
 @dataclass(frozen=True)
@@ -145,13 +155,14 @@ def gemm(
     wait: WaitHook | None = None,
     signal: SignalHook | None = None,
     start_chunk: int = 0,
-    max_spins: int = DEFAULT_MAX_SPINS,
+    wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
     plan: Plan | None = None,
     check: bool = True,
     status: torch.Tensor | None = None,
     compile_only: bool = False,
 ) -> torch.Tensor:
     """``act(x @ w.T + bias) + residual`` into ``out`` (allocated when None); see the module doc.
+    ``wait_timeout``: seconds each of ``wait``'s tiles waits for its chunk before giving up.
     ``compile_only`` (GPU): compile and load the kernel this call would launch, and launch nothing:
     a first launch compiles for seconds, which a CUDA-graph capture, or a peer spinning on this
     GEMM's signals, must not wait for."""
@@ -164,6 +175,7 @@ def gemm(
     if m == 0 or n == 0:
         return y
     chunk_rows = _check_hooks(wait, signal, m, n, x.device, start_chunk)
+    bound = patience(wait_timeout)
     plan = plan or plan_for(x, w)
     if status is None:  # only a wait writes it: without one, a shared zero (no allocation and fill per call)
         shared = not wait and not (x.is_cuda and torch.cuda.is_current_stream_capturing())  # a graph's zero fill waits for replay
@@ -182,7 +194,7 @@ def gemm(
             x, w, y, bias if bias is not None else dummy, r, wait.flags if wait else dummy,
             signal.counters if signal else dummy, status,
             m, n, x.shape[1], x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1), r.stride(0), r.stride(1),
-            epoch, chunk_rows, start_chunk, max_spins,
+            epoch, chunk_rows, start_chunk, bound,
             BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
             GROUP_M=plan.group_m if wait is None and signal is None else chunk_major_group(plan, m, chunk_rows),
             HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=kernel.ACTIVATIONS[activation],

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from interlace.engine.comm import Group
+from interlace.engine.device import drain_within
 
 from .config import OverlapConfig
 
@@ -178,28 +179,17 @@ def measure_collectively(group: Group, case: Case, config: OverlapConfig, iters:
         run = cm.matmul_reduce_scatter if case.pattern == "gemm_rs" else cm.matmul_all_reduce
         fn = lambda: run(x, weight, group, config)  # noqa: E731
     fn()
-    _finish_within(group, f"warming up {config.strategy} for {case.key()}")
+    drain_within(group.device, group.timeout, f"rank {group.rank}: warming up {config.strategy} for {case.key()}")
     group.barrier()
     start = time.perf_counter()
     for _ in range(iters):
         fn()
-    _finish_within(group, f"timing {config.strategy} for {case.key()}")
+    drain_within(group.device, group.timeout, f"rank {group.rank}: timing {config.strategy} for {case.key()}")
     elapsed, failure = (time.perf_counter() - start) / iters, _failure(group, config)
     slowest, failed = group.all_reduce(torch.tensor([elapsed, float(failure is not None)], dtype=torch.float64, device=dev), "max").tolist()
     if failed:  # every rank raises together: a timed call whose wait gave up must not count as a fast one
         raise RuntimeError(f"rank {group.rank}: timing {config.strategy} for {case.key()} failed on a rank: {failure or 'see the others'}")
     return slowest
-
-
-def _finish_within(group: Group, what: str) -> None:
-    """Wait for this rank's queued work with the group's deadline (an eager stream wait has none)."""
-    if group.device.type != "cuda":
-        return
-    done, deadline = torch.cuda.current_stream(group.device).record_event(), time.monotonic() + group.timeout
-    while not done.query():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"rank {group.rank}: {what}: queued work did not finish within {group.timeout} s")
-        time.sleep(1e-4)
 
 
 def _failure(group: Group, config: OverlapConfig) -> str | None:

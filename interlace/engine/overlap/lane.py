@@ -32,10 +32,10 @@ from interlace.ops.flags import EpochValue
 class SideLane:
     grace = 1.0  # seconds join() allows beyond the deadline for the lane to report its own timeout
 
-    def __init__(self, device: torch.device, timeout: float, name: str, status: torch.Tensor, max_spins: int,
+    def __init__(self, device: torch.device, timeout: float, name: str, status: torch.Tensor, wait_timeout: float,
                  stream: torch.cuda.Stream | None = None):  # fmt: skip
         """``stream``: the CUDA stream to queue on (made if None; see ``new_stream``); ignored on CPUs."""
-        self.device, self.timeout, self.status, self.max_spins = device, timeout, status, max_spins
+        self.device, self.timeout, self.status, self.wait_timeout = device, timeout, status, wait_timeout
         self._wait_names: dict[str, int] = {}
         self.deadline = time.monotonic() + timeout
         self.stream = (stream if stream is not None else new_stream(device)) if device.type == "cuda" else None
@@ -112,13 +112,13 @@ class SideLane:
                 signals.host_wait(flags, index, _now(value), max(0.0, self.deadline - time.monotonic()), what=what)
             except TimeoutError:
                 # The caller's GEMM may spin on what this wait was to bring: ABORTED in status stops
-                # it now, not after max_spins (the first failure recorded wins).
+                # it now, not after its own wait timeout (the first failure recorded wins).
                 if int(self.status[0]) == 0:
                     signals.write(self.status, 0, ABORTED)
                 raise
         elif isinstance(value, EpochValue):
             wait_id = self._wait_names.setdefault(f"{what}flag {index}", len(self._wait_names))
-            epoch_flags.wait(flags, index, value, self.status, wait_id, self.max_spins, self.stream)
+            epoch_flags.wait(flags, index, value, self.status, wait_id, self.wait_timeout, self.stream)
         else:
             signals.wait(flags, index, value, self.stream)
 
@@ -143,11 +143,8 @@ class SideLane:
             epoch_flags.write(flags, index, value, self.status, self.stream)
 
     def move(self, chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """(On the lane) copy-engine chunks, raising no flag; empty ones are left out (no zero-byte
-        copies, whose pointers may lie one past a buffer's end)."""
-        chunks = [(dst, src) for dst, src in chunks if dst.numel() or src.numel()]
-        if chunks:
-            signals.copy_chunks(chunks, stream=self.stream)
+        """(On the lane) copy-engine chunks, raising no flag."""
+        signals.copy_chunks(chunks, stream=self.stream)
 
     def join(self) -> None:
         """The caller's stream waits for the lane (GPU), or the caller waits (CPU, with a deadline)."""

@@ -10,11 +10,11 @@ import torch
 
 from interlace.engine.comm import Group, SymmetricBuffer, signals
 from interlace.engine.comm.group import ring
-from interlace.engine.device import new_stream
+from interlace.engine.device import drain, new_stream
 from interlace.kernels.flags import ABORTED, FLAG_WAIT_FAILED
 from interlace.ops import flags as epoch_flags
 from interlace.ops.flags import EpochValue
-from interlace.ops.gemm import DEFAULT_MAX_SPINS, GEMM_WAIT_FAILED, Plan, gemm, leave_sms, plan_for
+from interlace.ops.gemm import GEMM_WAIT_FAILED, Plan, gemm, leave_sms, plan_for
 
 from ..lane import SideLane
 from ..watchdog import WATCHDOG, log
@@ -22,11 +22,12 @@ from ..watchdog import WATCHDOG, log
 
 class FusedOp:
     """Shared machinery: the symmetric buffer (``nbytes`` None: none, only this rank's flags), the
-    lane, the epoch, the GEMM plan."""
+    lane, the epoch, the GEMM plan. ``wait_timeout``: seconds a wait spinning on the GPU (a GEMM
+    tile's, a graph-safe flag wait's) gives up after; None: the group's timeout."""
 
     unseen = "the GPU is slow"  # why a call can be late with every flag it awaits raised
 
-    def __init__(self, group: Group, nbytes: int | None, flags: int, name: str, *, check: bool, max_spins: int | None,
+    def __init__(self, group: Group, nbytes: int | None, flags: int, name: str, *, check: bool, wait_timeout: float | None,
                  graph_safe: bool):  # fmt: skip
         self.group, self.rank, self.world = group, group.rank, group.world_size
         self.buffer = None if nbytes is None else SymmetricBuffer.allocate(group, nbytes, flags)
@@ -36,8 +37,8 @@ class FusedOp:
         self._late_lock = threading.Lock()  # the watchdog's thread records too
         self.epoch_now = torch.zeros(1, dtype=torch.int32, device=group.device)
         self.status = torch.zeros(4, dtype=torch.int32, device=group.device)  # a wait that gave up: see check()
-        self.max_spins = max_spins if max_spins is not None else DEFAULT_MAX_SPINS
-        self.lane = SideLane(group.device, group.timeout, f"{name} r{group.rank}", self.status, self.max_spins, _lane_stream(group))
+        self.wait_timeout = wait_timeout if wait_timeout is not None else group.timeout
+        self.lane = SideLane(group.device, group.timeout, f"{name} r{group.rank}", self.status, self.wait_timeout, _lane_stream(group))
         self._plans: dict[tuple, Plan] = {}
         self._last_call: tuple[list[tuple[int, int, int]], int] = ([], 0)  # (what it awaited, its epoch)
         if group.device.type == "cuda":
@@ -136,10 +137,7 @@ class FusedOp:
         good when it may be blocked: the streams stay blocked behind it, so a later call (or
         check(), whose read would queue behind them) must raise at once, not wait. Not when every
         flag it awaits is raised: it is slow, and will finish."""
-        if self.group.device.type != "cuda":
-            return
-        done = torch.cuda.current_stream(self.group.device).record_event()
-        while not done.query():
+        def poll() -> None:
             if self.late is None and time.monotonic() > deadline:
                 text, blocked = self._behind(*self._last_call)
                 if not blocked:  # every flag it awaits is raised: slow, not stuck, and the ranks still agree
@@ -147,7 +145,8 @@ class FusedOp:
                 self._record_late(text)
             if self.late is not None:
                 raise TimeoutError(self.late)
-            time.sleep(1e-4)
+
+        drain(self.group.device, poll)
 
     def _report_late(self, awaited: list[tuple[int, int, int]], epoch: int, done) -> bool:
         """(The watchdog's thread) log and record a late call, unless it has just finished; whether

@@ -14,11 +14,11 @@ from .base import FusedOp
 class FusedAllGatherMatmul(FusedOp):
     """``y = all_gather(x_shard_m) @ w.T (+ bias)`` with x_shard_m ``[rows, k]`` per rank."""
 
-    def __init__(self, group: Group, rows: int, k: int, dtype: torch.dtype, *, check: bool = True, max_spins: int | None = None,
+    def __init__(self, group: Group, rows: int, k: int, dtype: torch.dtype, *, check: bool = True, wait_timeout: float | None = None,
                  graph_safe: bool = False):  # fmt: skip
         self.rows, self.k, self.dtype = rows, k, dtype
         super().__init__(group, group.world_size * rows * k * dtype.itemsize, group.world_size, "AG+GEMM",
-                         check=check, max_spins=max_spins, graph_safe=graph_safe)  # fmt: skip
+                         check=check, wait_timeout=wait_timeout, graph_safe=graph_safe)  # fmt: skip
 
     def _gathered(self, rank: int) -> torch.Tensor:
         return self.buffer.peer(rank, self.dtype, (self.world, self.rows, self.k))
@@ -35,7 +35,7 @@ class FusedAllGatherMatmul(FusedOp):
         mine = self._gathered(r)
         x = mine.view(self.world * self.rows, self.k)
         hook = WaitHook(buf.flags(r), self.epoch_now, self.rows, label=f"AG+GEMM rank {r}")
-        hooks = {"wait": hook, "start_chunk": r, "max_spins": self.max_spins, "check": False, "status": self.status}
+        hooks = {"wait": hook, "start_chunk": r, "wait_timeout": self.wait_timeout, "check": False, "status": self.status}
         capturing, plan = self._begin(x, weights[0], hooks, waits=True)
         value = self._value()
         self._after_peers_read(r)  # peers hold copies of my rows of the last epoch before I overwrite them

@@ -19,7 +19,7 @@ class FusedMatmulGroupAllReduce(FusedOp):
     unseen = "the GPU is slow, or a peer has not joined the group's all-reduce of a chunk"
 
     def __init__(self, group: Group, m: int, n: int, dtype: torch.dtype, chunks: int = 4, *, check: bool = True,
-                 max_spins: int | None = None, graph_safe: bool = False, collective_sms: int = 8):  # fmt: skip
+                 wait_timeout: float | None = None, graph_safe: bool = False, collective_sms: int = 8):  # fmt: skip
         """``collective_sms``: SMs the persistent GEMM leaves free, where the group's all-reduce
         kernels (NCCL's, a block per channel) run beside it; with none they would wait for the
         GEMM to end. 8 is a starting point, not yet measured."""
@@ -27,12 +27,12 @@ class FusedMatmulGroupAllReduce(FusedOp):
         self.chunk_rows = chunk_rows_for(m, chunks)
         self.chunks = -(-m // self.chunk_rows)
         check_counters(group, "GEMM+AR(group)", self.chunk_rows, n)
-        super().__init__(group, None, self.chunks, "GEMM+AR(group)", check=check, max_spins=max_spins, graph_safe=graph_safe)
+        super().__init__(group, None, self.chunks, "GEMM+AR(group)", check=check, wait_timeout=wait_timeout, graph_safe=graph_safe)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         self._expect_matmul(x, weight, self.m, self.n)
         y = torch.empty(self.m, self.n, dtype=self.dtype, device=x.device)
-        hooks = {"out": y, "signal": SignalHook(self.own_flags, self.chunk_rows), "max_spins": self.max_spins, "status": self.status}
+        hooks = {"out": y, "signal": SignalHook(self.own_flags, self.chunk_rows), "wait_timeout": self.wait_timeout, "status": self.status}
         capturing, plan = self._begin(x, weight, hooks, spare=self.collective_sms)
         outputs = chunk_outputs(self.m, self.n, self.chunk_rows)
 

@@ -22,7 +22,7 @@ class FusedAllReduceResidualNorm(FusedOp):
             raise ValueError(f"rank {group.rank}: the fused all-reduce reads at most {MAX_WORLD} peers, "
                              f"the group has {group.world_size}")  # fmt: skip
         self.rows, self.hidden, self.dtype, self.eps = rows, hidden, dtype, eps
-        super().__init__(group, rows * hidden * dtype.itemsize, 2, "AR+norm", check=check, max_spins=None, graph_safe=graph_safe)
+        super().__init__(group, rows * hidden * dtype.itemsize, 2, "AR+norm", check=check, wait_timeout=None, graph_safe=graph_safe)
         if group.device.type == "cuda":  # compile and load the kernel now, not inside a CUDA graph's capture
             scratch = torch.zeros(rows, hidden, dtype=dtype, device=group.device)
             allreduce_residual_rmsnorm([scratch] * self.world, scratch, scratch[0], eps)

@@ -23,11 +23,12 @@ class _MatmulThenReduce(FusedOp):
     ``world - 1`` copies of this rank's output. Flags: one signal counter per chunk, then DONE (this
     rank finished reading its peers)."""
 
-    def __init__(self, group, m, n, dtype, chunk_rows, reduced: slice, name, *, check, max_spins, graph_safe):
+    def __init__(self, group, m, n, dtype, chunk_rows, reduced: slice, name, *, check, wait_timeout, graph_safe):
         self.m, self.n, self.dtype, self.chunk_rows, self.reduced = m, n, dtype, chunk_rows, reduced
         self.chunks = self.done = -(-m // chunk_rows)
         check_counters(group, name, chunk_rows, n)
-        super().__init__(group, m * n * dtype.itemsize, self.chunks + 1, name, check=check, max_spins=max_spins, graph_safe=graph_safe)
+        super().__init__(group, m * n * dtype.itemsize, self.chunks + 1, name, check=check, wait_timeout=wait_timeout,
+                         graph_safe=graph_safe)  # fmt: skip
         self.staging = torch.empty(self.world - 1, reduced.stop - reduced.start, n, dtype=dtype, device=group.device)
         if group.device.type == "cuda" and self.world <= MAX_WORLD:
             # Compile and load the one-pass sum now, not inside a CUDA graph's capture; and fail
@@ -53,7 +54,7 @@ class _MatmulThenReduce(FusedOp):
         self._expect_matmul(x, weight, self.m, self.n)
         buf, r, reduced = self.buffer, self.rank, self.reduced
         hooks = {"out": self._partial(r), "signal": SignalHook(buf.flags(r), self.chunk_rows), "start_chunk": start_chunk,
-                 "max_spins": self.max_spins, "status": self.status}  # fmt: skip
+                 "wait_timeout": self.wait_timeout, "status": self.status}  # fmt: skip
         capturing, plan = self._begin(x, weight, hooks)
         self._after_peers_read(self.done)  # peers finished reading my partials of the last epoch
         outputs = chunk_outputs(self.m, self.n, self.chunk_rows)
@@ -83,10 +84,10 @@ class _MatmulThenReduce(FusedOp):
 class FusedMatmulReduceScatter(_MatmulThenReduce):
     """``y_shard_m = reduce_scatter(x @ w.T)`` over rows: x ``[W*rows, k_shard]``, y ``[rows, n]``."""
 
-    def __init__(self, group: Group, rows: int, n: int, dtype: torch.dtype, *, check: bool = True, max_spins: int | None = None,
+    def __init__(self, group: Group, rows: int, n: int, dtype: torch.dtype, *, check: bool = True, wait_timeout: float | None = None,
                  graph_safe: bool = False):  # fmt: skip
         mine = slice(group.rank * rows, (group.rank + 1) * rows)
-        super().__init__(group, group.world_size * rows, n, dtype, rows, mine, "GEMM+RS", check=check, max_spins=max_spins,
+        super().__init__(group, group.world_size * rows, n, dtype, rows, mine, "GEMM+RS", check=check, wait_timeout=wait_timeout,
                          graph_safe=graph_safe)  # fmt: skip
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -100,8 +101,8 @@ class FusedMatmulAllReduce(_MatmulThenReduce):
     """``y = all_reduce(x @ w.T)``: x ``[m, k_shard]``, y ``[m, n]``, pulled in ``chunks`` row chunks."""
 
     def __init__(self, group: Group, m: int, n: int, dtype: torch.dtype, chunks: int = 4, *, check: bool = True,
-                 max_spins: int | None = None, graph_safe: bool = False):  # fmt: skip
-        super().__init__(group, m, n, dtype, chunk_rows_for(m, chunks), slice(0, m), "GEMM+AR", check=check, max_spins=max_spins,
+                 wait_timeout: float | None = None, graph_safe: bool = False):  # fmt: skip
+        super().__init__(group, m, n, dtype, chunk_rows_for(m, chunks), slice(0, m), "GEMM+AR", check=check, wait_timeout=wait_timeout,
                          graph_safe=graph_safe)  # fmt: skip
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ class FusedMatmulAllReduceTwoShot(FusedOp):
     reading its peers)."""
 
     def __init__(self, group: Group, m: int, n: int, dtype: torch.dtype, chunks: int = 4, *, check: bool = True,
-                 max_spins: int | None = None, graph_safe: bool = False, reduce_sms: int = REDUCE_SMS):  # fmt: skip
+                 wait_timeout: float | None = None, graph_safe: bool = False, reduce_sms: int = REDUCE_SMS):  # fmt: skip
         """``reduce_sms``: SMs the persistent GEMM leaves free on its GPU (shared by the ranks of a
         LocalGroup on one GPU), where each chunk's reduction runs while the GEMM goes on; with none
         it would wait for the GEMM to end, and every chunk's second shot with it."""
@@ -45,7 +45,7 @@ class FusedMatmulAllReduceTwoShot(FusedOp):
         self.summed, self.done = self.chunks, 2 * self.chunks  # flag indices: REDUCED of chunk c is summed + c
         check_counters(group, "GEMM+AR(two-shot)", self.chunk_rows, n)
         super().__init__(group, m * n * dtype.itemsize, 2 * self.chunks + 1, "GEMM+AR(two-shot)", check=check,
-                         max_spins=max_spins, graph_safe=graph_safe)  # fmt: skip
+                         wait_timeout=wait_timeout, graph_safe=graph_safe)  # fmt: skip
         widest = max(p.stop - p.start for p in (self._piece(c, self.rank) for c in range(self.chunks)))
         self.staging = torch.empty(self.world - 1, widest, n, dtype=dtype, device=group.device)
         if group.device.type == "cuda" and self.world <= MAX_WORLD:
@@ -75,7 +75,7 @@ class FusedMatmulAllReduceTwoShot(FusedOp):
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         self._expect_matmul(x, weight, self.m, self.n)
         r, buf = self.rank, self.buffer
-        hooks = {"out": self._partial(r), "signal": SignalHook(buf.flags(r), self.chunk_rows), "max_spins": self.max_spins,
+        hooks = {"out": self._partial(r), "signal": SignalHook(buf.flags(r), self.chunk_rows), "wait_timeout": self.wait_timeout,
                  "status": self.status}  # fmt: skip
         capturing, plan = self._begin(x, weight, hooks, spare=self.reduce_sms)
         self._after_peers_read(self.done)  # peers finished reading my partials and sums of the last epoch
