@@ -211,73 +211,36 @@ def _reduce_scatter(shape: dict, regime: str, world: int, dtype: torch.dtype, st
     on two streams (a link carries both directions at once). Ranks run in lockstep: a peer has its
     block for this rank when this rank has finished its block at the same step of its walk, so the
     exchange of step q follows this rank's block q (walk 1, 2, ..., W-1, then its own block 0)."""
-    m, n_out, k, cur = shape["M"], shape["N"], shape["K"] // world, torch.cuda.current_stream()
+    m, n_out, k = shape["M"], shape["N"], shape["K"] // world
     n = m // world
     x, w = torch.randn(m, k, device="cuda", dtype=dtype), torch.randn(n_out, k, device="cuda", dtype=dtype) / k**0.5
     partial, staging = torch.empty(m, n_out, device="cuda", dtype=dtype), torch.empty(world - 1, n, n_out, device="cuda", dtype=dtype)
     outgoing, incoming = _peers(world - 1, n, n_out, dtype, regime), _peers(world - 1, n, n_out, dtype, regime)
-    blocks = [partial[q * n : (q + 1) * n] for q in range(world)]
-    send, receive = new_stream(cur.device), new_stream(cur.device)
-    counters, epochs = torch.zeros(world, dtype=torch.int32, device="cuda"), itertools.count(1)
-    plan = plan_for(x, w)
-    outputs = chunk_outputs(m, n_out, n)
+    blocks = [slice(q * n, (q + 1) * n) for q in range(world)]
 
-    def exchange(q):  # step q: block q out, a peer's block of this rank's rows in
-        signals.copy_chunks([(outgoing[q - 1], blocks[q])], stream=send)
+    def exchange(q, send, receive):  # step q: block q out, a peer's block of this rank's rows in
+        signals.copy_chunks([(outgoing[q - 1], partial[blocks[q]])], stream=send)
         signals.copy_chunks([(staging[q - 1], incoming[q - 1])], stream=receive)
 
-    def joined():  # as the operator does: one pass over this rank's block and the received ones
-        _join(cur, send, receive)
+    def finish():  # as the operator does: one pass over this rank's block and the received ones
         out = torch.empty(n, n_out, device="cuda", dtype=dtype)
-        reduce_into([blocks[0], *staging], "sum", out)
+        reduce_into([partial[blocks[0]], *staging], "sum", out)
         return out
 
-    def comm():
-        _after(cur.record_event(), send, receive)
-        for q in range(1, world):
-            exchange(q)
-        return joined()
-
-    def bulk():
-        torch.matmul(x, w.T, out=partial)
-        return comm()
-
-    def chunked():
-        for q in list(range(1, world)) + [0]:  # peers' blocks first, so they can leave early
-            torch.matmul(x[q * n : (q + 1) * n], w.T, out=blocks[q])
-            if q:
-                _after(cur.record_event(), send, receive)
-                exchange(q)
-        return joined()
-
-    def fused(start=None, end=None):
-        e, before = next(epochs), cur.record_event()
-        delay.hold(cur)  # checking: the copies' stream waits must hold them until the GEMM has signalled
-        _between(start, end, lambda: gemm(x, w, out=partial, signal=SignalHook(counters, n), start_chunk=1, plan=plan, status=status))
-        _after(before, send, receive)  # waits queued after the GEMM they wait for (shared hardware queues)
-        for q in range(1, world):
-            for stream in (send, receive):  # stream waits on the GEMM's signal counters
-                signals.wait(counters, q, e * outputs[q], stream)
-            exchange(q)
-        return joined()
-
-    idle, quiet = torch.zeros(world, dtype=torch.int32, device="cuda"), torch.zeros_like(status)  # counters nobody waits on
-
-    def hooked():
-        return gemm(x, w, out=partial, signal=SignalHook(idle, n), start_chunk=1, plan=plan, status=quiet)
-
-    return _variants(lambda: x @ w.T, lambda: gemm(x, w, plan=plan), hooked, comm, bulk, chunked, fused, [partial, staging], outgoing)
+    return _by_row_chunks(x, w, partial, blocks, exchange, finish, status, delay, [partial, staging], outgoing, start_chunk=1, own=0)
 
 
 def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor, delay: Delay, chunks: int = 4) -> dict:
     """One-shot: every peer's partial comes in, and this rank's goes out to every peer (W-1 copies
     of it), chunk by chunk as the ranks finish it in lockstep, on two streams as in _reduce_scatter."""
     m, n_out, k = shape["M"], shape["N"], shape["K"] // world
+    spans = _spans(m, chunks)
     x, w = torch.randn(m, k, device="cuda", dtype=dtype), torch.randn(n_out, k, device="cuda", dtype=dtype) / k**0.5
     partial, staging = torch.empty(m, n_out, device="cuda", dtype=dtype), torch.empty(world - 1, m, n_out, device="cuda", dtype=dtype)
     outgoing, incoming = _peers(world - 1, m, n_out, dtype, regime), _peers(world - 1, m, n_out, dtype, regime)
 
-    def exchange(span, send, receive):
+    def exchange(c, send, receive):
+        span = spans[c]
         signals.copy_chunks([(outgoing[i][span], partial[span]) for i in range(world - 1)], stream=send)
         signals.copy_chunks([(staging[i, span], incoming[i][span]) for i in range(world - 1)], stream=receive)
 
@@ -286,7 +249,7 @@ def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status
         reduce_into([partial, *staging], "sum", out)
         return out
 
-    return _by_row_chunks(x, w, partial, chunks, exchange, finish, status, delay, [partial, staging], outgoing)
+    return _by_row_chunks(x, w, partial, spans, exchange, finish, status, delay, [partial, staging], outgoing)
 
 
 def _all_reduce_two_shot(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor, delay: Delay,
@@ -304,12 +267,13 @@ def _all_reduce_two_shot(shape: dict, regime: str, world: int, dtype: torch.dtyp
         a, b = span.start, span.stop
         return slice(a + (b - a) * owner // world, a + (b - a) * (owner + 1) // world)
 
-    widest = max(piece(span, 0).stop - piece(span, 0).start for span in _spans(m, chunks))
+    spans = _spans(m, chunks)
+    widest = max(piece(span, 0).stop - piece(span, 0).start for span in spans)
     staging = torch.empty(world - 1, widest, n_out, device="cuda", dtype=dtype)
     outgoing, incoming = _peers(world - 1, m, n_out, dtype, regime), _peers(world - 1, m, n_out, dtype, regime)
 
-    def exchange(span, send, receive):
-        mine, theirs = piece(span, 0), [piece(span, q) for q in range(1, world)]
+    def exchange(c, send, receive):
+        mine, theirs = piece(spans[c], 0), [piece(spans[c], q) for q in range(1, world)]
         staged = [staging[i, : mine.stop - mine.start] for i in range(world - 1)]
         signals.copy_chunks([(outgoing[i][rows], partial[rows]) for i, rows in enumerate(theirs)], stream=send)
         signals.copy_chunks([(staged[i], incoming[i][mine]) for i in range(world - 1)], stream=receive)
@@ -321,7 +285,7 @@ def _all_reduce_two_shot(shape: dict, regime: str, world: int, dtype: torch.dtyp
         signals.copy_chunks([(y[rows], incoming[i][rows]) for i, rows in enumerate(theirs)], stream=receive)
 
     # the fused GEMM leaves SMs free for the reductions, as the operator's does
-    return _by_row_chunks(x, w, partial, chunks, exchange, lambda: y, status, delay, [partial, staging, y], outgoing,
+    return _by_row_chunks(x, w, partial, spans, exchange, lambda: y, status, delay, [partial, staging, y], outgoing,
                           spare_sms=REDUCE_SMS)  # fmt: skip
 
 
@@ -330,18 +294,21 @@ def _spans(m: int, chunks: int) -> list[slice]:
     return [slice(c * step, min((c + 1) * step, m)) for c in range(chunks)]
 
 
-def _by_row_chunks(x, w, partial, chunks, exchange, finish, status, delay, landing, sent, spare_sms=0) -> dict:
-    """The variants of a GEMM+AR whose communication goes row chunk by row chunk, in lockstep:
-    ``exchange(span, send, receive)`` queues a chunk's copies once this rank has its rows of
-    ``partial``, on two streams; ``finish()`` (after both) returns the result."""
-    m, n_out, cur = partial.shape[0], partial.shape[1], torch.cuda.current_stream()
-    spans = _spans(m, chunks)
+def _by_row_chunks(x, w, partial, spans, exchange, finish, status, delay, landing, sent, *, spare_sms=0, start_chunk=0,
+                   own=None) -> dict:  # fmt: skip
+    """The variants of a GEMM whose communication goes row chunk by row chunk (``spans``), in
+    lockstep: the GEMM walks the chunks from ``start_chunk`` on, around; once this rank has chunk
+    c of ``partial``, ``exchange(c, send, receive)`` queues its copies on two streams (all but
+    ``own``, a chunk that stays); ``finish()`` (after both) returns the result."""
+    cur = torch.cuda.current_stream()
+    walk = [(start_chunk + i) % len(spans) for i in range(len(spans))]
+    exchanged = [c for c in walk if c != own]
     send, receive = new_stream(cur.device), new_stream(cur.device)
     counters, epochs = torch.zeros(len(spans), dtype=torch.int32, device="cuda"), itertools.count(1)
     plan = plan_for(x, w)
     fused_plan = leave_sms(plan, x.device, spare_sms)
     step = spans[0].stop - spans[0].start
-    outputs = chunk_outputs(m, n_out, step)
+    outputs = chunk_outputs(partial.shape[0], partial.shape[1], step)
 
     def joined():
         _join(cur, send, receive)
@@ -349,8 +316,8 @@ def _by_row_chunks(x, w, partial, chunks, exchange, finish, status, delay, landi
 
     def comm():
         _after(cur.record_event(), send, receive)
-        for span in spans:
-            exchange(span, send, receive)
+        for c in exchanged:
+            exchange(c, send, receive)
         return joined()
 
     def bulk():
@@ -358,26 +325,28 @@ def _by_row_chunks(x, w, partial, chunks, exchange, finish, status, delay, landi
         return comm()
 
     def chunked():
-        for span in spans:
-            torch.matmul(x[span], w.T, out=partial[span])
-            _after(cur.record_event(), send, receive)  # peers finish this chunk when this rank does (lockstep)
-            exchange(span, send, receive)
+        for c in walk:  # peers' chunks first (from start_chunk), so they can leave early
+            torch.matmul(x[spans[c]], w.T, out=partial[spans[c]])
+            if c != own:
+                _after(cur.record_event(), send, receive)  # peers finish this chunk when this rank does (lockstep)
+                exchange(c, send, receive)
         return joined()
 
     def fused(start=None, end=None):
         e, before = next(epochs), cur.record_event()
         delay.hold(cur)  # checking: the copies' stream waits must hold them until the GEMM has signalled
-        _between(start, end, lambda: gemm(x, w, out=partial, signal=SignalHook(counters, step), plan=fused_plan, status=status))
-        _after(before, send, receive)
-        for c, span in enumerate(spans):
-            for stream in (send, receive):
+        _between(start, end, lambda: gemm(x, w, out=partial, signal=SignalHook(counters, step), start_chunk=start_chunk, plan=fused_plan,
+                                          status=status))  # fmt: skip
+        _after(before, send, receive)  # waits queued after the GEMM they wait for (shared hardware queues)
+        for c in exchanged:
+            for stream in (send, receive):  # stream waits on the GEMM's signal counters
                 signals.wait(counters, c, e * outputs[c], stream)
-            exchange(span, send, receive)
+            exchange(c, send, receive)
         return joined()
 
     idle, quiet = torch.zeros_like(counters), torch.zeros_like(status)  # counters nobody waits on
 
     def hooked():
-        return gemm(x, w, out=partial, signal=SignalHook(idle, step), plan=fused_plan, status=quiet)
+        return gemm(x, w, out=partial, signal=SignalHook(idle, step), start_chunk=start_chunk, plan=fused_plan, status=quiet)
 
     return _variants(lambda: x @ w.T, lambda: gemm(x, w, plan=plan), hooked, comm, bulk, chunked, fused, landing, sent)
