@@ -46,7 +46,8 @@ class SideLane:
         self._idle = threading.Event()
         self._idle.set()
         self._pending, self._lock = 0, threading.Lock()
-        self._main_done: threading.Event | torch.cuda.Event | None = None  # set by alongside()
+        self._main_done: threading.Event | None = None  # CPU: set by alongside() once main returned
+        self._main_stream: torch.cuda.Stream | None = None  # GPU: the stream alongside()'s main queued on
 
     def start_call(self) -> None:
         """Every wait of one operator call shares one deadline, ``timeout`` from now."""
@@ -85,7 +86,7 @@ class SideLane:
         current = torch.cuda.current_stream(self.device)
         before = current.record_event()
         result = main()
-        self._main_done = current.record_event()
+        self._main_stream = current  # nothing is queued there until side() has run
         self.stream.wait_event(before)
         self.run(side)
         return result
@@ -96,7 +97,7 @@ class SideLane:
         flag wait on it would need the graph to run both branches at once), for its return on a
         CPU (within the deadline)."""
         if self.stream is not None:
-            self.stream.wait_event(self._main_done)
+            self.stream.wait_stream(self._main_stream)
         elif not self._main_done.wait(max(0.0, self.deadline - time.monotonic())):
             raise TimeoutError(f"a fused operator's GEMM did not finish within {self.timeout} s")
 

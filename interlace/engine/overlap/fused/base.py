@@ -83,8 +83,11 @@ class FusedOp:
         the caller's stream first (on a GPU), for at most the group's timeout: past it, raises what
         the last call waits for instead of blocking behind a stream wait never satisfied. A failure
         stays recorded: the operator's ranks no longer agree on epochs, so every later call fails too."""
+        self._check_by(time.monotonic() + self.lane.timeout)
+
+    def _check_by(self, deadline: float) -> None:
         self._raise_late()
-        self._settle(time.monotonic() + self.lane.timeout)
+        self._settle(deadline)
         failed, where, value, observed = self.status.tolist()
         who = f"rank {self.rank}: {self.name}"
         if failed == GEMM_WAIT_FAILED:
@@ -128,8 +131,7 @@ class FusedOp:
                 done = torch.cuda.current_stream(self.group.device).record_event()
                 WATCHDOG.watch(self, done.query, self.lane.deadline, lambda: self._report_late(awaited, epoch, done.query))
             return
-        self._settle(self.lane.deadline)
-        self.check()
+        self._check_by(self.lane.deadline)
 
     def _settle(self, deadline: float) -> None:
         """(GPU) Block until the caller's stream has done what it queued; past ``deadline`` (or once

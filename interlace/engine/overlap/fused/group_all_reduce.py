@@ -10,6 +10,10 @@ from interlace.ops.gemm import SignalHook, chunk_outputs, gemm
 from .base import FusedOp, check_counters, chunk_rows_for
 
 
+# SMs the GEMM leaves free for the group's all-reduce kernels (NCCL's): a starting point, not yet measured.
+COLLECTIVE_SMS = 8
+
+
 class FusedMatmulGroupAllReduce(FusedOp):
     """``y = all_reduce(x @ w.T)`` where ranks share no memory (several nodes): x ``[m, k_shard]``,
     y ``[m, n]``. ONE GEMM counts finished outputs per row chunk; the lane all-reduces each chunk
@@ -19,10 +23,10 @@ class FusedMatmulGroupAllReduce(FusedOp):
     unseen = "the GPU is slow, or a peer has not joined the group's all-reduce of a chunk"
 
     def __init__(self, group: Group, m: int, n: int, dtype: torch.dtype, chunks: int = 4, *, check: bool = True,
-                 wait_timeout: float | None = None, graph_safe: bool = False, collective_sms: int = 8):  # fmt: skip
+                 wait_timeout: float | None = None, graph_safe: bool = False, collective_sms: int = COLLECTIVE_SMS):  # fmt: skip
         """``collective_sms``: SMs the persistent GEMM leaves free, where the group's all-reduce
         kernels (NCCL's, a block per channel) run beside it; with none they would wait for the
-        GEMM to end. 8 is a starting point, not yet measured."""
+        GEMM to end."""
         self.m, self.n, self.dtype, self.collective_sms = m, n, dtype, collective_sms
         self.chunk_rows = chunk_rows_for(m, chunks)
         self.chunks = -(-m // self.chunk_rows)
