@@ -16,6 +16,8 @@ os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")  # rank streams must 
 
 import torch  # noqa: E402
 
+from interlace.engine.telemetry import envelope  # noqa: E402
+
 from . import collectives, decode, gemm, layers, pipeline, rank_slice, report
 from .common import StuckStream, parse_bytes, result_path, write_result
 
@@ -116,10 +118,12 @@ def _add_rank_slice(commands) -> None:
 
 
 def _rank_slice_config(args) -> rank_slice.Config:
-    return rank_slice.Config(
+    config = rank_slice.Config(
         world_size=args.world_size, models=_list(args.models), tokens=_ints(args.tokens), patterns=_list(args.patterns),
         regimes=_list(args.regimes), dtype=args.dtype, iters=args.iters,
     )  # fmt: skip
+    rank_slice.shapes(config)  # a layer the world size does not divide is refused before anything runs
+    return config
 
 
 def _add_decode(commands) -> None:
@@ -156,9 +160,13 @@ def run_benchmark(name: str, config, out: Path | None, resume: bool = False) -> 
     module, path = BENCHMARKS[name][0], result_path(name, out)
     print(f"{name}: measuring (rank processes start in about a second)...", file=sys.stderr, flush=True)
     earlier = {"earlier": _earlier(path, config)} if resume else {}
+    env = envelope()  # once: each checkpoint would probe the GPUs again
     try:
         if name in CHECKPOINTED:
-            result = module.run(config, checkpoint=lambda rows: write_result(name, asdict(config), rows, path, complete=False), **earlier)
+            def checkpoint(rows: list[dict]) -> None:
+                write_result(name, asdict(config), rows, path, env, complete=False)
+
+            result = module.run(config, checkpoint=checkpoint, **earlier)
         else:
             result = module.run(config)
     except StuckStream as error:
@@ -167,7 +175,7 @@ def run_benchmark(name: str, config, out: Path | None, resume: bool = False) -> 
         os._exit(3)
     print(module.table(result))
     extra = {k: v for k, v in result.items() if k not in ("rows", "config")}
-    write_result(name, result["config"], result["rows"], path, **extra)
+    write_result(name, result["config"], result["rows"], path, env, **extra)
     print(f"wrote {path}\n")
     return path, [r for r in result["rows"] if "failed" in r]
 
@@ -204,7 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for name in names:
         bench_args = parser.parse_args([name]) if args.command == "demo" else args
-        failed += run_benchmark(name, BENCHMARKS[name][2](bench_args), bench_args.out, getattr(bench_args, "resume", False))[1]
+        try:
+            config = BENCHMARKS[name][2](bench_args)
+        except ValueError as error:
+            parser.error(str(error))
+        failed += run_benchmark(name, config, bench_args.out, getattr(bench_args, "resume", False))[1]
     return 1 if failed else 0  # each table lists its failed rows
 
 

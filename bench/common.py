@@ -28,12 +28,14 @@ def result_path(name: str, out: Path | None = None) -> Path:
     return Path(out) if out is not None else OUT_DIR / f"{name}-{stamp}.json"
 
 
-def write_result(name: str, config: dict[str, Any], rows: list[dict[str, Any]], out: Path | None = None, **extra: Any) -> Path:
-    """Write ``{"benchmark", "envelope", "config", "rows", ...}`` as JSON and return the path."""
+def write_result(name: str, config: dict[str, Any], rows: list[dict[str, Any]], out: Path | None = None,
+                 env: dict[str, Any] | None = None, **extra: Any) -> Path:  # fmt: skip
+    """Write ``{"benchmark", "envelope", "config", "rows", ...}`` as JSON and return the path.
+    ``env``: the envelope, taken once per run by a caller that writes many times (else taken now)."""
     path = result_path(name, out)
     path.parent.mkdir(parents=True, exist_ok=True)
     command = "python -m bench " + " ".join(sys.argv[1:])
-    payload = {"benchmark": name, "command": command, "envelope": envelope(), "config": config, "rows": rows, **extra}
+    payload = {"benchmark": name, "command": command, "envelope": env or envelope(), "config": config, "rows": rows, **extra}
     partial = path.with_name(path.name + ".partial")  # a run killed while writing leaves the last complete file
     partial.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(partial, path)
@@ -165,7 +167,8 @@ def event_median(run: Callable[[Any, Any], Any], iters: int, *, warmup: int, hea
     when its turn comes). With ``headstart_cycles``, each call is queued behind a sleep kernel that
     long, so the host has enqueued all of it before its start event is reached (GPU time, not
     Python's); a call whose sleep ended before the host had enqueued it all is timed again behind
-    a sleep twice as long. ``StuckStream`` (naming ``what``) if a call does not finish."""
+    a sleep twice as long. Without, each call starts on an idle GPU (launch costs count).
+    ``StuckStream`` (naming ``what``) if a call does not finish."""
     def events():
         return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
@@ -178,6 +181,8 @@ def event_median(run: Callable[[Any, Any], Any], iters: int, *, warmup: int, hea
         scrub.zero_()
         if headstart_cycles:
             torch.cuda._sleep(headstart_cycles)
+        else:  # the run starts on an idle GPU: the scrub would give the host a head start of its own
+            settle(what)
         slept = torch.cuda.current_stream().record_event()
         run(start, end)
         caught_up = headstart_cycles and slept.query()  # the GPU may have waited for the host inside the timing

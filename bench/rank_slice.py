@@ -40,6 +40,7 @@ STRATEGIES = ("bulk", "chunked", "fused")
 # an earlier harness measured without one of these is measured again by --resume.
 TIMED = ("gemm", "gemm_triton", "gemm_hooked", "comm", *STRATEGIES, "fused_gemm", "bulk_again")
 REGIMES = ("d2d", "host")
+ROW_CHUNKS = 4  # row chunks of the GEMM+AR variants (rank_slice_gpu)
 
 
 @dataclass
@@ -66,8 +67,19 @@ def shapes(config: Config) -> list[dict]:
         for pattern in config.patterns:
             for layer, (n, k) in layers[pattern].items():
                 for m in config.tokens:
+                    _check_split(f"{model}/tp{w}/{layer}", pattern, w, m, n, k)
                     out.append({"name": f"{model}/tp{w}/{layer}/m{m}", "pattern": pattern, "M": m, "N": n, "K": k})
     return out
+
+
+def _check_split(name: str, pattern: str, world: int, m: int, n: int, k: int) -> None:
+    """The harness cuts M into W blocks (and GEMM+AR's into ROW_CHUNKS chunks), and N (AG) or K
+    (RS, AR) into W shards: a remainder would time a smaller GEMM under the layer's name, or leave
+    rows of a buffer unwritten."""
+    shard, size = ("N", n) if pattern == "ag_gemm" else ("K", k)
+    if m % world or size % world or m < ROW_CHUNKS:
+        raise ValueError(f"rank slice {name}: M={m} and {shard}={size} must be multiples of the world size {world}, "
+                         f"and M at least {ROW_CHUNKS}")  # fmt: skip
 
 
 def run(config: Config, checkpoint: Callable[[list[dict]], None] | None = None, earlier: dict | None = None) -> dict:

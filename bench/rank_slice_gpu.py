@@ -15,12 +15,15 @@ from interlace.engine.overlap.fused import REDUCE_SMS
 from interlace.ops.gemm import SignalHook, WaitHook, chunk_outputs, gemm, leave_sms, plan_for
 
 from .common import around, event_median, relative_error, settle
-from .rank_slice import STRATEGIES
+from .rank_slice import ROW_CHUNKS, STRATEGIES
 
 WARMUP = 3
 # GPU time, not Python's: each timed run is queued behind a ~1 ms sleep kernel, so the host has
 # enqueued the whole run (a fused call is several launches) before its start event is reached.
 HEADSTART_CYCLES = 2_000_000
+# A fused GEMM's wait that gives up does so well before settle() calls the stream stuck
+# (STUCK_AFTER_S): the shape becomes a failed row, with what the wait saw, and the run goes on.
+WAIT_TIMEOUT_S = 10.0
 
 
 def measure(shape: dict, regime: str, world: int, dtype: torch.dtype, iters: int) -> tuple[dict[str, float], str]:
@@ -38,6 +41,9 @@ def measure(shape: dict, regime: str, world: int, dtype: torch.dtype, iters: int
     status, delay = torch.zeros(4, dtype=torch.int32, device="cuda"), Delay()
     variants = build(shape, regime, world, dtype, status, delay)
     poison, sent = variants.pop("poison"), variants.pop("sent")
+    for name in ("chunked", "fused", "gemm_hooked"):  # compiled and loaded first: a launch compiling
+        variants[name]()  # for longer than Delay's hold would check nothing
+    settle(f"{label}: warming up")
     poison()
     expected = variants["bulk"]().to(torch.float32, copy=True)  # a copy: a variant may return a buffer that poison() fills
     if not expected.isfinite().all():
@@ -195,7 +201,7 @@ def _all_gather(shape: dict, regime: str, world: int, dtype: torch.dtype, status
         delay.hold(copy)  # checking: the GEMM's waits must hold it until the rows land
         signals.copy_chunks(chunks, flags, list(range(1, world)), e, stream=copy)
         _between(start, end, lambda: gemm(gathered, w, out=y, wait=WaitHook(flags, epoch, n), start_chunk=0, plan=waiting_plan,
-                                          check=False, status=status))  # fmt: skip
+                                          check=False, status=status, wait_timeout=WAIT_TIMEOUT_S))  # fmt: skip
         _join(cur, copy, send)
         return y
 
@@ -230,7 +236,8 @@ def _reduce_scatter(shape: dict, regime: str, world: int, dtype: torch.dtype, st
     return _by_row_chunks(x, w, partial, blocks, exchange, finish, status, delay, [partial, staging], outgoing, start_chunk=1, own=0)
 
 
-def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor, delay: Delay, chunks: int = 4) -> dict:
+def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor, delay: Delay,
+                chunks: int = ROW_CHUNKS) -> dict:  # fmt: skip
     """One-shot: every peer's partial comes in, and this rank's goes out to every peer (W-1 copies
     of it), chunk by chunk as the ranks finish it in lockstep, on two streams as in _reduce_scatter."""
     m, n_out, k = shape["M"], shape["N"], shape["K"] // world
@@ -253,7 +260,7 @@ def _all_reduce(shape: dict, regime: str, world: int, dtype: torch.dtype, status
 
 
 def _all_reduce_two_shot(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor, delay: Delay,
-                         chunks: int = 4) -> dict:  # fmt: skip
+                         chunks: int = ROW_CHUNKS) -> dict:  # fmt: skip
     """Two-shot, chunk by chunk as the ranks finish it in lockstep (this rank is rank 0): piece q of
     the chunk goes out to rank q while the peers' pieces of this rank's rows come in; their sum (a
     kernel, on the SMs a fused GEMM leaves free) is written back over this rank's piece, as the

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,24 @@ def test_pipeline_benchmark_measures_against_predictions(tmp_path):
     for r in rows:
         assert r["error"] == pytest.approx(r["measured_ms"] / r["predicted_ms"] - 1)
         assert r["measured_ms"] >= 0.95 * r["predicted_ms"], "sleeping stages cannot finish early"
+
+
+@pytest.mark.parametrize("world,tokens,message", [
+    (3, 2048, r"llama3-8b/tp3/attn-qkv: M=2048 and N=6144 must be multiples of the world size 3"),
+    (6, 2046, r"llama3-8b/tp6/attn-o: M=2046 and K=4096 must be multiples of the world size 6"),
+    (2, 2, r"M=2 and N=\d+ must be multiples of the world size 2, and M at least 4"),
+])  # fmt: skip
+def test_rank_slice_refuses_layers_the_world_size_does_not_divide(world, tokens, message, capsys):
+    from bench import rank_slice
+    from bench.__main__ import main
+
+    pattern = "gemm_ar" if tokens == 2046 else "ag_gemm"
+    config = rank_slice.Config(world_size=world, models=["llama3-8b"], tokens=[tokens], patterns=[pattern])
+    with pytest.raises(ValueError, match=message):
+        rank_slice.shapes(config)
+    with pytest.raises(SystemExit) as stopped:  # the command line refuses it before anything runs
+        main(["rank_slice", "--world-size", str(world), "--models", "llama3-8b", "--tokens", str(tokens), "--patterns", config.patterns[0]])
+    assert stopped.value.code == 2 and re.search(message, capsys.readouterr().err)
 
 
 def test_rank_slice_shape_table_is_the_layers_of_each_pattern():
