@@ -132,6 +132,8 @@ def test_gemm_hooks_are_system_scope_and_cost_nothing_when_off(compiled):
     assert "ld.global.sys.acquire.b32" in with_hooks  # WAIT: tl.atomic_add(flag, 0, acquire, sys) lowers to a load
     assert "atom.global.sys.release.add.u32" in with_hooks  # SIGNAL
     assert "globaltimer" in with_hooks  # a wait's bound is a time
+    # one timer value for every warp, shared through shared memory (not each warp's own reading)
+    assert {"st.shared.b64", "ld.shared.b64"} <= with_hooks
     assert not {i for i in without if i.startswith("atom") or ".sys." in i or i == "globaltimer"}, sorted(without)
 
 

@@ -69,6 +69,13 @@ def drain_within(device: torch.device, seconds: float, what: str, error: type[Ti
     drain(device, poll)
 
 
+def happened(event: torch.cuda.Event, device: torch.device) -> bool:
+    """Whether ``event`` has happened, asked with ``device`` current: from a thread with no current
+    device (the watchdog's) the query would make a CUDA context on device 0."""
+    with torch.cuda.device(device):
+        return event.query()
+
+
 def record_event(device: torch.device, stream: torch.cuda.Stream | None = None) -> torch.cuda.Event | None:
     """An event recorded on ``stream`` (default: the current one) of a CUDA device; None on CPUs."""
     if device.type != "cuda":

@@ -48,6 +48,12 @@ INTERPRETER_PROGRAMS = 2  # sequential programs under the interpreter: two exerc
 INTERPRETER_LOCK = threading.Lock() if INTERPRETING else contextlib.nullcontext()
 
 
+# Triton (3.6, 3.7) sets a kernel's launcher before it loads the kernel's binary, on its first
+# launch in a process: a thread launching it in between passes no function and fails. Rank threads
+# build their operators together, and with them make their first launches: those take turns.
+FIRST_LAUNCHES = threading.Lock()
+
+
 def launching(device: torch.device):
     """The context of a Triton launch on ``device``: that device made current (Triton launches on
     the current one, whatever the tensors' device) and, interpreted, the interpreter's turn."""

@@ -88,15 +88,12 @@ class SymmetricBuffer:
             self.abandon()
 
     def abandon(self) -> None:
-        """Not collective, for error paths: stop using peers' memory and keep this rank's (a peer
-        may still map it; the process's exit frees it). Shared-memory names are already gone."""
-        if self._closed:
-            return
+        """Not collective, for error paths: stop using the buffer, and keep every mapping (the
+        process's exit frees them): a peer may still map this rank's memory, and work of this rank
+        still queued (a lane's copies behind a wait never satisfied) may still read a peer's.
+        Shared-memory names are already gone."""
         self._closed = True
         self._views = []
-        for r, a in enumerate(self._addresses):
-            if r != self.rank:
-                self._memory.release_peer(a)
 
     def _view(self, rank: int) -> torch.Tensor:
         if self._closed:

@@ -3,6 +3,7 @@ deadlines and the failure record (see the package's docstring for the protocol).
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -10,7 +11,7 @@ import torch
 
 from interlace.engine.comm import Group, SymmetricBuffer, signals
 from interlace.engine.comm.group import ring
-from interlace.engine.device import drain, new_stream
+from interlace.engine.device import drain, drain_within, happened, new_stream
 from interlace.kernels.flags import ABORTED, FLAG_WAIT_FAILED
 from interlace.ops import flags as epoch_flags
 from interlace.ops.flags import EpochValue
@@ -43,6 +44,8 @@ class FusedOp:
         self._last_call: tuple[list[tuple[int, int, int]], int] = ([], 0)  # (what it awaited, its epoch)
         if group.device.type == "cuda":
             epoch_flags.warm_up(group.device)
+            # zeroed on this stream: a first call on another must not overtake the fills
+            drain_within(group.device, group.timeout, f"rank {self.rank}: {name}: zeroing its flags")
 
     def close(self) -> None:
         """Collective when the operator has a symmetric buffer."""
@@ -128,8 +131,9 @@ class FusedOp:
         gpu, epoch = self.group.device.type == "cuda", self.epoch
         if not self.check_calls:
             if gpu:
-                done = torch.cuda.current_stream(self.group.device).record_event()
-                WATCHDOG.watch(self, done.query, self.lane.deadline, lambda: self._report_late(awaited, epoch, done.query))
+                event = torch.cuda.current_stream(self.group.device).record_event()
+                done = functools.partial(happened, event, self.group.device)
+                WATCHDOG.watch(self, done, self.lane.deadline, lambda: self._report_late(awaited, epoch, done))
             return
         self._check_by(self.lane.deadline)
 

@@ -7,6 +7,7 @@ import torch
 from interlace.engine.comm import Group
 from interlace.engine.comm.group import ring
 from interlace.kernels.reduce import MAX_WORLD
+from interlace.ops.gemm import FIRST_LAUNCHES
 from interlace.ops.reduce import allreduce_residual_rmsnorm
 
 from .base import FusedOp
@@ -25,7 +26,8 @@ class FusedAllReduceResidualNorm(FusedOp):
         super().__init__(group, rows * hidden * dtype.itemsize, 2, "AR+norm", check=check, wait_timeout=None, graph_safe=graph_safe)
         if group.device.type == "cuda":  # compile and load the kernel now, not inside a CUDA graph's capture
             scratch = torch.zeros(rows, hidden, dtype=dtype, device=group.device)
-            allreduce_residual_rmsnorm([scratch] * self.world, scratch, scratch[0], eps)
+            with FIRST_LAUNCHES:
+                allreduce_residual_rmsnorm([scratch] * self.world, scratch, scratch[0], eps)
 
     def __call__(self, residual: torch.Tensor, weight: torch.Tensor, partial: torch.Tensor):
         for name, t in (("residual", residual), ("partial", partial)):

@@ -8,7 +8,7 @@ from interlace.engine.comm import Group
 from interlace.engine.comm.group import ring
 from interlace.engine.comm.reduce import reduce_into
 from interlace.kernels.reduce import MAX_WORLD
-from interlace.ops.gemm import SignalHook, chunk_outputs, gemm
+from interlace.ops.gemm import FIRST_LAUNCHES, SignalHook, chunk_outputs, gemm
 from interlace.ops.reduce import sum_parts
 
 from .base import FusedOp, check_counters, chunk_rows_for
@@ -33,7 +33,8 @@ class _MatmulThenReduce(FusedOp):
         if group.device.type == "cuda" and self.world <= MAX_WORLD:
             # Compile and load the one-pass sum now, not inside a CUDA graph's capture; and fail
             # here, not fall back to torch's pass per rank, if it cannot take these operands.
-            sum_parts(self._parts(), torch.empty_like(self._partial(self.rank)[reduced]))
+            with FIRST_LAUNCHES:
+                sum_parts(self._parts(), torch.empty_like(self._partial(self.rank)[reduced]))
 
     def _partial(self, rank: int) -> torch.Tensor:
         return self.buffer.peer(rank, self.dtype, (self.m, self.n))

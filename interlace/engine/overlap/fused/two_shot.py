@@ -9,7 +9,7 @@ from interlace.engine.comm.group import ring
 from interlace.engine.comm.reduce import reduce_into
 from interlace.kernels.reduce import MAX_WORLD
 from interlace.ops.flags import EpochValue
-from interlace.ops.gemm import SignalHook, chunk_outputs, gemm
+from interlace.ops.gemm import FIRST_LAUNCHES, SignalHook, chunk_outputs, gemm
 from interlace.ops.reduce import sum_parts
 
 from .base import FusedOp, check_counters, chunk_rows_for
@@ -52,9 +52,10 @@ class FusedMatmulAllReduceTwoShot(FusedOp):
             # Compile and load the one-pass sum for every piece now (their offsets may specialise
             # it apart), not inside a CUDA graph's capture; and fail here if it cannot take them.
             scratch = torch.empty(m, n, dtype=dtype, device=group.device)
-            for c in range(self.chunks):
-                rows = self._piece(c, self.rank)
-                sum_parts(self._parts(rows), scratch[rows])
+            with FIRST_LAUNCHES:
+                for c in range(self.chunks):
+                    rows = self._piece(c, self.rank)
+                    sum_parts(self._parts(rows), scratch[rows])
 
     def _partial(self, rank: int) -> torch.Tensor:
         return self.buffer.peer(rank, self.dtype, (self.m, self.n))
