@@ -51,6 +51,12 @@ def test_the_budget_cuts_limits_and_skips_what_no_longer_fits(tmp_path):
     assert late.rc is None and late.skipped.endswith("s of budget left")
 
 
+def test_a_step_leaves_the_time_it_is_told_to_for_the_steps_after_it(tmp_path):
+    steps = [Step("bench", [PY, "-c", "import time; time.sleep(60)"], limit=600, leave=4), Step("report", [PY, "-c", "pass"], 30)]
+    bench, report = gpu_session.run_plan(steps, tmp_path, budget=8, reserve=0, least=1)
+    assert bench.timed_out and bench.seconds < 6 and report.rc == 0
+
+
 def test_pack_keeps_paths_relative_to_the_root(tmp_path):
     results = tmp_path / "bench" / "results" / "h100"
     (results / "report").mkdir(parents=True)
@@ -62,7 +68,7 @@ def test_pack_keeps_paths_relative_to_the_root(tmp_path):
     assert names == {"bench/results/h100/gemm.json", "bench/results/h100/report/README.md"}
 
 
-@pytest.mark.parametrize("name", ["test-fused-2", "test-fused"])
+@pytest.mark.parametrize("name", ["test-fused-2", "test-fused", "test-rest"])
 def test_the_planned_test_selections_select_tests(name, tmp_path):
     """A renamed test id or file must not turn a GPU step into a silent no-op."""
     step = next(s for s in gpu_session.plans("x")["all"] if s.name == name)
@@ -85,7 +91,8 @@ def test_every_planned_file_and_benchmark_exists():
 
 def test_steps_can_be_picked_by_name_and_set_up_and_env_always_run():
     plan = gpu_session.plans("x")["all"]
-    assert [s.name for s in gpu_session.select(plan, "bench-gemm, test-rest")] == ["setup", "env", "test-rest", "bench-gemm"]
+    # in the order named: what matters most first, before the budget runs out
+    assert [s.name for s in gpu_session.select(plan, "bench-gemm, test-rest, env")] == ["setup", "env", "bench-gemm", "test-rest"]
     assert gpu_session.select(plan, None) == plan
     with pytest.raises(SystemExit, match=r"unknown steps \['bench-gem'\]; this plan has \['setup', 'env'"):
         gpu_session.select(plan, "bench-gem")
@@ -200,11 +207,44 @@ def test_without_a_usable_gpu_the_session_stops_after_set_up():
 
 def test_compiled_kernels_come_back_when_small_enough(tmp_path):
     cache = tmp_path / "cache"
-    assert gpu_session.pack_cache(cache, tmp_path / "c.tar.gz").startswith("compiled kernels not packed: 0 files")
+    assert gpu_session.pack_cache(cache, tmp_path / "c.tar.gz").startswith("compiled kernels not packed: 0 new files")
     (cache / "ab12").mkdir(parents=True)
     (cache / "ab12" / "gemm_kernel.cubin").write_bytes(b"\0" * 2048)
-    assert gpu_session.pack_cache(cache, tmp_path / "c.tar.gz", limit=1024).startswith("compiled kernels not packed: 1 files")
+    assert gpu_session.pack_cache(cache, tmp_path / "c.tar.gz", limit=1024).startswith("compiled kernels not packed: 1 new files")
     assert not (tmp_path / "c.tar.gz").exists()
-    assert gpu_session.pack_cache(cache, tmp_path / "c.tar.gz") == "compiled kernels packed: 1 files, 0 MiB, in c.tar.gz"
+    assert gpu_session.pack_cache(cache, tmp_path / "c.tar.gz") == "compiled kernels packed: 1 new files, 0 MiB, in c.tar.gz"
     with tarfile.open(tmp_path / "c.tar.gz") as tar:
         assert [m.name for m in tar.getmembers()] == ["ab12/gemm_kernel.cubin"]  # unpacked into .triton-cache as it was
+
+
+def test_carried_kernels_are_seeded_and_only_new_ones_come_back(tmp_path):
+    carried, cache = tmp_path / ".triton-cache", tmp_path / "fixed" / "cache"
+    (carried / "ab12").mkdir(parents=True)
+    (carried / "ab12" / "old.cubin").write_bytes(b"old")
+    os.utime(carried / "ab12" / "old.cubin", (1e9, 1e9))
+    gpu_session.seed_cache(carried, cache)
+    assert (cache / "ab12" / "old.cubin").read_bytes() == b"old"
+    since = time.time()
+    (cache / "cd34").mkdir()
+    (cache / "cd34" / "new.cubin").write_bytes(b"new")
+    assert gpu_session.pack_cache(cache, tmp_path / "c.tar.gz", since=since).startswith("compiled kernels packed: 1 new files")
+    with tarfile.open(tmp_path / "c.tar.gz") as tar:
+        assert [m.name for m in tar.getmembers()] == ["cd34/new.cubin"]
+
+
+def test_what_a_step_leaves_running_is_killed_when_it_ends(tmp_path):
+    marker = tmp_path / "child-survived"
+    child = tmp_path / "child.py"
+    child.write_text(f"import time; time.sleep(3); open({str(marker)!r}, 'w')")
+    leaves = f"import subprocess, sys; subprocess.Popen([sys.executable, {str(child)!r}])"
+    (done,) = gpu_session.run_plan([Step("leaves", [PY, "-c", leaves], limit=30)], tmp_path, budget=60, reserve=0)
+    assert done.rc == 0 and not done.timed_out
+    time.sleep(3.5)
+    assert not marker.exists()
+
+
+def test_a_pytest_step_without_its_junit_file_says_pytest_was_killed(tmp_path):
+    junit = tmp_path / "tests" / "x.xml"
+    step = Step("test-x", [PY, "-c", "print('ran')", f"--junitxml={junit}"], limit=30)
+    (done,) = gpu_session.run_plan([step], tmp_path, budget=60, reserve=0)
+    assert done.tail == ["ran", "no JUnit XML: pytest was killed (a test's --timeout, or the step's limit); see session.log"]

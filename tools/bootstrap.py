@@ -122,14 +122,13 @@ def installed_versions(python: Path, names: list[str]) -> dict[str, str | None]:
     return json.loads(out)
 
 
-def pip(python: Path, *args: str) -> None:
+def pip(python: Path, *args: str, why: str | None = None) -> None:
+    """``pip install args``; ``why``: what a failure means, if not a package that could not be had."""
     cmd = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", *args]
     print("bootstrap:", " ".join(cmd[1:]), flush=True)
     if subprocess.call(cmd) != 0:
-        raise SystemExit(
-            f"bootstrap: `{' '.join(cmd)}` failed. If this machine is offline, install the missing "
-            f"packages into {sys.executable} first; nothing else was changed."
-        )
+        why = why or f"If this machine is offline, install the missing packages into {sys.executable} first; nothing else was changed."
+        raise SystemExit(f"bootstrap: `{' '.join(cmd)}` failed. {why}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     after = installed_versions(python, names)
     if before["torch"] is not None and after["torch"] != before["torch"]:
         raise SystemExit(f"bootstrap: torch changed from {before['torch']} to {after['torch']}; refusing")
-    pip(python, "--no-deps", "--no-build-isolation", "-e", str(Path(__file__).resolve().parents[1]))
+    pip(python, "--no-deps", "--no-build-isolation", "-e", str(Path(__file__).resolve().parents[1]),
+        why="Building interlace's extension (interlace._C) failed: the CMake, compiler or nvcc errors are above.")
     print(f"bootstrap: ready: torch {after['torch']}, triton {after['triton']}, python {python}")
     return 0
 

@@ -16,18 +16,21 @@ Under ``--out``: ``session.log`` (every step's output, headed by its command), `
 the envelope ``env.json``, each test step's JUnit XML under ``tests/``, each benchmark's JSON and
 the report), packed again after every step, so a session killed from outside still brings back
 what it did. Set-up is required to succeed, and so is ``env``, which fails unless torch sees a
-GPU and the extension was built with CUDA: without those every GPU test would skip. Compiled
-kernels come back too (``triton-cache.tar.gz``, when under 48 MiB): unpacked into
-``.triton-cache/`` here and named in the next call's carry, that call compiles nothing already
-compiled (each call may get a fresh machine). The device copy of the repository has no ``.git``:
-set ``INTERLACE_COMMIT`` to the commit sent, and the result envelopes record it. Where the device's Python has no headers (no python3-dev),
-the build uses those carried in ``.pyheaders/python3.X`` (copied from a Python of that version
-elsewhere; an ignored folder, named in the call's carry).
+GPU and the extension was built with CUDA: without those every GPU test would skip. The kernels
+compiled in this call come back too (``triton-cache.tar.gz``, when under 48 MiB): unpacked into
+``.triton-cache/`` here, beside those of earlier calls, and named in the next call's carry, that
+call compiles nothing already compiled (each call may get a fresh machine). The device copy of
+the repository has no ``.git``: set ``INTERLACE_COMMIT`` to the commit sent, and the result
+envelopes record it. Where the device's Python has no headers (no python3-dev), the build and
+Triton's launcher use those carried in ``.pyheaders/python3.X`` (copied from a Python of that
+version elsewhere; an ignored folder, named in the call's carry). Steps named with ``--steps``
+run in the order named, after set-up and env.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -57,6 +60,7 @@ class Step:
     limit: float
     required: bool = False  # the session stops if it fails (set-up)
     defaults: dict[str, str] = field(default_factory=dict)  # environment variables, unless the session's own set them
+    leave: float = 0.0  # seconds of the budget kept back for the steps after it
 
 
 @dataclass
@@ -76,8 +80,8 @@ def plans(results: str) -> dict[str, list[Step]]:
     # INTERLACE_CUDA=ON: a build that finds no nvcc fails here, instead of a CPU-only extension failing
     # every test later. No network: pip gives up at once instead of retrying for minutes.
     offline = {"PIP_RETRIES": "0", "PIP_TIMEOUT": "5", "PIP_NO_INPUT": "1"}
-    setup = [Step("setup", ["env", "INTERLACE_CUDA=ON", "make", "PYTHON=python3", ".venv/.interlace-installed"], 300,
-                  required=True, defaults=offline),
+    setup = [Step("setup", ["env", "INTERLACE_CUDA=ON", "python3", "tools/bootstrap.py", "--venv", ".venv"], 300,
+                  required=True, defaults=offline),  # what `make` runs (the box may have no make)
              # Without a usable GPU every GPU test skips and every benchmark writes "skipped": stop instead.
              Step("env", [PY, "-m", "interlace", "env", "--require-gpu", "--out", f"{out}/env.json"], 60, required=True)]  # fmt: skip
 
@@ -92,7 +96,9 @@ def plans(results: str) -> dict[str, list[Step]]:
         # GPU; 90 s for graph replays): those fail one test naming the wait, pytest's kill the run.
         pytest("test-fused-2", 180, "--timeout=120", "tests/test_fused.py", "-k", "cuda-ipc-2 or local-cuda-2"),
         pytest("test-fused", 300, "--timeout=120", "tests/test_fused.py", "-k", "not (cuda-ipc-2 or local-cuda-2)"),
-        pytest("test-rest", 420, "--timeout=120", "tests", *(f"--ignore=tests/{f}" for f in FIRST)),
+        # the other files' GPU tests, then their unmarked ones (device-agnostic: on the box, on its GPU)
+        pytest("test-rest", 300, "--timeout=120", "-m", "gpu", "tests", *(f"--ignore=tests/{f}" for f in FIRST)),
+        pytest("test-unmarked", 420, "--timeout=120", "-m", "not gpu", "tests", *(f"--ignore=tests/{f}" for f in FIRST)),
     ]
     # The rank slice first: the issue's numbers. Quick tuning by default: full tuning compiles 8
     # GEMM configs per shape, for about a dozen shapes; its envelope records which (export
@@ -101,7 +107,7 @@ def plans(results: str) -> dict[str, list[Step]]:
         # --resume: a run cut off (packed, committed, sent again) goes on where it stopped; delete the
         # file to start afresh (after a change to what it measures)
         Step("bench-rank-slice", [PY, "-m", "bench", "rank_slice", "--resume", "--out", f"{out}/rank_slice.json"], 330,
-             defaults={"INTERLACE_TUNE": "quick"}),
+             defaults={"INTERLACE_TUNE": "quick"}, leave=40),  # time for the report
         Step("report", [PY, "-m", "bench", "report", f"{out}/rank_slice.json", "--out-dir", f"{out}/report"], 60),
         Step("bench-decode", [PY, "-m", "bench", "decode", "--out", f"{out}/decode.json"], 120),  # seconds: small shapes
         Step("bench-gemm", [PY, "-m", "bench", "gemm", "--out", f"{out}/gemm.json"], 240),
@@ -111,14 +117,16 @@ def plans(results: str) -> dict[str, list[Step]]:
 
 
 def select(steps: list[Step], names: str | None) -> list[Step]:
-    """The required steps and those named (all when ``names`` is None), in plan order."""
+    """The required steps (in plan order), then those named, in the order named (all, in plan
+    order, when ``names`` is None): what matters most goes first, before the budget runs out."""
     if names is None:
         return steps
-    wanted = {n.strip() for n in names.split(",") if n.strip()}
-    unknown = wanted - {s.name for s in steps}
+    wanted = list(dict.fromkeys(n.strip() for n in names.split(",") if n.strip()))
+    by_name = {s.name: s for s in steps}
+    unknown = [n for n in wanted if n not in by_name]
     if unknown:
-        raise SystemExit(f"unknown steps {sorted(unknown)}; this plan has {[s.name for s in steps]}")
-    return [s for s in steps if s.required or s.name in wanted]
+        raise SystemExit(f"unknown steps {unknown}; this plan has {list(by_name)}")
+    return [s for s in steps if s.required] + [by_name[n] for n in wanted if not by_name[n].required]
 
 
 def carried_headers(root: Path = REPO, include: Path = Path(sysconfig.get_paths()["include"])) -> str | None:
@@ -130,12 +138,13 @@ def carried_headers(root: Path = REPO, include: Path = Path(sysconfig.get_paths(
     return str(carried)
 
 
-def find_nvcc(cuda_homes: tuple[str, ...] = ("/usr/local/cuda", "/usr/local/cuda-13.0", "/opt/cuda")) -> str | None:
+def find_nvcc(cuda_homes: tuple[str, ...] = ("/usr/local/cuda", "/usr/local/cuda-*", "/opt/cuda")) -> str | None:
     """nvcc on PATH, else in a usual CUDA home (CMake only looks on PATH and in CUDACXX)."""
     found = shutil.which("nvcc")
     if found:
         return found
-    return next((str(nvcc) for home in cuda_homes if (nvcc := Path(home) / "bin" / "nvcc").is_file()), None)
+    homes = [home for pattern in cuda_homes for home in sorted(glob.glob(pattern), reverse=True)]  # the newest versioned one first
+    return next((str(nvcc) for home in homes if (nvcc := Path(home) / "bin" / "nvcc").is_file()), None)
 
 
 def machine_name() -> str:
@@ -163,7 +172,8 @@ def run_step(step: Step, limit: float, log_path: Path) -> Outcome:
         begin = log.tell()
         start = time.monotonic()
         try:
-            proc = subprocess.Popen(step.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # its own process group, in this session: killed with this script's session if that is killed
+            proc = subprocess.Popen(step.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, process_group=0,
                                     env={**step.defaults, **os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
         except OSError as error:  # no such program: the step fails as a shell's would, and the session goes on
             log.write(f"cannot start {step.argv[0]}: {error}\n")
@@ -178,11 +188,15 @@ def run_step(step: Step, limit: float, log_path: Path) -> Outcome:
             _kill_group(proc)
             raise
         outcome.rc, outcome.seconds = proc.returncode, round(time.monotonic() - start, 1)
+        _kill_group(proc, KILL_GRACE[1:])  # what it left running (a rank process, say) goes with it
         if outcome.timed_out:
             log.write(f"\n===== {step.name}: killed after {limit:.0f} s\n")
     with open(log_path) as log:
         log.seek(begin)
         outcome.tail = log.read().splitlines()[-8:]
+    junit = next((a.removeprefix("--junitxml=") for a in step.argv if a.startswith("--junitxml=")), None)
+    if junit and not (REPO / junit).exists():
+        outcome.tail.append("no JUnit XML: pytest was killed (a test's --timeout, or the step's limit); see session.log")
     return outcome
 
 
@@ -197,8 +211,10 @@ def _stop(signum, frame) -> None:
     raise Stopped(f"stopped by signal {signum}")
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    for sig, grace in zip((signal.SIGTERM, signal.SIGKILL), KILL_GRACE):
+def _kill_group(proc: subprocess.Popen, graces: tuple[float, ...] = KILL_GRACE) -> None:
+    """SIGTERM then SIGKILL to ``proc``'s process group, each followed by its grace (seconds);
+    with one grace, SIGKILL alone."""
+    for sig, grace in zip((signal.SIGTERM, signal.SIGKILL)[-len(graces):], graces):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -225,7 +241,7 @@ def run_plan(steps: list[Step], out: Path, budget: float, reserve: float = sum(K
             outcomes.append(Outcome(step.name, " ".join(step.argv), skipped=stop or f"{max(left, 0):.0f} s of budget left"))
         else:
             try:
-                outcomes.append(run_step(step, min(step.limit, left), out / "session.log"))
+                outcomes.append(run_step(step, min(step.limit, max(least, left - step.leave)), out / "session.log"))
             except (Stopped, KeyboardInterrupt) as error:
                 outcomes.append(Outcome(step.name, " ".join(step.argv), timed_out=True, skipped=f"killed: {error or 'interrupted'}"))
                 stop = f"the session was {error or 'interrupted'}"
@@ -263,36 +279,55 @@ def pack(results: Path, archive: Path, root: Path = REPO) -> None:
 CACHE_LIMIT = 48 << 20  # bytes of compiled kernels worth bringing back: a call's carry takes 64 MiB in all
 
 
-def pack_cache(cache: Path, archive: Path, limit: int = CACHE_LIMIT) -> str:
-    """``cache`` (compiled Triton kernels) as a gzipped tar of its contents, to unpack into the
-    next call's ``.triton-cache``; not when larger than ``limit``. What was done, in words."""
-    files = [f for f in cache.rglob("*") if f.is_file()] if cache.is_dir() else []
+def pack_cache(cache: Path, archive: Path, since: float = 0.0, limit: int = CACHE_LIMIT) -> str:
+    """The kernels compiled into ``cache`` since ``since`` (a time.time()), as a gzipped tar to
+    unpack into ``.triton-cache`` here, beside those carried before; not when larger than
+    ``limit``. What was done, in words."""
+    files = [f for f in cache.rglob("*") if f.is_file() and f.stat().st_mtime >= since] if cache.is_dir() else []
     size = sum(f.stat().st_size for f in files)
     if not files or size > limit:
-        return f"compiled kernels not packed: {len(files)} files, {size >> 20} MiB (limit {limit >> 20} MiB)"
-    with tarfile.open(archive, "w:gz") as tar:
+        return f"compiled kernels not packed: {len(files)} new files, {size >> 20} MiB (limit {limit >> 20} MiB)"
+    partial = archive.with_name(archive.name + ".partial")
+    with tarfile.open(partial, "w:gz") as tar:
         for f in files:
             tar.add(f, arcname=str(f.relative_to(cache)))
-    return f"compiled kernels packed: {len(files)} files, {size >> 20} MiB, in {archive.name}"
+    os.replace(partial, archive)
+    return f"compiled kernels packed: {len(files)} new files, {size >> 20} MiB, in {archive.name}"
+
+
+# Triton's cache index names its files by absolute path: the same path on every machine, so
+# kernels carried from an earlier call (in .triton-cache) are found, not compiled again.
+TRITON_CACHE = Path("/tmp/interlace-triton-cache")
+
+
+def seed_cache(carried: Path, cache: Path = TRITON_CACHE) -> None:
+    """``cache`` holding the kernels ``carried`` in (their times kept: they are not packed again)."""
+    if carried.is_dir():
+        shutil.copytree(carried, cache, dirs_exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plan", choices=["check", "measure", "all"], default="check")
-    parser.add_argument("--steps", default=None, help="comma list of step names to run from the plan (set-up and env always run)")
+    parser.add_argument("--steps", default=None,
+                        help="comma list of step names to run from the plan, in this order (set-up and env always run first)")
     parser.add_argument("--out", type=Path, required=True, help="folder for session.log, summary.json, results.tar.gz")
     parser.add_argument("--budget", type=float, default=560.0, help="seconds for every step together")
     args = parser.parse_args(argv)
     if not (REPO / ".git").exists() and not os.environ.get("INTERLACE_COMMIT"):
         parser.error("this copy has no .git: set INTERLACE_COMMIT to the commit it was sent from (result envelopes record it)")
-    started = time.monotonic()
+    started, wall_start = time.monotonic(), time.time()
     signal.signal(signal.SIGTERM, _stop)  # then the running step is killed, and the summary and results are written
     # Not setdefault: an image's own value (1, as some set) puts every stream on one hardware queue,
     # where a stream wait holds back the peer work it waits for. Compiled kernels kept between calls.
     os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "32"
-    os.environ.setdefault("TRITON_CACHE_DIR", str(REPO / ".triton-cache"))
+    os.environ["TRITON_CACHE_DIR"] = str(TRITON_CACHE)  # not an image's own: the carried kernels are seeded here
+    seed_cache(REPO / ".triton-cache")
     if "INTERLACE_PYTHON_INCLUDE" not in os.environ and (headers := carried_headers()):
         os.environ["INTERLACE_PYTHON_INCLUDE"] = headers
+        # and for the C launcher Triton compiles with gcc at its first launch
+        os.environ["CPATH"] = os.pathsep.join(filter(None, [headers, os.environ.get("CPATH")]))
         print(f"this Python has no headers: building with those carried in {headers}", file=sys.stderr, flush=True)
     if (nvcc := find_nvcc()) is not None:
         os.environ.setdefault("CUDACXX", nvcc)  # CMake looks on PATH, not in /usr/local/cuda/bin
@@ -306,8 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         outcomes = run_plan(steps, args.out, args.budget - (time.monotonic() - started), after_step=keep)
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the packing short
         keep()
-        print(pack_cache(Path(os.environ["TRITON_CACHE_DIR"]), args.out / "triton-cache.tar.gz"), file=sys.stderr, flush=True)
+        print(pack_cache(TRITON_CACHE, args.out / "triton-cache.tar.gz", since=wall_start), file=sys.stderr, flush=True)
     print("\n".join(f"{o.name:>18}: {_verdict(o)}" + "".join(f"\n{'':>20}{line}" for line in o.tail[-3:]) for o in outcomes))
     return 0 if all(o.rc == 0 for o in outcomes) else 1
 
