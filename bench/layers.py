@@ -16,7 +16,7 @@ like the others, so ``auto/bulk`` checks its choice on fresh runs. With ``ideal 
 overlap efficiency ``eta = (gemm + comm - chunked) / min(gemm, comm)`` (1 = all hidden, < 0 =
 slower than no overlap), speed of light ``sol = ideal / chunked``, ``speedup = bulk / chunked``.
 Chunked and fused results are compared with bulk's before anything is timed (each row records
-the largest difference); a fused wait that gave up while timing stops the run.
+the largest difference); a shape whose fused wait gave up while timing becomes a failed row.
 """
 
 from __future__ import annotations
@@ -134,9 +134,11 @@ def measure_rank(group, config: Config) -> list[dict]:
         errors = {name: relative_error(run(strategies[name]), expected) for name in ("chunked", "fused") if name in strategies}
         samples = {kind: timed_samples(group, fn, config.iters) for kind, fn in calls.items()}
         if "fused" in strategies:  # timed with check=False, as deployed: a wait that gave up must not pass as a fast call
-            from interlace.engine.overlap.fused import check_workspaces
+            from interlace.engine.overlap.fused import agreed_failure
 
-            check_workspaces(group)
+            if failure := agreed_failure(group):  # on every rank: the next shape still runs, on new operators
+                out.append({**shape, "failed": f"a fused wait gave up while timing: {failure}"})
+                continue
         decision = default_dispatcher().decide(group, cm.dispatch_case(shape["pattern"], group, x, weight.shape[0]))  # made by auto's first call
         out.append({**shape, "max_rel_err": errors, "samples": samples, "auto": decision.label(), "auto_why": decision.why,
                     "auto_measured": decision.measured})  # fmt: skip
@@ -149,6 +151,10 @@ def summarize(per_rank: list[list[dict]], backend: str, world: int) -> list[dict
     rows = []
     for points in zip(*per_rank):
         p = points[0]
+        if "failed" in p:  # every rank's row says so; the one naming its own failure first
+            why = sorted((q["failed"] for q in points), key=lambda text: "another rank" in text)[0]
+            rows.append({"backend": backend, "world_size": world, **{k: p[k] for k in ("name", "pattern", "M", "N", "K")}, "failed": why})
+            continue
         t = {kind: slowest_median([q["samples"][kind] for q in points]) for kind in KINDS if kind in p["samples"]}
         m = overlap_metrics(t)
         flops = 2 * p["M"] * p["N"] * p["K"] / world

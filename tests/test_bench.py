@@ -143,6 +143,21 @@ def test_rank_slice_refuses_layers_the_world_size_does_not_divide(world, tokens,
     assert stopped.value.code == 2 and re.search(message, capsys.readouterr().err)
 
 
+def test_a_layer_whose_fused_wait_gave_up_is_a_failed_row_naming_the_rank_that_knows_why():
+    from bench import layers
+
+    shape = {"name": "llama3-8b/tp2/attn-o", "pattern": "gemm_rs", "M": 256, "N": 4096, "K": 4096}
+    samples = {kind: [1e-3 * (i + 1)] * 5 for i, kind in enumerate(layers.KINDS)}
+    measured = {**shape, "name": "next", "max_rel_err": {"chunked": 1e-6}, "samples": samples, "auto": "bulk", "auto_why": "",
+                "auto_measured": True}  # fmt: skip
+    why = "rank 1: GEMM+RS: the GEMM's wait on chunk 0 timed out: expected flag >= 2, observed 1"
+    per_rank = [[{**shape, "failed": "a fused wait gave up while timing: a fused operator's wait gave up on another rank"}, measured],
+                [{**shape, "failed": f"a fused wait gave up while timing: {why}"}, measured]]  # fmt: skip
+    failed, next_row = layers.summarize(per_rank, "local", 2)
+    assert failed == {"backend": "local", "world_size": 2, **shape, "failed": f"a fused wait gave up while timing: {why}"}
+    assert "failed" not in next_row and next_row["name"] == "next" and next_row["bulk_us"] == pytest.approx(3e3)
+
+
 def test_rank_slice_shape_table_is_the_layers_of_each_pattern():
     from bench import rank_slice
 

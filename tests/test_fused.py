@@ -17,7 +17,7 @@ from interlace.ops.reduce import unsupported
 from interlace.ops.flags import EpochValue
 from interlace.engine.overlap.fused import (
     FusedAllGatherMatmul, FusedAllReduceResidualNorm, FusedMatmulAllReduce, FusedMatmulAllReduceTwoShot, FusedMatmulGroupAllReduce,
-    FusedMatmulReduceScatter, check_workspaces, close_workspaces, fused_unavailable, workspace,
+    FusedMatmulReduceScatter, agreed_failure, check_workspaces, close_workspaces, fused_unavailable, workspace,
 )  # fmt: skip
 from reference import assert_within, matmul_tolerance, rand
 
@@ -240,6 +240,26 @@ def replayed(group, seed):
         assert [op.epoch_now.item() for op in (ag, rs, ar, ar2, norm)] == [5] * 5  # 1 eager + 3 replays + 1 eager
     close_workspaces(group)
     return True
+
+
+def failure_agreed(group, observed):
+    """Rank 1's GEMM records a wait that gave up (as the kernel writes it): every rank learns that
+    one did, in one collective, and only rank 1 names what it waited for."""
+    op = workspace(group, "gemm_rs", ROWS, N, torch.float32)
+    before = agreed_failure(group)
+    if group.rank == 1:
+        op.status.copy_(torch.tensor([1, 0, 7, observed], dtype=torch.int32))  # GEMM_WAIT_FAILED on chunk 0
+    after = agreed_failure(group)
+    close_workspaces(group)
+    return before, after
+
+
+@CPU
+def test_a_fused_failure_on_one_rank_is_learned_by_every_rank(seed):
+    results = spawn(failure_agreed, 3, "local", timeout=DEADLINE, args=(seed % 1000,))
+    other = "a fused operator's wait gave up on another rank"
+    own = f"rank 1: GEMM+RS: the GEMM's wait on chunk 0 timed out: expected flag >= 7, observed {seed % 1000}"
+    assert results == [(None, other), (None, own), (None, other)]
 
 
 def close_right_after(group):

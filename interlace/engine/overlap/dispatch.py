@@ -185,24 +185,13 @@ def measure_collectively(group: Group, case: Case, config: OverlapConfig, iters:
     for _ in range(iters):
         fn()
     drain_within(group.device, group.timeout, f"rank {group.rank}: timing {config.strategy} for {case.key()}")
-    elapsed, failure = (time.perf_counter() - start) / iters, _failure(group, config)
-    slowest, failed = group.all_reduce(torch.tensor([elapsed, float(failure is not None)], dtype=torch.float64, device=dev), "max").tolist()
-    if failed:  # every rank raises together: a timed call whose wait gave up must not count as a fast one
-        raise RuntimeError(f"rank {group.rank}: timing {config.strategy} for {case.key()} failed on a rank: {failure or 'see the others'}")
-    return slowest
+    elapsed = (time.perf_counter() - start) / iters
+    if config.strategy == "fused":  # every rank raises together: a timed call whose wait gave up must not count as a fast one
+        from .fused import agreed_failure
 
-
-def _failure(group: Group, config: OverlapConfig) -> str | None:
-    """What a fused operator of ``group`` recorded (its waits gave up), or None."""
-    if config.strategy != "fused":
-        return None
-    from .fused import check_workspaces
-
-    try:
-        check_workspaces(group)
-    except (TimeoutError, RuntimeError) as error:
-        return str(error)
-    return None
+        if failure := agreed_failure(group):
+            raise RuntimeError(f"rank {group.rank}: timing fused for {case.key()} failed: {failure}")
+    return group.all_reduce(torch.tensor([elapsed], dtype=torch.float64, device=dev), "max").item()
 
 
 _TOPOLOGY: dict[str, str] = {}

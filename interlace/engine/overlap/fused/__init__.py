@@ -29,10 +29,10 @@ from .group_all_reduce import FusedMatmulGroupAllReduce
 from .norm import FusedAllReduceResidualNorm
 from .one_shot import FusedMatmulAllReduce, FusedMatmulReduceScatter
 from .two_shot import REDUCE_SMS, FusedMatmulAllReduceTwoShot
-from .workspaces import check_workspaces, close_workspaces, fused_unavailable, workspace
+from .workspaces import agreed_failure, check_workspaces, close_workspaces, fused_unavailable, workspace
 
 __all__ = [
     "REDUCE_SMS", "FusedAllGatherMatmul", "FusedAllReduceResidualNorm", "FusedMatmulAllReduce", "FusedMatmulAllReduceTwoShot",
-    "FusedMatmulGroupAllReduce", "FusedMatmulReduceScatter", "FusedOp", "check_workspaces", "close_workspaces",
+    "FusedMatmulGroupAllReduce", "FusedMatmulReduceScatter", "FusedOp", "agreed_failure", "check_workspaces", "close_workspaces",
     "fused_unavailable", "workspace",
 ]  # fmt: skip

@@ -47,6 +47,19 @@ def check_workspaces(group: Group) -> None:
         op.check()
 
 
+def agreed_failure(group: Group) -> str | None:
+    """Collective: what a fused operator of ``group`` recorded on this rank (its waits gave up), a
+    note that one on another rank did, or None: every rank learns whether any failed, so that all
+    stop, or go on, together."""
+    try:
+        check_workspaces(group)
+        mine = None
+    except (TimeoutError, RuntimeError) as error:
+        mine = str(error)
+    anyone = group.all_reduce(torch.tensor([float(mine is not None)], dtype=torch.float64, device=group.device), "max").item()
+    return mine or ("a fused operator's wait gave up on another rank" if anyone else None)
+
+
 def close_workspaces(group: Group) -> None:
     """Collective: release every fused operator made for ``group``, in one order on every rank."""
     table = group.__dict__.pop("_fused_workspaces", {})
