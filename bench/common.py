@@ -31,7 +31,8 @@ def result_path(name: str, out: Path | None = None) -> Path:
 def write_result(name: str, config: dict[str, Any], rows: list[dict[str, Any]], out: Path | None = None,
                  env: dict[str, Any] | None = None, **extra: Any) -> Path:  # fmt: skip
     """Write ``{"benchmark", "envelope", "config", "rows", ...}`` as JSON and return the path.
-    ``env``: the envelope, taken once per run by a caller that writes many times (else taken now)."""
+    ``env``: the envelope, taken once per run by a caller that writes many times (its timestamp is
+    then the run's start); else taken now."""
     path = result_path(name, out)
     path.parent.mkdir(parents=True, exist_ok=True)
     command = "python -m bench " + " ".join(sys.argv[1:])
@@ -181,9 +182,9 @@ def event_median(run: Callable[[Any, Any], Any], iters: int, *, warmup: int, hea
         scrub.zero_()
         if headstart_cycles:
             torch.cuda._sleep(headstart_cycles)
+            slept = torch.cuda.current_stream().record_event()
         else:  # the run starts on an idle GPU: the scrub would give the host a head start of its own
             settle(what)
-        slept = torch.cuda.current_stream().record_event()
         run(start, end)
         caught_up = headstart_cycles and slept.query()  # the GPU may have waited for the host inside the timing
         settle(what)

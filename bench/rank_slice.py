@@ -73,13 +73,17 @@ def shapes(config: Config) -> list[dict]:
 
 
 def _check_split(name: str, pattern: str, world: int, m: int, n: int, k: int) -> None:
-    """The harness cuts M into W blocks (and GEMM+AR's into ROW_CHUNKS chunks), and N (AG) or K
-    (RS, AR) into W shards: a remainder would time a smaller GEMM under the layer's name, or leave
+    """The harness cuts N (AG) or K (RS, AR) into W shards, M into W blocks (AG, RS) or into
+    ROW_CHUNKS chunks (AR): a remainder would time a smaller GEMM under the layer's name, or leave
     rows of a buffer unwritten."""
-    shard, size = ("N", n) if pattern == "ag_gemm" else ("K", k)
-    if m % world or size % world or m < ROW_CHUNKS:
-        raise ValueError(f"rank slice {name}: M={m} and {shard}={size} must be multiples of the world size {world}, "
-                         f"and M at least {ROW_CHUNKS}")  # fmt: skip
+    problems = [f"N={n} is not a multiple of the world size {world}"] if pattern == "ag_gemm" and n % world else []
+    problems += [f"K={k} is not a multiple of the world size {world}"] if pattern != "ag_gemm" and k % world else []
+    if pattern in ("ag_gemm", "gemm_rs"):
+        problems += [f"M={m} is not a multiple of the world size {world}"] if m % world else []
+    elif m < ROW_CHUNKS:
+        problems.append(f"M={m} is fewer rows than its {ROW_CHUNKS} chunks")
+    if problems:
+        raise ValueError(f"rank slice {name}: {'; '.join(problems)}")
 
 
 def run(config: Config, checkpoint: Callable[[list[dict]], None] | None = None, earlier: dict | None = None) -> dict:

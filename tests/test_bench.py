@@ -125,16 +125,15 @@ def test_pipeline_benchmark_measures_against_predictions(tmp_path):
         assert r["measured_ms"] >= 0.95 * r["predicted_ms"], "sleeping stages cannot finish early"
 
 
-@pytest.mark.parametrize("world,tokens,message", [
-    (3, 2048, r"llama3-8b/tp3/attn-qkv: M=2048 and N=6144 must be multiples of the world size 3"),
-    (6, 2046, r"llama3-8b/tp6/attn-o: M=2046 and K=4096 must be multiples of the world size 6"),
-    (2, 2, r"M=2 and N=\d+ must be multiples of the world size 2, and M at least 4"),
+@pytest.mark.parametrize("world,tokens,pattern,message", [
+    (3, 2048, "ag_gemm", r"llama3-8b/tp3/attn-qkv: M=2048 is not a multiple of the world size 3$"),
+    (6, 2047, "gemm_rs", r"llama3-8b/tp6/attn-o: K=4096 is not a multiple of the world size 6; M=2047 is not a multiple of"),
+    (2, 2, "gemm_ar", r"llama3-8b/tp2/attn-o: M=2 is fewer rows than its 4 chunks$"),
 ])  # fmt: skip
-def test_rank_slice_refuses_layers_the_world_size_does_not_divide(world, tokens, message, capsys):
+def test_rank_slice_refuses_layers_the_world_size_does_not_divide(world, tokens, pattern, message, capsys):
     from bench import rank_slice
     from bench.__main__ import main
 
-    pattern = "gemm_ar" if tokens == 2046 else "ag_gemm"
     config = rank_slice.Config(world_size=world, models=["llama3-8b"], tokens=[tokens], patterns=[pattern])
     with pytest.raises(ValueError, match=message):
         rank_slice.shapes(config)

@@ -143,8 +143,13 @@ def find_nvcc(cuda_homes: tuple[str, ...] = ("/usr/local/cuda", "/usr/local/cuda
     found = shutil.which("nvcc")
     if found:
         return found
-    homes = [home for pattern in cuda_homes for home in sorted(glob.glob(pattern), reverse=True)]  # the newest versioned one first
+    homes = [home for pattern in cuda_homes for home in sorted(glob.glob(pattern), key=_version_key, reverse=True)]  # newest first
     return next((str(nvcc) for home in homes if (nvcc := Path(home) / "bin" / "nvcc").is_file()), None)
+
+
+def _version_key(path: str) -> tuple[int, ...]:
+    """(12, 10) from ``/usr/local/cuda-12.10``: versions compare as numbers, not text."""
+    return tuple(int(n) for n in re.findall(r"\d+", Path(path).name))
 
 
 def machine_name() -> str:
@@ -166,6 +171,9 @@ def run_step(step: Step, limit: float, log_path: Path) -> Outcome:
     """Run ``step`` in its own process group, its output going straight to ``log_path`` (kept if
     this script is killed); kill the group at ``limit`` seconds."""
     outcome = Outcome(step.name, " ".join(step.argv))
+    junit = next((REPO / a.removeprefix("--junitxml=") for a in step.argv if a.startswith("--junitxml=")), None)
+    if junit is not None:
+        junit.unlink(missing_ok=True)  # one an earlier call brought back must not pass for this one's
     with open(log_path, "a") as log:
         log.write(f"\n===== {step.name}: {outcome.command} (limit {limit:.0f} s)\n")
         log.flush()
@@ -194,9 +202,9 @@ def run_step(step: Step, limit: float, log_path: Path) -> Outcome:
     with open(log_path) as log:
         log.seek(begin)
         outcome.tail = log.read().splitlines()[-8:]
-    junit = next((a.removeprefix("--junitxml=") for a in step.argv if a.startswith("--junitxml=")), None)
-    if junit and not (REPO / junit).exists():
-        outcome.tail.append("no JUnit XML: pytest was killed (a test's --timeout, or the step's limit); see session.log")
+    if junit is not None and not junit.exists():
+        outcome.tail.append("no JUnit XML: pytest did not finish (a test's --timeout or the step's limit killed it, or it "
+                            "could not start); see session.log")  # fmt: skip
     return outcome
 
 

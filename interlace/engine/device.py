@@ -46,16 +46,18 @@ def finish_within(fn, timeout: float, what: str):
     return outcome.get("value")
 
 
-def drain(device: torch.device, poll: Callable[[], None]) -> None:
-    """Block until the work queued so far on ``device``'s current stream is done (no-op on CPUs),
-    calling ``poll()`` between queries: it raises to give up. A synchronize would block for good
-    behind a stream wait never satisfied."""
-    if device.type != "cuda":
-        return
-    done = torch.cuda.current_stream(device).record_event()
-    while not done.query():
+def await_event(event: torch.cuda.Event, poll: Callable[[], None]) -> None:
+    """Block until ``event`` has happened, calling ``poll()`` between queries: it raises to give
+    up. A synchronize would block for good behind a stream wait never satisfied."""
+    while not event.query():
         poll()
         time.sleep(1e-4)
+
+
+def drain(device: torch.device, poll: Callable[[], None]) -> None:
+    """``await_event`` for the work queued so far on ``device``'s current stream (no-op on CPUs)."""
+    if device.type == "cuda":
+        await_event(torch.cuda.current_stream(device).record_event(), poll)
 
 
 def drain_within(device: torch.device, seconds: float, what: str, error: type[TimeoutError] = TimeoutError) -> None:

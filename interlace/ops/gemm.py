@@ -38,8 +38,8 @@ from interlace.ops.describe import describe
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_WAIT_TIMEOUT = 60.0  # seconds a hooked GEMM called on its own waits per chunk (an operator passes its group timeout)
-# An interpreted spin costs 0.5 ms (a GEMM's wait) to 0.7 ms (the flag kernel's), measured on the
-# 2-core CI machine with triton 3.7.1: the lower one, so an interpreted wait lasts at least as asked there.
+# An interpreted spin costs 0.5 to 0.9 ms (more when the cores are busy), measured on the 2-core CI
+# machine with triton 3.7.1: the lower end, so an interpreted wait lasts at least as asked there.
 INTERPRETED_SPIN_S = 5e-4
 GEMM_WAIT_FAILED = 1  # status[0] after one of the GEMM's waits gave up (the kernel writes 1)
 INTERPRETER_PROGRAMS = 2  # sequential programs under the interpreter: two exercise the persistent loop
@@ -87,7 +87,7 @@ def patience(seconds: float) -> int:
     if not seconds > 0:
         raise ValueError(f"a wait's timeout must be a positive number of seconds, got {seconds!r}")
     units = seconds / INTERPRETED_SPIN_S if INTERPRETING else seconds * 1e6
-    return max(1, min(2**31 - 1, math.ceil(units)))
+    return max(1, math.ceil(min(units, 2**31 - 1)))
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from interlace.engine.device import await_event
+
 from .calls import Call, make_call
 from .errors import CommTimeoutError
 
@@ -176,10 +178,12 @@ class ThreadWork(Work):
         if self._error is not None:
             raise self._error
         if self._event is not None:
-            while self.host_waits_for_gpu and not self._event.query():
+            def poll() -> None:
                 if time.monotonic() > self.deadline:
                     raise CommTimeoutError(self.what, g.rank, g.timeout, self.missing(), "the GPU work did not finish")
-                time.sleep(1e-4)
+
+            if self.host_waits_for_gpu:
+                await_event(self._event, poll)
             torch.cuda.current_stream(g.device).wait_event(self._event)
         return self.call.out
 

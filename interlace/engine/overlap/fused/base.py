@@ -15,7 +15,7 @@ from interlace.engine.device import drain, drain_within, happened, new_stream
 from interlace.kernels.flags import ABORTED, FLAG_WAIT_FAILED
 from interlace.ops import flags as epoch_flags
 from interlace.ops.flags import EpochValue
-from interlace.ops.gemm import GEMM_WAIT_FAILED, Plan, gemm, leave_sms, plan_for
+from interlace.ops.gemm import GEMM_WAIT_FAILED, Plan, gemm, leave_sms, patience, plan_for
 
 from ..lane import SideLane
 from ..watchdog import WATCHDOG, log
@@ -24,7 +24,8 @@ from ..watchdog import WATCHDOG, log
 class FusedOp:
     """Shared machinery: the symmetric buffer (``nbytes`` None: none, only this rank's flags), the
     lane, the epoch, the GEMM plan. ``wait_timeout``: seconds a wait spinning on the GPU (a GEMM
-    tile's, a graph-safe flag wait's) gives up after; None: the group's timeout."""
+    tile's, a graph-safe flag wait's) gives up after; None: half the group's timeout, so that it
+    gives up before the call's deadline, and ``status`` names what it waited for."""
 
     unseen = "the GPU is slow"  # why a call can be late with every flag it awaits raised
 
@@ -38,7 +39,8 @@ class FusedOp:
         self._late_lock = threading.Lock()  # the watchdog's thread records too
         self.epoch_now = torch.zeros(1, dtype=torch.int32, device=group.device)
         self.status = torch.zeros(4, dtype=torch.int32, device=group.device)  # a wait that gave up: see check()
-        self.wait_timeout = wait_timeout if wait_timeout is not None else group.timeout
+        self.wait_timeout = wait_timeout if wait_timeout is not None else group.timeout / 2
+        patience(self.wait_timeout)  # a bad one refused now, not inside a call whose epoch has advanced
         self.lane = SideLane(group.device, group.timeout, f"{name} r{group.rank}", self.status, self.wait_timeout, _lane_stream(group))
         self._plans: dict[tuple, Plan] = {}
         self._last_call: tuple[list[tuple[int, int, int]], int] = ([], 0)  # (what it awaited, its epoch)

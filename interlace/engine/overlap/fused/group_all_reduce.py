@@ -36,7 +36,7 @@ class FusedMatmulGroupAllReduce(FusedOp):
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         self._expect_matmul(x, weight, self.m, self.n)
         y = torch.empty(self.m, self.n, dtype=self.dtype, device=x.device)
-        hooks = {"out": y, "signal": SignalHook(self.own_flags, self.chunk_rows), "wait_timeout": self.wait_timeout, "status": self.status}
+        hooks = {"out": y, "signal": SignalHook(self.own_flags, self.chunk_rows), "status": self.status}
         capturing, plan = self._begin(x, weight, hooks, spare=self.collective_sms)
         outputs = chunk_outputs(self.m, self.n, self.chunk_rows)
 

@@ -55,7 +55,7 @@ class _MatmulThenReduce(FusedOp):
         self._expect_matmul(x, weight, self.m, self.n)
         buf, r, reduced = self.buffer, self.rank, self.reduced
         hooks = {"out": self._partial(r), "signal": SignalHook(buf.flags(r), self.chunk_rows), "start_chunk": start_chunk,
-                 "wait_timeout": self.wait_timeout, "status": self.status}  # fmt: skip
+                 "status": self.status}  # fmt: skip
         capturing, plan = self._begin(x, weight, hooks)
         self._after_peers_read(self.done)  # peers finished reading my partials of the last epoch
         outputs = chunk_outputs(self.m, self.n, self.chunk_rows)

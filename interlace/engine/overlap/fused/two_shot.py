@@ -76,8 +76,7 @@ class FusedMatmulAllReduceTwoShot(FusedOp):
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         self._expect_matmul(x, weight, self.m, self.n)
         r, buf = self.rank, self.buffer
-        hooks = {"out": self._partial(r), "signal": SignalHook(buf.flags(r), self.chunk_rows), "wait_timeout": self.wait_timeout,
-                 "status": self.status}  # fmt: skip
+        hooks = {"out": self._partial(r), "signal": SignalHook(buf.flags(r), self.chunk_rows), "status": self.status}
         capturing, plan = self._begin(x, weight, hooks, spare=self.reduce_sms)
         self._after_peers_read(self.done)  # peers finished reading my partials and sums of the last epoch
         outputs = chunk_outputs(self.m, self.n, self.chunk_rows)
