@@ -242,6 +242,18 @@ def replayed(group, seed):
     return True
 
 
+def refuses_bad_wait_timeouts(group):
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match=rf"a wait's timeout must be a positive number of seconds, got {bad}"):
+            FusedMatmulReduceScatter(group, ROWS, N, torch.float32, wait_timeout=bad)
+    return FusedMatmulReduceScatter(group, ROWS, N, torch.float32, wait_timeout=float("inf")).wait_timeout
+
+
+@CPU
+def test_a_wait_timeout_that_is_not_a_positive_time_is_refused_when_the_operator_is_made():
+    assert spawn(refuses_bad_wait_timeouts, 2, "local", timeout=DEADLINE) == [float("inf")] * 2
+
+
 def failure_agreed(group, observed):
     """Rank 1's GEMM records a wait that gave up (as the kernel writes it): every rank learns that
     one did, in one collective, and only rank 1 names what it waited for."""

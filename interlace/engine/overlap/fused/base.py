@@ -32,6 +32,8 @@ class FusedOp:
     def __init__(self, group: Group, nbytes: int | None, flags: int, name: str, *, check: bool, wait_timeout: float | None,
                  graph_safe: bool):  # fmt: skip
         self.group, self.rank, self.world = group, group.rank, group.world_size
+        self.wait_timeout = wait_timeout if wait_timeout is not None else group.timeout / 2
+        patience(self.wait_timeout)  # a bad one refused now, before any collective, not inside a call
         self.buffer = None if nbytes is None else SymmetricBuffer.allocate(group, nbytes, flags)
         self.own_flags = torch.zeros(flags, dtype=torch.int32, device=group.device) if nbytes is None else None
         self.epoch, self.check_calls, self.name, self.graph_safe = 0, check, name, graph_safe
@@ -39,8 +41,6 @@ class FusedOp:
         self._late_lock = threading.Lock()  # the watchdog's thread records too
         self.epoch_now = torch.zeros(1, dtype=torch.int32, device=group.device)
         self.status = torch.zeros(4, dtype=torch.int32, device=group.device)  # a wait that gave up: see check()
-        self.wait_timeout = wait_timeout if wait_timeout is not None else group.timeout / 2
-        patience(self.wait_timeout)  # a bad one refused now, not inside a call whose epoch has advanced
         self.lane = SideLane(group.device, group.timeout, f"{name} r{group.rank}", self.status, self.wait_timeout, _lane_stream(group))
         self._plans: dict[tuple, Plan] = {}
         self._last_call: tuple[list[tuple[int, int, int]], int] = ([], 0)  # (what it awaited, its epoch)
