@@ -61,8 +61,15 @@ def report_table(head: str, result: dict[str, Any], columns: Sequence[tuple[str,
     measured = [r for r in result["rows"] if "failed" not in r]
     if measured:
         lines.append(format_table(measured, columns))
-    lines += [f"FAILED {r['name']}{' [' + r['regime'] + ']' if 'regime' in r else ''}: {r['failed']}" for r in result["rows"] if "failed" in r]
+    lines += [f"FAILED {row_label(r)}: {r['failed']}" for r in result["rows"] if "failed" in r]
     return "\n".join(lines)
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """``name [pattern, regime]``, with those of the two the row has: one layer's name recurs under
+    several patterns (its GEMM as RS, one-shot AR, two-shot AR) and regimes."""
+    tags = [row[key] for key in ("pattern", "regime") if key in row]
+    return row["name"] + (f" [{', '.join(tags)}]" if tags else "")
 
 
 def overlap_metrics(t: dict[str, float]) -> dict[str, float]:

@@ -18,12 +18,13 @@ import itertools
 import math
 import statistics
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .common import copy_rate, report_table, settle
+from .common import StuckStream, copy_rate, report_table, settle
 
 LLAMA3_70B_TP8 = {"qkv": (1280, 8192), "o": (8192, 1024), "gate-up": (7168, 8192), "down": (8192, 3584)}  # N, K per rank
 TOKENS = (16, 128, 2048, 8192)
@@ -68,8 +69,11 @@ def run(config: Config, checkpoint: Callable[[list[dict]], None] | None = None) 
         print(f"  {name}", file=sys.stderr, flush=True)
         try:
             rows.append(_measure(name, m, n, k, dtype, config.chunks, peak, copy_bps, plan_for))
-        except AssertionError as error:  # a wrong result: named, and the next shape still runs
-            rows.append({"name": name, "M": m, "N": n, "K": k, "failed": str(error)})
+        except StuckStream:  # nothing more can run behind a blocked stream
+            raise
+        except Exception as error:  # a wrong result, no memory, a config that did not compile: named; the next shape still runs
+            traceback.print_exc()
+            rows.append({"name": name, "M": m, "N": n, "K": k, "failed": f"{type(error).__name__}: {error}"})
         if checkpoint is not None:
             checkpoint(rows)
     measured = [r for r in rows if "failed" not in r]

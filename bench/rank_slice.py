@@ -26,6 +26,7 @@ labelled with its regime.
 from __future__ import annotations
 
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -116,6 +117,7 @@ def run(config: Config, checkpoint: Callable[[list[dict]], None] | None = None, 
                 checkpoint(rows)
             raise
         except Exception as error:  # this shape's failure, named in its row; the next shape still runs
+            traceback.print_exc()  # where it failed, in the log: a failure first seen on a lent GPU must be found without it
             rows.append({**row, "failed": f"{type(error).__name__}: {error}"})
         else:
             derived = overlap_metrics(times)
@@ -136,7 +138,7 @@ def _measured(earlier: dict) -> dict[tuple[str, str, str], dict]:
 
 
 COLUMNS = [
-    ("name", "layer", ""), ("regime", "regime", ""), ("gemm_us", "gemm us", ".0f"), ("comm_us", "comm us", ".0f"),
+    ("name", "layer", ""), ("pattern", "pattern", ""), ("regime", "regime", ""), ("gemm_us", "gemm us", ".0f"), ("comm_us", "comm us", ".0f"),
     ("bulk_us", "bulk us", ".0f"), ("chunked_us", "chunked us", ".0f"), ("fused_us", "fused us", ".0f"),
     ("ideal_us", "ideal us", ".0f"), ("fused_eta", "fused eta", ".2f"), ("fused_sol", "fused SOL", ".2f"),
     ("fused_gemm_slowdown", "GEMM slowdown", ".2f"), ("hook_cost", "hook cost", ".2f"), ("fused_speedup", "vs bulk", ".2f"),

@@ -12,6 +12,7 @@ from interlace.engine.comm.reduce import reduce_into
 from interlace.engine.device import new_stream
 from interlace.engine.overlap.dispatch import pick
 from interlace.engine.overlap.fused import REDUCE_SMS
+from interlace.engine.overlap.fused.base import chunk_rows_for
 from interlace.ops.gemm import SignalHook, WaitHook, chunk_outputs, gemm, leave_sms, plan_for
 
 from .common import around, event_median, relative_error, settle
@@ -297,8 +298,9 @@ def _all_reduce_two_shot(shape: dict, regime: str, world: int, dtype: torch.dtyp
 
 
 def _spans(m: int, chunks: int) -> list[slice]:
-    step = -(-m // chunks)
-    return [slice(c * step, min((c + 1) * step, m)) for c in range(chunks)]
+    """At most ``chunks`` row chunks, none empty, cut as the operators cut them (5 rows in 4 chunks: 2, 2, 1)."""
+    step = chunk_rows_for(m, chunks)
+    return [slice(a, min(a + step, m)) for a in range(0, m, step)]
 
 
 def _by_row_chunks(x, w, partial, spans, exchange, finish, status, delay, landing, sent, *, spare_sms=0, start_chunk=0,

@@ -16,6 +16,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from . import rank_slice
+from .common import row_label
 
 SERIES = (("bulk_us", "bulk", "#999999"), ("chunked_us", "chunked", "#1f77b4"), ("fused_us", "fused", "#d62728"),
           ("ideal_us", "ideal max(gemm, comm)", "#2ca02c"))  # fmt: skip
@@ -66,7 +67,7 @@ def targets(rows: list[dict]) -> list[str]:
     own_sol_ok = [r for r in bound if r["fused_sol_own"] >= SOL_TARGET]
     own_eta_ok = [r for r in bound if r["fused_eta_own"] >= ETA_TARGET]
     picked = [r for r in rows if r["auto"] != "bulk"]
-    slower = [f"{r['name']} [{r['regime']}] {r['auto']} {r['auto_us']:.0f} us vs bulk {r['bulk_again_us']:.0f} us "
+    slower = [f"{row_label(r)} {r['auto']} {r['auto_us']:.0f} us vs bulk {r['bulk_again_us']:.0f} us "
               f"({r['auto_us'] / r['bulk_again_us']:.2f}x; bulk's own two runs {noise(r):.1%} apart)"
               for r in picked if r["auto_us"] > r["bulk_again_us"]]  # fmt: skip
     worst = max((r["auto_us"] / r["bulk_again_us"] for r in picked), default=None)
@@ -74,7 +75,7 @@ def targets(rows: list[dict]) -> list[str]:
     noisiest = max(rows, key=noise, default=None)
     return [
         *([f"- noise: bulk, timed first and again last on each row, differs from itself by {statistics.median(map(noise, rows)):.1%} "
-           f"at the median, {noise(noisiest):.1%} at most ({noisiest['name']} [{noisiest['regime']}]): smaller differences "
+           f"at the median, {noise(noisiest):.1%} at most ({row_label(noisiest)}): smaller differences "
            "between strategies are not significant"] if noisiest else []),  # fmt: skip
         f"- fused within 1.1x the ideal on compute-bound d2d shapes: {len(sol_ok)} of {len(bound)}",
         f"- overlap efficiency >= {ETA_TARGET} on those shapes: {len(eta_ok)} of {len(bound)}",
@@ -137,11 +138,13 @@ def _incomplete(result: dict, failed: list[dict]) -> list[str]:
                   "and kept by `--resume`; the envelope above is the last run's."]  # fmt: skip
     if failed:
         lines += ["", f"**Failed ({len(failed)}):** not measured, and left out below.", ""]
-        lines += [f"- {r['name']} [{r['regime']}]: {r['failed']}" for r in failed]
+        lines += [f"- {row_label(r)}: {r['failed']}" for r in failed]
     return lines
 
 
 def main(result_path: Path, out_dir: Path) -> Path:
+    if not Path(result_path).is_file():
+        raise SystemExit(f"{result_path} does not exist: `python -m bench rank_slice --out {result_path}` writes it")
     result = json.loads(Path(result_path).read_text())
     if not result["rows"]:
         raise SystemExit(f"{result_path} holds no rows ({'; '.join(s['why'] for s in result.get('skipped', []))})")

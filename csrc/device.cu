@@ -13,6 +13,7 @@
 #include <unordered_map>
 
 #include "device.h"
+#include "host.h"
 
 namespace interlace {
 namespace {
@@ -183,6 +184,7 @@ uintptr_t device_malloc(size_t nbytes, int device, double timeout_s) {
 }
 
 void device_free(uintptr_t address, int device) {
+  RelaxedCapture relaxed;
   DeviceGuard guard(device);
   check(cudaFree(reinterpret_cast<void*>(address)), "cudaFree");
 }
@@ -198,6 +200,7 @@ uintptr_t ipc_open(const std::string& bytes, int device) {
   if (bytes.size() != sizeof(cudaIpcMemHandle_t)) {
     throw std::runtime_error("an IPC handle has " + std::to_string(sizeof(cudaIpcMemHandle_t)) + " bytes, got " + std::to_string(bytes.size()));
   }
+  RelaxedCapture relaxed;
   DeviceGuard guard(device);
   cudaIpcMemHandle_t handle;
   std::memcpy(&handle, bytes.data(), sizeof(handle));
@@ -207,6 +210,7 @@ uintptr_t ipc_open(const std::string& bytes, int device) {
 }
 
 void ipc_close(uintptr_t address, int device) {
+  RelaxedCapture relaxed;
   DeviceGuard guard(device);
   check(cudaIpcCloseMemHandle(reinterpret_cast<void*>(address)), "cudaIpcCloseMemHandle");
 }
@@ -226,6 +230,7 @@ void stream_wait_value(uintptr_t stream, uintptr_t address, int32_t value) {
 void copy_chunks_async(uintptr_t stream, const std::vector<uintptr_t>& dst, const std::vector<uintptr_t>& src,
                        const std::vector<size_t>& nbytes, const std::vector<uintptr_t>& flags,
                        const std::vector<int32_t>& values) {
+  check_chunk_lists(dst.size(), src.size(), nbytes.size(), flags.size(), values.size());
   auto s = reinterpret_cast<cudaStream_t>(stream);
   for (size_t i = 0; i < dst.size(); ++i) {
     // An empty chunk copies nothing, and its pointers may lie one past an allocation's end, where

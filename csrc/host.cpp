@@ -93,9 +93,18 @@ int32_t flag_wait(uintptr_t address, int32_t value, double timeout_s) {
   }
 }
 
+void check_chunk_lists(size_t dst, size_t src, size_t nbytes, size_t flags, size_t values) {
+  if (src != dst || nbytes != dst || flags != dst || values != dst) {
+    throw std::invalid_argument("copy_chunks: per-chunk lists differ in length (dst " + std::to_string(dst) + ", src " +
+                                std::to_string(src) + ", nbytes " + std::to_string(nbytes) + ", flags " +
+                                std::to_string(flags) + ", values " + std::to_string(values) + ")");
+  }
+}
+
 void copy_chunks(const std::vector<uintptr_t>& dst, const std::vector<uintptr_t>& src,
                  const std::vector<size_t>& nbytes, const std::vector<uintptr_t>& flags,
                  const std::vector<int32_t>& values) {
+  check_chunk_lists(dst.size(), src.size(), nbytes.size(), flags.size(), values.size());
   for (size_t i = 0; i < dst.size(); ++i) {
     if (nbytes[i] != 0)  // an empty tensor's pointer may be null, which memcpy must not get
       std::memcpy(reinterpret_cast<void*>(dst[i]), reinterpret_cast<const void*>(src[i]), nbytes[i]);

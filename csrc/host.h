@@ -24,6 +24,8 @@ int32_t flag_load(uintptr_t address);              // acquire
 int32_t flag_wait(uintptr_t address, int32_t value, double timeout_s);
 bool flag_reached(int32_t observed, int32_t value);
 
+// Throws std::invalid_argument unless the five per-chunk lists of a copy_chunks call are equally long.
+void check_chunk_lists(size_t dst, size_t src, size_t nbytes, size_t flags, size_t values);
 // memcpy each chunk, then store its flag (release); a flag address of 0 means none.
 void copy_chunks(const std::vector<uintptr_t>& dst, const std::vector<uintptr_t>& src,
                  const std::vector<size_t>& nbytes, const std::vector<uintptr_t>& flags,

@@ -105,12 +105,19 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("device_malloc", &device_malloc, py::arg("nbytes"), py::arg("device"), py::arg("timeout_s"),
         py::call_guard<py::gil_scoped_release>());
-  m.def("device_free", &device_free, py::arg("address"), py::arg("device"));
+  // cudaFree and the IPC calls can wait for the device: without the GIL, so the watchdog goes on.
+  m.def("device_free", &device_free, py::arg("address"), py::arg("device"), py::call_guard<py::gil_scoped_release>());
   m.def("ipc_handle", [](uintptr_t address, int device) { return py::bytes(ipc_handle(address, device)); },
         py::arg("address"), py::arg("device"));
-  m.def("ipc_open", [](py::bytes handle, int device) { return ipc_open(std::string(handle), device); },
-        py::arg("handle"), py::arg("device"));
-  m.def("ipc_close", &ipc_close, py::arg("address"), py::arg("device"));
+  m.def(
+      "ipc_open",
+      [](py::bytes handle, int device) {
+        std::string bytes(handle);
+        py::gil_scoped_release released;
+        return ipc_open(bytes, device);
+      },
+      py::arg("handle"), py::arg("device"));
+  m.def("ipc_close", &ipc_close, py::arg("address"), py::arg("device"), py::call_guard<py::gil_scoped_release>());
   // Enqueues can block on a full hardware queue: without the GIL, so other rank threads go on.
   m.def("stream_write_value", &stream_write_value, py::arg("stream"), py::arg("address"), py::arg("value"),
         py::call_guard<py::gil_scoped_release>());

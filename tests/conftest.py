@@ -42,6 +42,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_interpreter)
 
 
+def pytest_runtest_logreport(report):
+    """With INTERLACE_EAGER_FAILURES set (tools/gpu_session.py sets it), a failure's report as soon
+    as it happens: pytest prints them at the end, which a run killed for a hang never reaches."""
+    if report.failed and os.environ.get("INTERLACE_EAGER_FAILURES"):
+        seed = dict(report.user_properties).get("seed")
+        print(f"\n===== FAILED {report.nodeid} ({report.when}{f', seed {seed}' if seed is not None else ''})\n"
+              f"{report.longreprtext}", flush=True)  # fmt: skip
+
+
 @pytest.fixture
 def seed(request):
     """A fresh random seed per test, recorded in the report so a failure can be replayed."""

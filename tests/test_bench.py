@@ -240,7 +240,7 @@ def test_report_checks_the_targets_and_draws_one_plot_per_pattern_and_regime(tmp
             "of its pick take at most 0.97x bulk's") in text  # fmt: skip
     # bulk twice: 1.5/1.49 (0.67%), 2.6/2.61 (0.38%), 4.0/4.1 (2.5%), 1.4/1.43 (2.14%), relative to the faster
     assert ("noise: bulk, timed first and again last on each row, differs from itself by 1.4% at the median, 2.5% at most "
-            "(a/tp8/attn-o/m2048 [host])") in text  # fmt: skip
+            "(a/tp8/attn-o/m2048 [gemm_rs, host])") in text  # fmt: skip
     assert "| a/tp8/qkv/m2048 | d2d | 1000 | 400 | 1400 | 1500 | 1450 | 1000 |" in text and text.count("| bulk |") == 1
     svgs = sorted(p.name for p in (tmp_path / "out").glob("*.svg"))
     assert svgs == ["rank_slice_ag_gemm_d2d.svg", "rank_slice_gemm_rs_d2d.svg", "rank_slice_gemm_rs_host.svg"]
@@ -261,7 +261,7 @@ def test_report_names_a_cut_off_run_and_failed_shapes_and_leaves_them_out(tmp_pa
     (tmp_path / "r.json").write_text(json.dumps(result))
     text = report.main(tmp_path / "r.json", tmp_path / "out").read_text()
     assert "**Partial:** the run was cut off after 5 of its 16 rows (shape and regime)" in text  # llama3-8b at m2048: 8 shapes x 2 regimes
-    assert f"**Failed (1):** not measured, and left out below.\n\n- a/tp8/mlp-up/m2048 [d2d]: {error}" in text
+    assert f"**Failed (1):** not measured, and left out below.\n\n- a/tp8/mlp-up/m2048 [gemm_rs, d2d]: {error}" in text
     assert "| a/tp8/mlp-up/m2048 |" not in text
     assert "fused within 1.1x the ideal on compute-bound d2d shapes: 1 of 3" in text  # as without the failed row
 
@@ -276,11 +276,11 @@ def test_report_says_when_autos_pick_was_slower_than_bulk_and_why_a_run_stopped(
     result["complete"] = False
     (tmp_path / "r.json").write_text(json.dumps(result))
     text = report.main(tmp_path / "r.json", tmp_path / "out").read_text()
-    assert ("`auto` never slower than bulk on any row: NO (a/tp8/attn-o/m2048 [host] fused 4200 us vs bulk 4100 us (1.02x; "
+    assert ("`auto` never slower than bulk on any row: NO (a/tp8/attn-o/m2048 [gemm_rs, host] fused 4200 us vs bulk 4100 us (1.02x; "
             "bulk's own two runs 2.5% apart)); it picks "
             "other than bulk on 3 of 4 rows, where fresh runs of its pick take at most 1.02x bulk's") in text  # fmt: skip
     assert f"**Partial:** the run stopped ({stuck}) after 5 of its 16 rows" in text
-    assert f"**Failed (1):** not measured, and left out below.\n\n- a/tp8/o/m2048 [host]: {stuck}" in text
+    assert f"**Failed (1):** not measured, and left out below.\n\n- a/tp8/o/m2048 [gemm_ar, host]: {stuck}" in text
 
 
 def test_resume_keeps_an_earlier_runs_measured_rows_and_says_which_run_measured_them(tmp_path):
@@ -322,9 +322,10 @@ def test_resume_keeps_an_earlier_runs_measured_rows_and_says_which_run_measured_
 def test_printed_tables_list_failed_rows_after_the_measured_ones():
     from bench.common import report_table
 
-    rows = [{"name": "ok", "t": 1.0}, {"name": "bad", "regime": "host", "failed": "fused differs"}, {"name": "bad2", "failed": "wrong"}]
+    rows = [{"name": "ok", "t": 1.0}, {"name": "bad", "pattern": "gemm_rs", "regime": "host", "failed": "fused differs"},
+            {"name": "bad2", "failed": "wrong"}]  # fmt: skip
     text = report_table("head", {"rows": rows}, [("name", "name", ""), ("t", "t", ".1f")])
-    assert text.splitlines() == ["head", "name    t", "----  ---", "  ok  1.0", "FAILED bad [host]: fused differs", "FAILED bad2: wrong"]
+    assert text.splitlines() == ["head", "name    t", "----  ---", "  ok  1.0", "FAILED bad [gemm_rs, host]: fused differs", "FAILED bad2: wrong"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip on machines without a GPU")
@@ -334,6 +335,22 @@ def test_rank_slice_says_why_it_skips_without_a_gpu(tmp_path):
     assert done.returncode == 0 and "skipped rank_slice: needs a GPU" in done.stdout
     failed = subprocess.run([sys.executable, "-m", "bench", "report", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert failed.returncode != 0 and "holds no rows (needs a GPU" in failed.stderr
+    missing = tmp_path / "never-written.json"  # a run killed before its first row
+    failed = subprocess.run([sys.executable, "-m", "bench", "report", str(missing)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert failed.returncode != 0 and failed.stderr.strip() == f"{missing} does not exist: `python -m bench rank_slice --out {missing}` writes it"
+
+
+@pytest.mark.parametrize("chunks", [1, 3, 4, 8])
+def test_rank_slice_row_chunks_cover_every_row_and_none_is_empty(chunks):
+    """An empty chunk (5 rows cut in 4 equal chunks of 2) has no signal counter, and its row failed."""
+    from bench.rank_slice_gpu import _spans
+    from interlace.ops.gemm import chunk_outputs
+
+    for m in range(1, 40):
+        spans = _spans(m, chunks)
+        assert [i for s in spans for i in range(s.start, s.stop)] == list(range(m)), (m, spans)
+        assert 0 < len(spans) <= chunks and all(s.stop > s.start for s in spans), (m, spans)
+        assert len(spans) == len(chunk_outputs(m, 1, spans[0].stop))  # a counter per chunk
 
 
 @pytest.mark.gpu

@@ -210,16 +210,20 @@ def test_without_a_usable_gpu_the_session_stops_after_set_up():
     assert all(f"--junitxml=bench/results/x/tests/{s.name}.xml" in s.argv for s in tests)
 
 
-def test_compiled_kernels_come_back_when_small_enough(tmp_path):
-    cache = tmp_path / "cache"
-    assert gpu_session.pack_cache(cache, tmp_path / "c.tar.gz").startswith("compiled kernels not packed: 0 new files")
-    (cache / "ab12").mkdir(parents=True)
-    (cache / "ab12" / "gemm_kernel.cubin").write_bytes(b"\0" * 2048)
-    assert gpu_session.pack_cache(cache, tmp_path / "c.tar.gz", limit=1024).startswith("compiled kernels not packed: 1 new files")
-    assert not (tmp_path / "c.tar.gz").exists()
-    assert gpu_session.pack_cache(cache, tmp_path / "c.tar.gz") == "compiled kernels packed: 1 new files, 0 MiB, in c.tar.gz"
-    with tarfile.open(tmp_path / "c.tar.gz") as tar:
-        assert [m.name for m in tar.getmembers()] == ["ab12/gemm_kernel.cubin"]  # unpacked into .triton-cache as it was
+def test_compiled_kernels_come_back_newest_first_within_the_limit_and_only_what_a_hit_reads(tmp_path):
+    cache, archive = tmp_path / "cache", tmp_path / "c.tar.gz"
+    assert gpu_session.pack_cache(cache, archive) == "compiled kernels not packed: 0 new cache entries, none within 48 MiB"
+    for age, entry in enumerate(["new", "old", "older"]):
+        (cache / entry).mkdir(parents=True)
+        for name, size in [("gemm_kernel.cubin", 600), ("gemm_kernel.json", 100), ("__grp__gemm_kernel.json", 100), ("gemm_kernel.ptx", 5000)]:
+            (cache / entry / name).write_bytes(b"\0" * size)
+            os.utime(cache / entry / name, (1e9 - age, 1e9 - age))
+    assert gpu_session.pack_cache(cache, archive, limit=700).startswith("compiled kernels not packed: 3 new cache entries")
+    assert not archive.exists()
+    assert gpu_session.pack_cache(cache, archive, limit=1700) == "compiled kernels packed: 2 of 3 new cache entries, 0 MiB, in c.tar.gz"
+    with tarfile.open(archive) as tar:  # unpacked into .triton-cache as it was
+        assert sorted(m.name for m in tar.getmembers()) == sorted(f"{e}/{n}" for e in ("new", "old") for n in
+                                                                  ("gemm_kernel.cubin", "gemm_kernel.json", "__grp__gemm_kernel.json"))  # fmt: skip
 
 
 def test_carried_kernels_are_seeded_and_only_new_ones_come_back(tmp_path):
@@ -232,7 +236,7 @@ def test_carried_kernels_are_seeded_and_only_new_ones_come_back(tmp_path):
     since = time.time()
     (cache / "cd34").mkdir()
     (cache / "cd34" / "new.cubin").write_bytes(b"new")
-    assert gpu_session.pack_cache(cache, tmp_path / "c.tar.gz", since=since).startswith("compiled kernels packed: 1 new files")
+    assert gpu_session.pack_cache(cache, tmp_path / "c.tar.gz", since=since).startswith("compiled kernels packed: 1 of 1 new cache entries")
     with tarfile.open(tmp_path / "c.tar.gz") as tar:
         assert [m.name for m in tar.getmembers()] == ["cd34/new.cubin"]
 
@@ -257,3 +261,16 @@ def test_a_pytest_step_without_its_junit_file_says_pytest_was_killed(tmp_path):
     junit.write_text("<testsuites/>")  # an earlier call's, brought back and carried in
     (again,) = gpu_session.run_plan([step], tmp_path, budget=60, reserve=0)
     assert again.tail[1].startswith("no JUnit XML") and not junit.exists()
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_a_failure_is_reported_before_a_later_crash_ends_pytest(tmp_path, eager):
+    """gpu_session's pytest steps set INTERLACE_EAGER_FAILURES: a failure's report must not wait
+    for the end of a run that a hung test (killed) never reaches."""
+    (tmp_path / "test_x.py").write_text("import os\n\ndef test_fails():\n    assert 1 == 2, 'the cause'\n\ndef test_dies():\n    os._exit(9)\n")
+    env = {k: v for k, v in os.environ.items() if k != "INTERLACE_EAGER_FAILURES"} | {"PYTHONPATH": str(REPO / "tests")}
+    env |= {"INTERLACE_EAGER_FAILURES": "1"} if eager else {}
+    done = subprocess.run([PY, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "test_x.py"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 9, done.stdout[-2000:] + done.stderr[-2000:]
+    assert ("===== FAILED test_x.py::test_fails (call)" in done.stdout and "the cause" in done.stdout) == eager

@@ -16,6 +16,7 @@ import torch
 from interlace.engine.comm import SymmetricBuffer, spawn
 from interlace.engine.device import new_stream
 from interlace.engine.comm import signals
+from interlace.engine.comm.symmetric import all_or_none
 from interlace.engine.comm.native import build_info, native
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,6 +181,16 @@ def test_an_empty_chunk_copies_nothing_and_still_raises_its_flag(device, seed):
 # --- misuse --------------------------------------------------------------------------------------
 
 
+
+@pytest.mark.parametrize("flags, indices", [(True, None), (False, [0, 1]), (True, [0])])
+def test_copy_chunks_refuses_flags_that_do_not_match_the_chunks(flags, indices):
+    """Flags without indices (or the reverse, or a count that differs) would leave a waiter
+    hanging on a flag never raised: refused before anything is copied."""
+    src, dst = torch.randn(2, 4), torch.zeros(2, 4)
+    with pytest.raises(ValueError, match=r"2 chunks need flags and as many flag indices, or neither"):
+        signals.copy_chunks([(dst[0], src[0]), (dst[1], src[1])], torch.zeros(2, dtype=torch.int32) if flags else None, indices)
+    assert not dst.any()
+
 def misuse(group, case):
     if case == "sizes":
         SymmetricBuffer.allocate(group, 64 * (1 + group.rank), 2)
@@ -211,6 +222,27 @@ def test_misuse_is_named(case):
     error, message = MISUSE[case]
     with pytest.raises(error, match=message):
         spawn(misuse, 2, "gloo", timeout=20, args=(case,))
+
+
+def test_the_extension_refuses_chunk_lists_of_different_lengths():
+    """Called directly (not through signals.copy_chunks), short lists would be read past their end."""
+    with pytest.raises(ValueError, match=r"per-chunk lists differ in length \(dst 2, src 1, nbytes 2, flags 2, values 2\)"):
+        native().copy_chunks([0, 0], [0], [0, 0], [0, 0], [0, 0])
+
+
+def agree(group, failing):
+    try:
+        all_or_none(group, "no room" if group.rank in failing else None, "mapping")
+    except RuntimeError as error:
+        return str(error)
+
+
+@pytest.mark.parametrize("failing", [(), (1,), (0, 2)])
+def test_a_failure_on_any_rank_is_a_failure_on_every_rank(failing):
+    """A rank that could not map its peers' buffers frees its own: none may go on with them."""
+    named = f"rank(s) {list(failing)}"
+    expected = [f"rank {r}: mapping failed on {named}" + (": no room" if r in failing else "") for r in range(3)]
+    assert spawn(agree, 3, "gloo", timeout=20, args=(failing,)) == (expected if failing else [None] * 3)
 
 
 def killed_mid_run(group):

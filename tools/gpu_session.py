@@ -17,7 +17,7 @@ the envelope ``env.json``, each test step's JUnit XML under ``tests/``, each ben
 the report), packed again after every step, so a session killed from outside still brings back
 what it did. Set-up is required to succeed, and so is ``env``, which fails unless torch sees a
 GPU and the extension was built with CUDA: without those every GPU test would skip. The kernels
-compiled in this call come back too (``triton-cache.tar.gz``, when under 48 MiB): unpacked into
+compiled in this call come back too (``triton-cache.tar.gz``, the newest within 48 MiB): unpacked into
 ``.triton-cache/`` here, beside those of earlier calls, and named in the next call's carry, that
 call compiles nothing already compiled (each call may get a fresh machine). The device copy of
 the repository has no ``.git``: set ``INTERLACE_COMMIT`` to the commit sent, and the result
@@ -47,7 +47,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PY = ".venv/bin/python"
-PYTEST = [PY, "-m", "pytest", "-q", "-o", "timeout_method=thread"]  # a stuck test dumps every thread's stack
+# -v: each test named as it starts (a killed run's log ends at the one that hung); a stuck test dumps
+# every thread's stack; failures reported as they happen (tests/conftest.py), not only at the end
+PYTEST = [PY, "-m", "pytest", "-v", "-o", "timeout_method=thread"]
 LEAST = 30.0  # seconds a step needs at least to be worth starting
 FIRST = ("test_symmetric.py", "test_gemm.py", "test_reduce.py", "test_fused.py")  # run alone, in this order, before the rest
 LAYERS = ["--backends", "local", "--world-sizes", "2,4,8"]  # one process, a stream per rank: timeable on one GPU
@@ -86,7 +88,7 @@ def plans(results: str) -> dict[str, list[Step]]:
              Step("env", [PY, "-m", "interlace", "env", "--require-gpu", "--out", f"{out}/env.json"], 60, required=True)]  # fmt: skip
 
     def pytest(name: str, limit: float, *args: str) -> Step:  # its outcomes kept with the results
-        return Step(name, [*PYTEST, f"--junitxml={out}/tests/{name}.xml", *args], limit)
+        return Step(name, [*PYTEST, f"--junitxml={out}/tests/{name}.xml", *args], limit, defaults={"INTERLACE_EAGER_FAILURES": "1"})
 
     tests = [
         pytest("test-symmetric", 150, "--timeout=60", "tests/test_symmetric.py"),  # cheapest first
@@ -196,7 +198,7 @@ def run_step(step: Step, limit: float, log_path: Path) -> Outcome:
             _kill_group(proc)
             raise
         outcome.rc, outcome.seconds = proc.returncode, round(time.monotonic() - start, 1)
-        _kill_group(proc, KILL_GRACE[1:])  # what it left running (a rank process, say) goes with it
+        _kill_group(proc, (0.0,))  # what it left running (a rank process, say) goes with it; no second wait
         if outcome.timed_out:
             log.write(f"\n===== {step.name}: killed after {limit:.0f} s\n")
     with open(log_path) as log:
@@ -285,22 +287,33 @@ def pack(results: Path, archive: Path, root: Path = REPO) -> None:
 
 
 CACHE_LIMIT = 48 << 20  # bytes of compiled kernels worth bringing back: a call's carry takes 64 MiB in all
+# What a Triton cache hit reads (3.6: the metadata and group index, the binary; the launchers): the
+# IRs and PTX, most of an entry's bytes, are left behind. A hit skips the files an index names but lacks.
+HIT_SUFFIXES = (".json", ".cubin", ".so")
 
 
 def pack_cache(cache: Path, archive: Path, since: float = 0.0, limit: int = CACHE_LIMIT) -> str:
     """The kernels compiled into ``cache`` since ``since`` (a time.time()), as a gzipped tar to
-    unpack into ``.triton-cache`` here, beside those carried before; not when larger than
-    ``limit``. What was done, in words."""
-    files = [f for f in cache.rglob("*") if f.is_file() and f.stat().st_mtime >= since] if cache.is_dir() else []
-    size = sum(f.stat().st_size for f in files)
-    if not files or size > limit:
-        return f"compiled kernels not packed: {len(files)} new files, {size >> 20} MiB (limit {limit >> 20} MiB)"
+    unpack into ``.triton-cache`` here, beside those carried before: the files a cache hit reads,
+    whole cache entries (folders), newest first while they fit in ``limit`` bytes. What was done,
+    in words."""
+    entries: dict[Path, list[Path]] = {}
+    for f in cache.rglob("*") if cache.is_dir() else []:
+        if f.is_file() and f.suffix in HIT_SUFFIXES and f.stat().st_mtime >= since:
+            entries.setdefault(f.parent, []).append(f)
+    packed, size = [], 0
+    for files in sorted(entries.values(), key=lambda fs: max(f.stat().st_mtime for f in fs), reverse=True):
+        if size + (more := sum(f.stat().st_size for f in files)) <= limit:
+            packed, size = packed + files, size + more
+    if not packed:
+        return f"compiled kernels not packed: {len(entries)} new cache entries, none within {limit >> 20} MiB"
     partial = archive.with_name(archive.name + ".partial")
     with tarfile.open(partial, "w:gz") as tar:
-        for f in files:
+        for f in packed:
             tar.add(f, arcname=str(f.relative_to(cache)))
     os.replace(partial, archive)
-    return f"compiled kernels packed: {len(files)} new files, {size >> 20} MiB, in {archive.name}"
+    count = len({f.parent for f in packed})
+    return f"compiled kernels packed: {count} of {len(entries)} new cache entries, {size >> 20} MiB, in {archive.name}"
 
 
 # Triton's cache index names its files by absolute path: the same path on every machine, so

@@ -53,7 +53,7 @@ def write(flags: torch.Tensor, index: int, value: int, stream: torch.cuda.Stream
     """``flags[index] = value`` (release): from ``stream`` on a GPU, at once on a CPU."""
     addr, value = address(flags, index), wrap(value)
     if flags.device.type == "cuda":
-        native().stream_write_value(_stream(flags, stream).cuda_stream, addr, value)
+        _on_stream(flags.device, stream, lambda s: native().stream_write_value(s, addr, value))
     else:
         native().flag_store(addr, value)
 
@@ -64,7 +64,7 @@ def wait(flags: torch.Tensor, index: int, value: int, stream: torch.cuda.Stream 
     raising ``FlagTimeoutError`` after ``timeout`` seconds)."""
     addr, value = address(flags, index), wrap(value)
     if flags.device.type == "cuda":
-        native().stream_wait_value(_stream(flags, stream).cuda_stream, addr, value)
+        _on_stream(flags.device, stream, lambda s: native().stream_wait_value(s, addr, value))
     else:
         host_wait(flags, index, value, timeout, rank=rank)
 
@@ -105,8 +105,9 @@ def copy_chunks(chunks: list[tuple[torch.Tensor, torch.Tensor]], flags: torch.Te
     GPU: ``cudaMemcpyAsync`` on ``stream`` (the copy engines) and a stream write per chunk; this is
     the producer for the GEMM's wait hook. CPU: memcpy then a release store, on this thread.
     """
-    if indices is not None and (flags is None or len(indices) != len(chunks)):
-        raise ValueError(f"copy_chunks: {len(chunks)} chunks need as many flag indices, got {indices}")
+    if (flags is None) != (indices is None) or indices is not None and len(indices) != len(chunks):
+        raise ValueError(f"copy_chunks: {len(chunks)} chunks need flags and as many flag indices, or neither; "
+                         f"got flags {describe(flags)} and indices {indices}")  # fmt: skip
     dst, src, sizes, cuda = [], [], [], None
     for i, (d, s) in enumerate(chunks):
         _check_chunk(i, d, s)
@@ -115,10 +116,12 @@ def copy_chunks(chunks: list[tuple[torch.Tensor, torch.Tensor]], flags: torch.Te
         dst.append(d.data_ptr())
         src.append(s.data_ptr())
         sizes.append(d.nbytes)
+    if flags is not None and chunks and flags.is_cuda != (cuda is not None):
+        raise ValueError(f"copy_chunks: {'GPU' if cuda is not None else 'host'} chunks raise flags on the same side; got {describe(flags)}")
     flag_addrs = [address(flags, i) for i in indices] if indices is not None else [0] * len(chunks)
     values = [wrap(value)] * len(chunks)
     if cuda is not None:  # any GPU side: the copy engines (pinned host memory included, over PCIe)
-        native().copy_chunks_async(_stream(cuda, stream).cuda_stream, dst, src, sizes, flag_addrs, values)
+        _on_stream(cuda.device, stream, lambda s: native().copy_chunks_async(s, dst, src, sizes, flag_addrs, values))
     else:
         native().copy_chunks(dst, src, sizes, flag_addrs, values)
 
@@ -143,5 +146,13 @@ def _poll_device(addr: int, value: int, timeout: float, device: int, what: str) 
         pause = min(2 * pause, 1e-3)
 
 
-def _stream(t: torch.Tensor, stream: torch.cuda.Stream | None) -> torch.cuda.Stream:
-    return stream if stream is not None else torch.cuda.current_stream(t.device)
+def _on_stream(device: torch.device, stream: torch.cuda.Stream | None, enqueue) -> None:
+    """``enqueue(handle)`` of ``stream``, default: ``device``'s current stream. Handle 0 (torch's
+    default stream) is, to the driver, the legacy stream of the calling thread's current device:
+    ``device`` is made current for it."""
+    stream = stream if stream is not None else torch.cuda.current_stream(device)
+    if stream.cuda_stream != 0:
+        enqueue(stream.cuda_stream)
+        return
+    with torch.cuda.device(stream.device):
+        enqueue(0)

@@ -166,12 +166,24 @@ class _DeviceMemory(_Memory):
         self.index = group.device.index if group.device.index is not None else torch.cuda.current_device()
 
     def allocate(self, nbytes: int) -> list[int]:
-        g = self.group
+        g, peers = self.group, {}
         own = native().device_malloc(nbytes, self.index, g.timeout)  # zero-filled before it returns
         try:
             handles = _exchange(g, native().ipc_handle(own, self.index))
-            return [own if r == g.rank else native().ipc_open(h, self.index) for r, h in enumerate(handles)]
+            failure = None
+            try:
+                for r, handle in enumerate(handles):
+                    if r != g.rank:
+                        peers[r] = native().ipc_open(handle, self.index)
+            except RuntimeError as error:
+                failure = str(error)
+            # Every rank maps every peer or none keeps its buffer: a rank that went on would read a
+            # buffer its owner freed on the way out.
+            all_or_none(g, failure, "mapping its peers' symmetric buffers through CUDA IPC")
+            return [peers.get(r, own) for r in range(g.world_size)]
         except BaseException:
+            for address in peers.values():
+                native().ipc_close(address, self.index)
             native().device_free(own, self.index)
             raise
 
@@ -224,6 +236,15 @@ def _agree_on_sizes(group: Group, nbytes: int, num_flags: int) -> None:
     if any(s != sizes[0] for s in sizes):
         each = "; ".join(f"rank {r} asked for {b} bytes and {f} flags" for r, (b, f) in enumerate(sizes))
         raise ValueError(f"SymmetricBuffer.allocate: ranks disagree on the size: {each}")
+
+
+def all_or_none(group: Group, failure: str | None, what: str) -> None:
+    """Collective: raise ``RuntimeError`` on every rank, naming the ranks that failed ``what`` (and
+    this rank's ``failure``), if any rank did; return on every rank otherwise."""
+    failed = group.all_gather(torch.tensor([[failure is not None]], dtype=torch.uint8, device=group.device)).flatten().tolist()
+    if any(failed):
+        ranks = [r for r, f in enumerate(failed) if f]
+        raise RuntimeError(f"rank {group.rank}: {what} failed on rank(s) {ranks}" + (f": {failure}" if failure else ""))
 
 
 def _exchange(group: Group, blob: bytes) -> list[bytes]:

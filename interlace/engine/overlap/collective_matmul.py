@@ -99,9 +99,9 @@ def _resolve(config: OverlapConfig, group: Group, pattern: str, x: torch.Tensor,
     dispatcher on every call builds a ``Case`` and its key, a cost on decode's small GEMMs."""
     if config.strategy != "auto":
         return config
-    dispatcher = default_dispatcher()
+    dispatcher = default_dispatcher()  # in the key itself: a replaced one's id may be reused
     resolved = group.__dict__.setdefault("_auto_resolved", {})
-    key = (id(dispatcher), pattern, tuple(x.shape), n, x.dtype, config.check)
+    key = (dispatcher, pattern, tuple(x.shape), n, x.dtype, config.check)
     if key not in resolved:
         resolved[key] = dataclasses.replace(dispatcher.config_for(group, dispatch_case(pattern, group, x, n)), check=config.check)
     return resolved[key]
