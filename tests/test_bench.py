@@ -72,7 +72,9 @@ def test_layers_cli_reports_overlap_metrics_consistently(tmp_path):
     cmd = [sys.executable, "-m", "bench", "layers", "--backends", "local,gloo", "--world-sizes", "2", "--scale", "64",
            "--tokens", "32", "--iters", "1", "--out", str(out)]  # fmt: skip
     cache = tmp_path / "dispatch.json"  # auto's decisions: made here, not taken from this machine's cache
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "INTERLACE_DISPATCH_CACHE": str(cache)})
+    # on CPUs (no GPU visible): "local" would run on a GPU, where fused is timed too (bench-layers measures that)
+    env = {**os.environ, "INTERLACE_DISPATCH_CACHE": str(cache), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     assert "eta" in done.stdout and "llama3-8b/64/tp2/mlp-down" in done.stdout
     result = json.loads(out.read_text())

@@ -147,6 +147,32 @@ def test_local_failed_peer_is_named_not_waited_for():
         spawn(waits_for_failed_peer, 3, "local", timeout=60)
 
 
+def test_local_ranks_learn_which_peer_failed_not_which_returned():
+    """What a fused operator's GPU wait asks, so as not to wait out its deadline on flags that a
+    failed peer thread will never raise."""
+    seen, rank_two_returned, checked = [], threading.Event(), threading.Event()
+
+    def run(group):
+        if group.rank == 1:
+            checked.wait(10)
+            raise ZeroDivisionError("rank one's own bug")
+        if group.rank == 2:
+            rank_two_returned.set()
+            return
+        rank_two_returned.wait(10)
+        time.sleep(0.05)  # rank 2 is marked gone just after its function returns
+        seen.append(group.peer_failed())  # a peer that returned has not failed
+        checked.set()
+        deadline = time.monotonic() + 10
+        while (why := group.peer_failed()) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.append(why)
+
+    with pytest.raises(ZeroDivisionError):
+        spawn(run, 3, "local", timeout=60)
+    assert seen == [None, "rank 1 failed with ZeroDivisionError: rank one's own bug"]
+
+
 def dies_mid_run(group):
     group.barrier()
     if group.rank == 1:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from interlace.engine.comm import spawn
-from interlace.engine.device import new_stream
+from interlace.engine.device import drain_within, new_stream
 from interlace.ops import flags as epoch_flags
 from interlace.ops.gemm import INTERPRETING
 from interlace.ops.reduce import unsupported
@@ -448,7 +448,7 @@ def unchecked_late_peer(group, via_check):
     if group.rank == 1:
         time.sleep(group.timeout + 3)
         op(x, weight)
-        torch.cuda.current_stream().synchronize()
+        drain_within(group.device, 30, "rank 1's late call")
         return None
     start = time.monotonic()
     op(x, weight)
@@ -460,7 +460,7 @@ def unchecked_late_peer(group, via_check):
     while (op.late is None or "; behind:" not in op.late) and time.monotonic() - start < 30:  # recorded, then completed
         time.sleep(0.05)
     reported, late = time.monotonic() - start, op.late
-    torch.cuda.current_stream().synchronize()  # released by rank 1's call
+    drain_within(group.device, 30, "rank 0's call, released by rank 1's late one")
     with pytest.raises(TimeoutError) as raised:
         op(x, weight)
     return returned, reported, late, str(raised.value)

@@ -242,20 +242,21 @@ def test_tiles_start_at_the_given_chunk_and_go_around_the_ring(seed):
     x, w = operands(seed, m, n, k, torch.float32)
     outputs = chunk_outputs(m, n, chunk_rows)
     flags = torch.tensor([0, 0, 1], dtype=torch.int32, device=DEVICE)
-    counters = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+    counters, signalled = torch.zeros(3, dtype=torch.int32, device=DEVICE), []
 
     def release_in_ring_order():
         for done, release in ((2, 0), (0, 1)):
             end = time.monotonic() + 30
             while host_read(counters, done) < outputs[done] and time.monotonic() < end:
                 time.sleep(0.005)
+            signalled.append(host_read(counters, done) == outputs[done])  # before its deadline, not released anyway
             host_write(flags, release, 1)
 
     thread = threading.Thread(target=release_in_ring_order)
     thread.start()
     y = gemm(x, w, wait=WaitHook(flags, 1, chunk_rows), signal=SignalHook(counters, chunk_rows), start_chunk=2, plan=plan)
     thread.join()
-    assert counters.tolist() == outputs
+    assert signalled == [True, True] and counters.tolist() == outputs
     assert_gemm_close(y, x, w, "ring order")
 
 
@@ -322,8 +323,9 @@ def test_quick_tuning_is_two_of_the_full_candidates_and_bad_modes_are_named(monk
     from interlace.kernels import gemm as kernels
     from interlace.ops import gemm as ops
 
-    full, quick = kernels.configs(False), kernels.configs(False, quick=True)
+    full, quick, quick_fp32 = kernels.configs(False), kernels.configs(False, quick=True), kernels.configs(False, quick=True, fp32=True)
     assert len(quick) == 2 and all(str(c) in {str(f) for f in full} for c in quick)
+    assert [str(c) for c in quick_fp32] == [str(quick[1])]  # the small tile: fp32 has no tensor cores to fill
     for mode, expected in (("quick", True), ("full", False)):
         monkeypatch.setenv("INTERLACE_TUNE", mode)
         assert ops._quick_tuning() is expected

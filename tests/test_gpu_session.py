@@ -68,7 +68,7 @@ def test_pack_keeps_paths_relative_to_the_root(tmp_path):
     assert names == {"bench/results/h100/gemm.json", "bench/results/h100/report/README.md"}
 
 
-@pytest.mark.parametrize("name", ["test-fused-2", "test-fused", "test-rest", "test-unmarked"])
+@pytest.mark.parametrize("name", ["test-fused-2", "test-fused", "test-rest", "test-conformance", "test-unmarked"])
 def test_the_planned_test_selections_select_tests(name, tmp_path):
     """A renamed test id or file must not turn a GPU step into a silent no-op."""
     step = next(s for s in gpu_session.plans("x")["all"] if s.name == name)

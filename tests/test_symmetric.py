@@ -73,6 +73,8 @@ def test_cpu_only_build_offers_the_same_api(tmp_path):
 
     configure = ["cmake", "-S", str(REPO), "-B", str(tmp_path), "-DINTERLACE_CUDA=OFF", f"-DPython_EXECUTABLE={sys.executable}",
                  f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", "-DCMAKE_BUILD_TYPE=Release"]  # fmt: skip
+    if headers := os.environ.get("INTERLACE_PYTHON_INCLUDE"):  # as setup.py hints them (a Python without its own)
+        configure.append(f"-DPython_INCLUDE_DIR={headers}")
     for cmd in (configure, ["cmake", "--build", str(tmp_path), "--parallel"]):
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout + done.stderr

@@ -115,16 +115,18 @@ def test_the_watchdog_polls_beside_a_global_mode_capture_without_invalidating_it
     x = torch.randn(4096, device=dev)
     capturing, graph = new_stream(dev), torch.cuda.CUDAGraph()
     capturing.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(capturing):  # not torch.cuda.graph(): it synchronises the device, which waits on `blocked`
-        graph.capture_begin(capture_error_mode="global")
-        y, adds = x * 2, 0
-        start = time.monotonic()
-        while time.monotonic() - start < 0.3:
-            y, adds = y + 1, adds + 1
-            time.sleep(0.01)
-        graph.capture_end()
-    assert sum(start <= t <= time.monotonic() for t in polls) > 10  # it polled during the capture
-    signals.write(flags, 0, 1, new_stream(dev))
+    try:
+        with torch.cuda.stream(capturing):  # not torch.cuda.graph(): it synchronises the device, which waits on `blocked`
+            graph.capture_begin(capture_error_mode="global")
+            y, adds = x * 2, 0
+            start = time.monotonic()
+            while time.monotonic() - start < 0.3:
+                y, adds = y + 1, adds + 1
+                time.sleep(0.01)
+            graph.capture_end()
+        assert sum(start <= t <= time.monotonic() for t in polls) > 10  # it polled during the capture
+    finally:  # `blocked` released whatever happened: a stream left blocked would hold back the next tests
+        signals.write(flags, 0, 1, new_stream(dev))
     with torch.cuda.stream(capturing):
         graph.replay()
         done = capturing.record_event()

@@ -52,6 +52,7 @@ PY = ".venv/bin/python"
 PYTEST = [PY, "-m", "pytest", "-v", "-o", "timeout_method=thread"]
 LEAST = 30.0  # seconds a step needs at least to be worth starting
 FIRST = ("test_symmetric.py", "test_gemm.py", "test_reduce.py", "test_fused.py")  # run alone, in this order, before the rest
+CONFORMANCE = "test_comm_conformance.py"
 LAYERS = ["--backends", "local", "--world-sizes", "2,4,8"]  # one process, a stream per rank: timeable on one GPU
 
 
@@ -98,8 +99,10 @@ def plans(results: str) -> dict[str, list[Step]]:
         # GPU; 90 s for graph replays): those fail one test naming the wait, pytest's kill the run.
         pytest("test-fused-2", 180, "--timeout=120", "tests/test_fused.py", "-k", "cuda-ipc-2 or local-cuda-2"),
         pytest("test-fused", 300, "--timeout=120", "tests/test_fused.py", "-k", "not (cuda-ipc-2 or local-cuda-2)"),
-        # the other files' GPU tests, then their unmarked ones (device-agnostic: on the box, on its GPU)
-        pytest("test-rest", 300, "--timeout=120", "-m", "gpu", "tests", *(f"--ignore=tests/{f}" for f in FIRST)),
+        # the other files' GPU tests; then the transports' conformance on the GPU (a process start
+        # per case: slow, so last, where a cut costs least); then the unmarked tests (device-agnostic)
+        pytest("test-rest", 300, "--timeout=120", "-m", "gpu", "tests", *(f"--ignore=tests/{f}" for f in (*FIRST, CONFORMANCE))),
+        pytest("test-conformance", 300, "--timeout=120", "-m", "gpu", f"tests/{CONFORMANCE}"),
         pytest("test-unmarked", 420, "--timeout=120", "-m", "not gpu", "tests", *(f"--ignore=tests/{f}" for f in FIRST)),
     ]
     # The rank slice first: the issue's numbers. Quick tuning by default: full tuning compiles 8

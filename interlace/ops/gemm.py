@@ -262,7 +262,7 @@ def _plan(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> P
         return _PLANS[key]
     with _TUNING:
         if key not in _PLANS:
-            configs = kernel.configs(INTERPRETING, quick=_quick_tuning())
+            configs = kernel.configs(INTERPRETING, quick=_quick_tuning(), fp32=dtype == torch.float32)
             best = configs[0] if len(configs) == 1 else _autotune(m, n, k, dtype, configs, device)
             b = best.kwargs
             tiles = triton.cdiv(m, b["BLOCK_M"]) * triton.cdiv(n, b["BLOCK_N"])

@@ -77,6 +77,7 @@ class _Hub:
         self.lock = threading.Lock()
         self.rounds: dict[tuple, _Round] = {}  # rounds still waiting for participants
         self.gone: dict[int, str] = {}  # rank -> why it will never join another round
+        self.failed: dict[int, str] = {}  # those of them that raised
         self.stream = new_stream(device) if device.type == "cuda" else None
         self.complete: queue.SimpleQueue[_Round | None] = queue.SimpleQueue()
         self.shared: dict[tuple, dict[int, Any]] = {}
@@ -119,11 +120,14 @@ class _Hub:
                 del self.shared[key]
             return objs
 
-    def mark_gone(self, rank: int, why: str) -> None:
-        """Record that ``rank`` will never join again; fail every round still waiting for it."""
+    def mark_gone(self, rank: int, why: str, failed: bool = False) -> None:
+        """Record that ``rank`` will never join again (``failed``: it raised); fail every round
+        still waiting for it."""
         with self.lock:
             self.shared_cond.notify_all()
             self.gone[rank] = why
+            if failed:
+                self.failed[rank] = why
             for key, rnd in list(self.rounds.items()):
                 if rank in self._missing(rnd):
                     del self.rounds[key]
@@ -166,6 +170,12 @@ class LocalGroup(Group):
         key, what, participants = self._route(call)
         deadline = time.monotonic() + self.timeout
         return self._hub.join(key, participants, self.rank, call, lambda rnd: _LocalWork(what, call, deadline, self, rnd))
+
+    def peer_failed(self) -> str | None:
+        """Which peer raised, and what, if one did: flags it was to raise on a GPU never come, so
+        a rank waiting on them can give up at once instead of at its deadline."""
+        with self._hub.lock:
+            return next((f"rank {r} {why}" for r, why in self._hub.failed.items() if r != self.rank), None)
 
     def share(self, obj: Any) -> list[Any]:
         """Collective, in-process: every rank's ``obj`` (the same Python objects), in rank order.
@@ -267,7 +277,7 @@ def run_threads(
         except BaseException as error:
             with lock:
                 failures.append((rank, error))
-            hub.mark_gone(rank, f"failed with {type(error).__name__}: {error}")
+            hub.mark_gone(rank, f"failed with {type(error).__name__}: {error}", failed=True)
         else:
             hub.mark_gone(rank, "returned from its function")
 
@@ -285,6 +295,9 @@ def run_threads(
     return results
 
 
+FAILED_DRAIN_S = 1.0  # seconds a failed rank's stream is given to finish
+
+
 @contextlib.contextmanager
 def _rank_stream(device: torch.device, rank: int, timeout: float) -> Iterator[None]:
     """On a GPU: the rank's own stream, drained when the rank's function ends, for at most
@@ -294,11 +307,15 @@ def _rank_stream(device: torch.device, rank: int, timeout: float) -> Iterator[No
         return
     torch.cuda.set_device(device)
     stream = new_stream(device)
+    failed = True
     try:
         with torch.cuda.stream(stream):
             yield
+        failed = False
     finally:
-        done, end = stream.record_event(), time.monotonic() + timeout
+        # After a failure, briefly: a stream blocked on a peer that failed never finishes, and
+        # waiting out the timeout would only hold back the error.
+        done, end = stream.record_event(), time.monotonic() + (min(timeout, FAILED_DRAIN_S) if failed else timeout)
         while not done.query() and time.monotonic() < end:
             time.sleep(1e-3)
     if not done.query():  # only after a function that returned: an error on the way out stays the error
