@@ -117,7 +117,7 @@ def run(config: Config, checkpoint: Callable[[list[dict]], None] | None = None, 
                 checkpoint(rows)
             raise
         except Exception as error:  # this shape's failure, named in its row; the next shape still runs
-            traceback.print_exc()  # where it failed, in the log: a failure first seen on a lent GPU must be found without it
+            traceback.print_exc()  # where it failed, in the log: a failure first seen on a lent GPU is found from the log alone
             rows.append({**row, "failed": f"{type(error).__name__}: {error}"})
         else:
             derived = overlap_metrics(times)
