@@ -152,7 +152,9 @@ def summarize(per_rank: list[list[dict]], backend: str, world: int) -> list[dict
     for points in zip(*per_rank):
         p = points[0]
         if "failed" in p:  # every rank's row says so; the one naming its own failure first
-            why = sorted((q["failed"] for q in points), key=lambda text: "another rank" in text)[0]
+            from interlace.engine.overlap.fused.workspaces import FUSED_WAIT  # imports Triton
+
+            why = sorted((q["failed"] for q in points), key=lambda text: f"{FUSED_WAIT} failed on rank(s)" in text)[0]
             rows.append({"backend": backend, "world_size": world, **{k: p[k] for k in ("name", "pattern", "M", "N", "K")}, "failed": why})
             continue
         t = {kind: slowest_median([q["samples"][kind] for q in points]) for kind in KINDS if kind in p["samples"]}

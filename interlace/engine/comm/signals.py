@@ -116,9 +116,9 @@ def copy_chunks(chunks: list[tuple[torch.Tensor, torch.Tensor]], flags: torch.Te
         dst.append(d.data_ptr())
         src.append(s.data_ptr())
         sizes.append(d.nbytes)
+    flag_addrs = [address(flags, i) for i in indices] if indices is not None else [0] * len(chunks)  # checks flags
     if flags is not None and chunks and flags.is_cuda != (cuda is not None):
         raise ValueError(f"copy_chunks: {'GPU' if cuda is not None else 'host'} chunks raise flags on the same side; got {describe(flags)}")
-    flag_addrs = [address(flags, i) for i in indices] if indices is not None else [0] * len(chunks)
     values = [wrap(value)] * len(chunks)
     if cuda is not None:  # any GPU side: the copy engines (pinned host memory included, over PCIe)
         _on_stream(cuda.device, stream, lambda s: native().copy_chunks_async(s, dst, src, sizes, flag_addrs, values))

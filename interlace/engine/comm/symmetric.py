@@ -166,26 +166,32 @@ class _DeviceMemory(_Memory):
         self.index = group.device.index if group.device.index is not None else torch.cuda.current_device()
 
     def allocate(self, nbytes: int) -> list[int]:
-        g, peers = self.group, {}
+        g, peers, failure = self.group, {}, None
         own = native().device_malloc(nbytes, self.index, g.timeout)  # zero-filled before it returns
         try:
-            handles = _exchange(g, native().ipc_handle(own, self.index))
-            failure = None
-            try:
-                for r, handle in enumerate(handles):
-                    if r != g.rank:
-                        peers[r] = native().ipc_open(handle, self.index)
-            except RuntimeError as error:
-                failure = str(error)
-            # Every rank maps every peer or none keeps its buffer: a rank that went on would read a
-            # buffer its owner freed on the way out.
-            all_or_none(g, failure, "mapping its peers' symmetric buffers through CUDA IPC")
-            return [peers.get(r, own) for r in range(g.world_size)]
+            handle = native().ipc_handle(own, self.index)
         except BaseException:
-            for address in peers.values():
-                native().ipc_close(address, self.index)
             native().device_free(own, self.index)
             raise
+        # Once its handle is out, `own` is freed only after every peer has closed its mapping of it
+        # (CUDA: freeing first is undefined); a failure that leaves that unknown leaves it allocated.
+        handles = _exchange(g, handle)
+        try:
+            for r, peer_handle in enumerate(handles):
+                if r != g.rank:
+                    peers[r] = native().ipc_open(peer_handle, self.index)
+        except Exception as error:
+            failure = f"{type(error).__name__}: {error}"
+        try:  # every rank maps every peer, or none keeps a mapping
+            all_or_none(g, failure, "mapping its peers' symmetric buffers through CUDA IPC")
+        except BaseException as error:
+            for address in peers.values():
+                native().ipc_close(address, self.index)
+            if isinstance(error, AgreedFailure):  # every rank is here, closing: then free
+                g.barrier()
+                native().device_free(own, self.index)
+            raise
+        return [peers.get(r, own) for r in range(g.world_size)]
 
     def tensor(self, address: int, nbytes: int) -> torch.Tensor:
         return torch.from_dlpack(native().byte_view(address, nbytes, _DL_CUDA, self.index))
@@ -238,13 +244,17 @@ def _agree_on_sizes(group: Group, nbytes: int, num_flags: int) -> None:
         raise ValueError(f"SymmetricBuffer.allocate: ranks disagree on the size: {each}")
 
 
+class AgreedFailure(RuntimeError):
+    """Raised by :func:`all_or_none` on every rank of a group at once."""
+
+
 def all_or_none(group: Group, failure: str | None, what: str) -> None:
-    """Collective: raise ``RuntimeError`` on every rank, naming the ranks that failed ``what`` (and
-    this rank's ``failure``), if any rank did; return on every rank otherwise."""
+    """Collective: raise ``AgreedFailure`` on every rank, naming the ranks that failed ``what``
+    (and this rank's ``failure``), if any rank did; return on every rank otherwise."""
     failed = group.all_gather(torch.tensor([[failure is not None]], dtype=torch.uint8, device=group.device)).flatten().tolist()
     if any(failed):
         ranks = [r for r, f in enumerate(failed) if f]
-        raise RuntimeError(f"rank {group.rank}: {what} failed on rank(s) {ranks}" + (f": {failure}" if failure else ""))
+        raise AgreedFailure(f"rank {group.rank}: {what} failed on rank(s) {ranks}" + (f": {failure}" if failure else ""))
 
 
 def _exchange(group: Group, blob: bytes) -> list[bytes]:

@@ -145,12 +145,16 @@ class FusedOp:
         good when it may be blocked: the streams stay blocked behind it, so a later call (or
         check(), whose read would queue behind them) must raise at once, not wait. Not when every
         flag it awaits is raised: it is slow, and will finish. At once when a peer thread
-        (LocalGroup) has failed: the flags it was to raise never come."""
-        peer_failed = getattr(self.group, "peer_failed", lambda: None)
+        (LocalGroup) has failed and a flag this call awaits is behind: it never comes."""
+        peer_failed, asked = getattr(self.group, "peer_failed", lambda: None), []
 
         def poll() -> None:
-            if self.late is None and (why := peer_failed()) is not None:
-                self._record_late(f"rank {self.rank}: {self.name} epoch {self._last_call[1]} gave up waiting: {why}")
+            if self.late is None and not asked and (why := peer_failed()) is not None:
+                asked.append(why)  # the flags read once
+                text, blocked = self._behind(*self._last_call)
+                if blocked:
+                    self._record_late(f"rank {self.rank}: {self.name} epoch {self._last_call[1]} gave up waiting: {why} "
+                                      f"({text.partition('; ')[2]})")  # fmt: skip
             if self.late is None and time.monotonic() > deadline:
                 text, blocked = self._behind(*self._last_call)
                 if not blocked:  # every flag it awaits is raised: slow, not stuck, and the ranks still agree

@@ -7,6 +7,7 @@ import os
 import torch
 
 from interlace.engine.comm import Group
+from interlace.engine.comm.symmetric import AgreedFailure, all_or_none
 from interlace.kernels.reduce import MAX_WORLD
 from interlace.ops.gemm import INTERPRETING
 
@@ -56,8 +57,14 @@ def agreed_failure(group: Group) -> str | None:
         mine = None
     except (TimeoutError, RuntimeError) as error:
         mine = str(error)
-    anyone = group.all_reduce(torch.tensor([float(mine is not None)], dtype=torch.float64, device=group.device), "max").item()
-    return mine or ("a fused operator's wait gave up on another rank" if anyone else None)
+    try:
+        all_or_none(group, mine, FUSED_WAIT)
+    except AgreedFailure as error:
+        return mine or str(error)
+    return None
+
+
+FUSED_WAIT = "a fused operator's wait"  # what agreed_failure tells the ranks whose own waits did not fail: "... failed on rank(s) [r]"
 
 
 def close_workspaces(group: Group) -> None:
