@@ -41,8 +41,7 @@ def configs(interpreting: bool, quick: bool = False, fp32: bool = False) -> list
     """Autotune candidates. Under the interpreter one small config: every config would be run.
     ``quick`` (tests on a GPU): two, since each candidate is compiled for each new specialization
     (seconds per config); for ``fp32`` operands (no tensor cores: the tests' reference dtype) the
-    small one only, as its 128x128 tile took 13.4 s to compile for sm_90 against 2.0 s (Triton
-    3.6, 2 CPU cores; bf16: 1.9 s)."""
+    small one only, as the 128x128 tile compiles several times slower for them."""
     if interpreting:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)]
     shapes = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
