@@ -93,8 +93,10 @@ def matmul_tolerance(magnitude: torch.Tensor, dtype: torch.dtype, accumulated: i
 
 
 def assert_within(got: torch.Tensor, exact: torch.Tensor, tol: torch.Tensor, what: str) -> None:
-    err = (got.detach().to(torch.float64) - exact).abs()
-    if bool((err > tol).any()) or not bool(torch.isfinite(got.detach().to(torch.float64)).all()):
+    """``got`` on any device; ``exact`` and ``tol`` float64 on the CPU."""
+    got = got.detach().to("cpu", torch.float64)
+    err = (got - exact).abs()
+    if bool((err > tol).any()) or not bool(torch.isfinite(got).all()):
         i = int(torch.argmax((err - tol).flatten()))
         raise AssertionError(
             f"{what}: {int((err > tol).sum())} of {err.numel()} elements outside tolerance; worst at flat index {i}: "
@@ -106,9 +108,9 @@ def assert_no_worse(got: torch.Tensor, unsharded: torch.Tensor, exact: torch.Ten
     """For composite modules (MLPs, whole models) whose error bound is impractical to write down:
     the sharded result may be no further from the float64 truth than ``factor`` times the
     unsharded module's own error (max norm), plus a floor of 8 eps of the output's scale."""
-    truth = exact.to(torch.float64)
-    own = (unsharded.detach().to(torch.float64) - truth).abs().max().item()
-    err = (got.detach().to(torch.float64) - truth).abs().max().item()
+    truth = exact.to("cpu", torch.float64)
+    own = (unsharded.detach().to("cpu", torch.float64) - truth).abs().max().item()
+    err = (got.detach().to("cpu", torch.float64) - truth).abs().max().item()
     floor = 8 * torch.finfo(got.dtype).eps * truth.abs().max().item()
     if not err <= factor * own + floor:
         raise AssertionError(f"{what}: max error {err:.3g} vs float64, unsharded {own:.3g}; allowed {factor * own + floor:.3g}")

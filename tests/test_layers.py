@@ -1,6 +1,7 @@
 """Tensor-parallel layers against their unsharded nn.Linear / nn.Embedding, forward and backward.
 
-World sizes 1, 2 and 4 on LocalGroup (and 2 on gloo), bulk and chunked. Exact where no
+World sizes 1, 2 and 4 on LocalGroup (and 2 on gloo), bulk and chunked; fused under the Triton
+interpreter; on a GPU every strategy on LocalGroup 2 and 4, and fused over CUDA IPC. Exact where no
 cross-rank reduction happens and no GEMM is re-shaped (embedding lookups). GEMM outputs of a
 shard are NOT bit-identical to the matching slice of the unsharded GEMM in fp32 (measured: CPU BLAS
 takes another kernel for a 32-column shard at K=1000, up to 2.7e-5 apart), so they are held to the
@@ -30,7 +31,7 @@ def config(strategy):
 
 
 def d64(t):
-    return t.detach().to(torch.float64)
+    return t.detach().to("cpu", torch.float64)
 
 
 def column_body(group, seed, sequence_parallel, strategy, dtype_name):
@@ -38,15 +39,15 @@ def column_body(group, seed, sequence_parallel, strategy, dtype_name):
     ref = make_linear(seed, K, N, True, dtype)
     m = 3
     x, grad_y = rand(seed + 1, (m * w, K), dtype), rand(seed + 2, (m * w, N), dtype)
-    layer = ColumnParallelLinear.from_linear(ref, group, sequence_parallel=sequence_parallel, overlap=config(strategy))
-    x_in = (x[r * m : (r + 1) * m] if sequence_parallel else x).clone().requires_grad_()
+    layer = ColumnParallelLinear.from_linear(ref.to(group.device), group, sequence_parallel=sequence_parallel, overlap=config(strategy))
+    x_in = (x[r * m : (r + 1) * m] if sequence_parallel else x).to(group.device, copy=True).requires_grad_()
     y = layer(x_in)
     n = N // w
     cols = slice(r * n, (r + 1) * n)
     exact = d64(x) @ d64(ref.weight).T + d64(ref.bias)
     magnitude = d64(x).abs() @ d64(ref.weight).abs().T + d64(ref.bias).abs()
     assert_within(y, exact[:, cols], matmul_tolerance(magnitude[:, cols], dtype, K, 2), f"rank {r} column forward")
-    (y * grad_y[:, cols]).sum().backward()
+    (y * grad_y[:, cols].to(y.device)).sum().backward()
     gx = d64(grad_y) @ d64(ref.weight)
     gx_mag = d64(grad_y).abs() @ d64(ref.weight).abs()
     rows = slice(r * m, (r + 1) * m) if sequence_parallel else slice(None)
@@ -63,8 +64,8 @@ def row_body(group, seed, sequence_parallel, strategy, dtype_name):
     tokens = 3 * w + (1 if w > 1 else 0)  # with SP, not a multiple of W: exercises padding
     x, grad_y = rand(seed + 1, (tokens, K), dtype), rand(seed + 2, (tokens, N), dtype)
     k = K // w
-    layer = RowParallelLinear.from_linear(ref, group, sequence_parallel=sequence_parallel, overlap=config(strategy))
-    x_in = x[:, r * k : (r + 1) * k].clone().requires_grad_()
+    layer = RowParallelLinear.from_linear(ref.to(group.device), group, sequence_parallel=sequence_parallel, overlap=config(strategy))
+    x_in = x[:, r * k : (r + 1) * k].to(group.device, copy=True).requires_grad_()
     y = layer(x_in)
     exact = d64(x) @ d64(ref.weight).T + d64(ref.bias)
     magnitude = d64(x).abs() @ d64(ref.weight).abs().T + d64(ref.bias).abs()
@@ -75,7 +76,7 @@ def row_body(group, seed, sequence_parallel, strategy, dtype_name):
         assert y.shape == (per, N)
         y, exact, magnitude, grad_y = y[:real], exact[rows], magnitude[rows], grad_y[rows]
     assert_within(y, exact, matmul_tolerance(magnitude, dtype, K, w + 2), f"rank {r} row forward")
-    (y * grad_y).sum().backward()
+    (y * grad_y.to(y.device)).sum().backward()
     grad_full = rand(seed + 2, (tokens, N), dtype)
     gx = (d64(grad_full) @ d64(ref.weight))[:, r * k : (r + 1) * k]
     gx_mag = (d64(grad_full).abs() @ d64(ref.weight).abs())[:, r * k : (r + 1) * k]
@@ -97,11 +98,27 @@ def test_fused_linear_layers_match_unsharded(body, sequence_parallel, world_size
     assert spawn(body, world_size, "local", timeout=60, args=(seed, sequence_parallel, "fused", "float32")) == [True] * world_size
 
 
-@pytest.mark.interpreter
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_fused_two_shot_row_parallel_layer_matches_unsharded(world_size, seed):
+@pytest.mark.parametrize("world_size,device", [pytest.param(w, "cpu", marks=pytest.mark.interpreter, id=f"local-{w}") for w in (2, 4)]
+                         + [pytest.param(4, "cuda", marks=pytest.mark.gpu, id="local-cuda-4")])  # fmt: skip
+def test_fused_two_shot_row_parallel_layer_matches_unsharded(world_size, device, seed):
     """A row-parallel layer's all-reduce fused two-shot, forward and backward."""
-    assert spawn(two_shot_row, world_size, "local", timeout=60, args=(seed,)) == [["FusedMatmulAllReduceTwoShot"]] * world_size
+    assert spawn(two_shot_row, world_size, "local", timeout=60, device=device, args=(seed,)) == [["FusedMatmulAllReduceTwoShot"]] * world_size
+
+
+# One GPU: LocalGroup (a stream per rank, one process) for every strategy; CUDA IPC between processes
+# for fused, the one strategy with a transport of its own (bulk and chunked over SymmetricGroup are
+# its collectives, which tests/test_comm_conformance.py covers).
+GPU_CASES = [pytest.param("local", w, s, id=f"local-cuda-{w}-{s}") for w in (2, 4) for s in ("bulk", "chunked", "fused")] + [
+    pytest.param("symmetric", 2, "fused", id="cuda-ipc-2-fused")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transport,world_size,strategy", GPU_CASES)
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "sp"])
+@pytest.mark.parametrize("body", [column_body, row_body], ids=["column", "row"])
+def test_linear_layers_on_one_gpu_match_unsharded(body, sequence_parallel, strategy, transport, world_size, seed):
+    for dtype in ("bfloat16", "float32"):
+        assert spawn(body, world_size, transport, timeout=60, device="cuda", args=(seed, sequence_parallel, strategy, dtype)) == [True] * world_size
 
 
 def two_shot_row(group, seed):

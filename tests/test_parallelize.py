@@ -45,14 +45,15 @@ def generate(model, ids):
 
 
 def tp_body(group, ref, sequence_parallel, strategy, seed):
-    """Each rank shards its own copy; logits and greedy tokens are compared with the unsharded model."""
+    """Each rank shards its own copy, on the group's device; logits and greedy tokens are compared
+    with the unsharded model's on the CPU."""
     vocab = ref.config.vocab_size
     ids = torch.randint(0, vocab, (2, 7), generator=torch.Generator().manual_seed(seed))
-    model = parallelize(copy.deepcopy(ref), group, sequence_parallel=sequence_parallel, overlap=strategy)
+    model = parallelize(copy.deepcopy(ref).to(group.device), group, sequence_parallel=sequence_parallel, overlap=strategy)
     with torch.no_grad():
         exact = logits_of(copy.deepcopy(ref).double(), ids)
-        assert_no_worse(logits_of(model, ids), logits_of(ref, ids), exact, f"rank {group.rank} logits")
-        tokens, expected = generate(model, ids), generate(ref, ids)
+        assert_no_worse(logits_of(model, ids.to(group.device)), logits_of(ref, ids), exact, f"rank {group.rank} logits")
+        tokens, expected = generate(model, ids.to(group.device)).cpu(), generate(ref, ids)
     assert tokens.shape == (2, 7 + NEW_TOKENS)
     assert torch.equal(tokens, expected), f"rank {group.rank}: generated {tokens.tolist()} != {expected.tolist()}"
     return True
@@ -86,6 +87,25 @@ def test_reference_model_fused(sequence_parallel, seed):
     """overlap='fused': one Triton GEMM per collective, over symmetric memory (interpreted here)."""
     ref = reference_model(seed)
     assert spawn(tp_body, 2, "local", timeout=120, args=(ref, sequence_parallel, "fused", seed)) == [True, True]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "sp"])
+@pytest.mark.parametrize("strategy", ["chunked", "fused"])
+@pytest.mark.parametrize("world_size", [2, 4], ids=["tp2-kv-split", "tp4-kv-replicated"])
+def test_hugging_face_llama_on_one_gpu(world_size, strategy, sequence_parallel, seed):
+    """LocalGroup on the GPU, a stream per rank; fused runs the fused operators its mode calls for
+    (without SP, decode's all-reduce + residual + RMSNorm too)."""
+    ref = hf_model(seed)
+    fused = (["ag_gemm", "gemm_rs"] if sequence_parallel else ["ar_norm", "gemm_ar"]) if strategy == "fused" else []
+    per_rank = spawn(fused_patterns_body, world_size, "local", timeout=60, device="cuda", args=(ref, sequence_parallel, strategy, seed))
+    assert per_rank == [fused] * world_size
+
+
+def fused_patterns_body(group, ref, sequence_parallel, strategy, seed):
+    """``tp_body``; then the patterns of the fused operators the group made."""
+    assert tp_body(group, ref, sequence_parallel, strategy, seed)
+    return sorted({key[0] for key in group.__dict__.get("_fused_workspaces", {})})
 
 
 def epilogue_body(group, ref, seed):
