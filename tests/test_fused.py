@@ -430,6 +430,34 @@ def test_a_silent_or_late_peer_is_named_not_waited_for_forever(pattern, delay, w
     assert elapsed < 30
 
 
+def failed_peer(group, pattern, seen):
+    """Rank 1 sets the workspace up, then raises instead of calling: rank 0's call gives up once it
+    learns so, naming rank 1's error, not at the group's deadline."""
+    w = group.world_size
+    op = {"ag": lambda: FusedAllGatherMatmul(group, ROWS, K, torch.float32),
+          "rs": lambda: FusedMatmulReduceScatter(group, ROWS, N, torch.float32)}[pattern]()  # fmt: skip
+    if group.rank == 1:
+        raise ValueError("rank 1's own failure")
+    start = time.monotonic()
+    try:
+        op(rand(0, (ROWS, K)), [rand(1, (N, K))]) if pattern == "ag" else op(rand(0, (w * ROWS, K)), rand(1, (N, K)))
+    except TimeoutError as error:
+        seen.append((time.monotonic() - start, str(error)))
+    finally:
+        op.buffer.abandon()
+
+
+@CPU
+@pytest.mark.parametrize("pattern", ["ag", "rs"])
+def test_a_failed_peer_thread_stops_the_wait_for_its_flags(pattern):
+    seen = []
+    with pytest.raises(ValueError, match="rank 1's own failure"):
+        spawn(failed_peer, 2, "local", timeout=120, deadline=60, args=(pattern, seen))
+    (elapsed, text), = seen
+    assert re.search(r"flag \d+ gave up waiting for \d+ \(observed 0\): rank 1 failed with ValueError: rank 1's own failure", text), text
+    assert elapsed < 20, elapsed  # the interpreted GEMM stops on the lane's ABORTED; the deadline is 120 s
+
+
 def unchecked_late_peer(group, via_check):
     """check=False on a GPU: rank 0's call returns at once, its streams waiting on rank 1, which
     calls only after the deadline. The watchdog names what rank 0 waits on (or, ``via_check``,

@@ -8,6 +8,8 @@ takes another kernel for a 32-column shard at K=1000, up to 2.7e-5 apart), so th
 GEMM error bound of reference.matmul_tolerance against float64; reductions add their roundings.
 """
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,7 +36,7 @@ def d64(t):
     return t.detach().to("cpu", torch.float64)
 
 
-def column_body(group, seed, sequence_parallel, strategy, dtype_name):
+def column_body(group, seed, sequence_parallel, strategy, dtype_name, backward=True):
     dtype, w, r = getattr(torch, dtype_name), group.world_size, group.rank
     ref = make_linear(seed, K, N, True, dtype)
     m = 3
@@ -47,6 +49,8 @@ def column_body(group, seed, sequence_parallel, strategy, dtype_name):
     exact = d64(x) @ d64(ref.weight).T + d64(ref.bias)
     magnitude = d64(x).abs() @ d64(ref.weight).abs().T + d64(ref.bias).abs()
     assert_within(y, exact[:, cols], matmul_tolerance(magnitude[:, cols], dtype, K, 2), f"rank {r} column forward")
+    if not backward:
+        return True
     (y * grad_y[:, cols].to(y.device)).sum().backward()
     gx = d64(grad_y) @ d64(ref.weight)
     gx_mag = d64(grad_y).abs() @ d64(ref.weight).abs()
@@ -58,7 +62,7 @@ def column_body(group, seed, sequence_parallel, strategy, dtype_name):
     return True
 
 
-def row_body(group, seed, sequence_parallel, strategy, dtype_name):
+def row_body(group, seed, sequence_parallel, strategy, dtype_name, backward=True):
     dtype, w, r = getattr(torch, dtype_name), group.world_size, group.rank
     ref = make_linear(seed, K, N, True, dtype)
     tokens = 3 * w + (1 if w > 1 else 0)  # with SP, not a multiple of W: exercises padding
@@ -76,6 +80,8 @@ def row_body(group, seed, sequence_parallel, strategy, dtype_name):
         assert y.shape == (per, N)
         y, exact, magnitude, grad_y = y[:real], exact[rows], magnitude[rows], grad_y[rows]
     assert_within(y, exact, matmul_tolerance(magnitude, dtype, K, w + 2), f"rank {r} row forward")
+    if not backward:
+        return True
     (y * grad_y.to(y.device)).sum().backward()
     grad_full = rand(seed + 2, (tokens, N), dtype)
     gx = (d64(grad_full) @ d64(ref.weight))[:, r * k : (r + 1) * k]
@@ -101,13 +107,14 @@ def test_fused_linear_layers_match_unsharded(body, sequence_parallel, world_size
 @pytest.mark.parametrize("world_size,device", [pytest.param(w, "cpu", marks=pytest.mark.interpreter, id=f"local-{w}") for w in (2, 4)]
                          + [pytest.param(4, "cuda", marks=pytest.mark.gpu, id="local-cuda-4")])  # fmt: skip
 def test_fused_two_shot_row_parallel_layer_matches_unsharded(world_size, device, seed):
-    """A row-parallel layer's all-reduce fused two-shot, forward and backward."""
+    """A row-parallel layer's all-reduce fused two-shot, forward and (on the CPU) backward."""
     assert spawn(two_shot_row, world_size, "local", timeout=60, device=device, args=(seed,)) == [["FusedMatmulAllReduceTwoShot"]] * world_size
 
 
-# One GPU: LocalGroup (a stream per rank, one process) for every strategy; CUDA IPC between processes
-# for fused, the one strategy with a transport of its own (bulk and chunked over SymmetricGroup are
-# its collectives, which tests/test_comm_conformance.py covers).
+# One GPU: LocalGroup (a stream per rank, one process) for every strategy, forward only (it cannot
+# run backward: see test_local_group_on_one_gpu_refuses_backward_at_once); CUDA IPC between
+# processes for fused, the one strategy with a transport of its own (bulk and chunked over
+# SymmetricGroup are its collectives, which tests/test_comm_conformance.py covers), and backward.
 GPU_CASES = [pytest.param("local", w, s, id=f"local-cuda-{w}-{s}") for w in (2, 4) for s in ("bulk", "chunked", "fused")] + [
     pytest.param("symmetric", 2, "fused", id="cuda-ipc-2-fused")]
 
@@ -118,12 +125,28 @@ GPU_CASES = [pytest.param("local", w, s, id=f"local-cuda-{w}-{s}") for w in (2, 
 @pytest.mark.parametrize("body", [column_body, row_body], ids=["column", "row"])
 def test_linear_layers_on_one_gpu_match_unsharded(body, sequence_parallel, strategy, transport, world_size, seed):
     for dtype in ("bfloat16", "float32"):
-        assert spawn(body, world_size, transport, timeout=60, device="cuda", args=(seed, sequence_parallel, strategy, dtype)) == [True] * world_size
+        args = (seed, sequence_parallel, strategy, dtype, transport != "local")
+        assert spawn(body, world_size, transport, timeout=60, device="cuda", args=args) == [True] * world_size
+
+
+def backward_on_one_gpu(group):
+    """A column layer's backward all-reduces its input's gradient: on autograd's device thread."""
+    layer = ColumnParallelLinear(K, N, group, device="cuda")
+    y = layer(torch.randn(3, K, device="cuda", requires_grad=True))
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=rf"rank {group.rank}: all_reduce called on thread .*LocalGroup cannot run backward"):
+        y.sum().backward()
+    return time.monotonic() - start < group.timeout / 2
+
+
+@pytest.mark.gpu
+def test_local_group_on_one_gpu_refuses_backward_at_once():
+    assert spawn(backward_on_one_gpu, 2, "local", timeout=60, device="cuda") == [True, True]
 
 
 def two_shot_row(group, seed):
     """``row_body`` with two-shot; which fused operators it made."""
-    assert row_body(group, seed, False, "fused-two-shot", "float32")
+    assert row_body(group, seed, False, "fused-two-shot", "float32", group.device.type == "cpu")
     return [type(op).__name__ for op in group.__dict__["_fused_workspaces"].values()]
 
 

@@ -165,11 +165,23 @@ class LocalGroup(Group):
         self.world_size, self.device, self.timeout = hub.world_size, hub.device, hub.timeout
         self._seq = 0
         self._pairs: Counter[tuple[int, int]] = Counter()
+        self._thread = threading.current_thread()  # the rank's own (see _from_own_thread)
 
     def _start(self, call: Call) -> Work:
+        self._from_own_thread(call)
         key, what, participants = self._route(call)
         deadline = time.monotonic() + self.timeout
         return self._hub.join(key, participants, self.rank, call, lambda rnd: _LocalWork(what, call, deadline, self, rnd))
+
+    def _from_own_thread(self, call: Call) -> None:
+        """On one GPU, autograd runs every rank's CUDA backward on one device thread: a collective
+        there would wait, until its deadline, for the peers' calls queued behind it. Refused at once."""
+        here = threading.current_thread()
+        if self.device.type == "cuda" and self.world_size > 1 and here is not self._thread:
+            raise RuntimeError(f"rank {self.rank}: {call.kind} called on thread {here.name!r}, not on the rank's own "
+                               f"({self._thread.name!r}): on one GPU, LocalGroup cannot run backward (autograd runs every "
+                               "rank's backward on one device thread, where ranks would wait for each other). Run "
+                               "backward with a rank per process: spawn(fn, world_size, 'symmetric' or 'nccl', device='cuda')")  # fmt: skip
 
     def peer_failed(self) -> str | None:
         """Which peer raised, and what, if one did: flags it was to raise on a GPU never come, so

@@ -17,8 +17,8 @@ Backward always uses bulk collectives: interlace targets inference; gradients ex
 correctness tests and fine-tuning. Gradients of sharded parameters are complete; those of
 parameters replicated across ranks (norms and row biases under sequence parallelism, replicated
 key/value heads) are per-rank partials, to be summed over the ranks that share them. On one GPU, LocalGroup cannot run backward (autograd runs
-every rank's CUDA backward on one device thread, so a collective there would wait for itself
-until its deadline).
+every rank's CUDA backward on one device thread, where the ranks' collectives would wait for each
+other): LocalGroup refuses a collective called there.
 """
 
 from __future__ import annotations

@@ -31,11 +31,15 @@ from interlace.ops.flags import EpochValue
 
 class SideLane:
     grace = 1.0  # seconds join() allows beyond the deadline for the lane to report its own timeout
+    peer_poll = 0.2  # seconds between a CPU wait's questions whether a peer failed
 
     def __init__(self, device: torch.device, timeout: float, name: str, status: torch.Tensor, wait_timeout: float,
-                 stream: torch.cuda.Stream | None = None):  # fmt: skip
-        """``stream``: the CUDA stream to queue on (made if None; see ``new_stream``); ignored on CPUs."""
+                 stream: torch.cuda.Stream | None = None, peer_failed: Callable[[], str | None] = lambda: None):  # fmt: skip
+        """``stream``: the CUDA stream to queue on (made if None; see ``new_stream``); ignored on CPUs.
+        ``peer_failed``: which peer failed, and how, if one did (``LocalGroup.peer_failed``): a CPU
+        wait then gives up at once, since the flag it waits for may never come."""
         self.device, self.timeout, self.status, self.wait_timeout = device, timeout, status, wait_timeout
+        self.peer_failed = peer_failed
         self._wait_names: dict[str, int] = {}
         self.deadline = time.monotonic() + timeout
         self.stream = (stream if stream is not None else new_stream(device)) if device.type == "cuda" else None
@@ -110,7 +114,7 @@ class SideLane:
         """(On the lane) until ``flags[index] >= value``; ``what`` names the wait in a timeout."""
         if self.stream is None:
             try:
-                signals.host_wait(flags, index, _now(value), max(0.0, self.deadline - time.monotonic()), what=what)
+                self._host_wait(flags, index, _now(value), what)
             except TimeoutError:
                 # The caller's GEMM may spin on what this wait was to bring: ABORTED in status stops
                 # it now, not after its own wait timeout (the first failure recorded wins).
@@ -122,6 +126,19 @@ class SideLane:
             epoch_flags.wait(flags, index, value, self.status, wait_id, self.wait_timeout, self.stream)
         else:
             signals.wait(flags, index, value, self.stream)
+
+    def _host_wait(self, flags: torch.Tensor, index: int, value: int, what: str) -> None:
+        """(CPU) Until the call's deadline, a slice at a time, giving up early once a peer failed."""
+        while True:
+            left = self.deadline - time.monotonic()
+            try:
+                signals.host_wait(flags, index, value, max(0.0, min(left, self.peer_poll)), what=what)
+                return
+            except signals.FlagTimeoutError as error:
+                if left <= self.peer_poll:
+                    raise signals.FlagTimeoutError(what, None, index, value, error.observed, self.timeout) from None
+                if (why := self.peer_failed()) is not None:
+                    raise TimeoutError(f"{what}flag {index} gave up waiting for {value} (observed {error.observed}): {why}") from None
 
     def wait_name(self, wait_id: int) -> str:
         return next((what for what, i in self._wait_names.items() if i == wait_id), f"unknown wait {wait_id}")

@@ -41,7 +41,8 @@ class FusedOp:
         self._late_lock = threading.Lock()  # the watchdog's thread records too
         self.epoch_now = torch.zeros(1, dtype=torch.int32, device=group.device)
         self.status = torch.zeros(4, dtype=torch.int32, device=group.device)  # a wait that gave up: see check()
-        self.lane = SideLane(group.device, group.timeout, f"{name} r{group.rank}", self.status, self.wait_timeout, _lane_stream(group))
+        self.lane = SideLane(group.device, group.timeout, f"{name} r{group.rank}", self.status, self.wait_timeout, _lane_stream(group),
+                             getattr(group, "peer_failed", lambda: None))  # fmt: skip
         self._plans: dict[tuple, Plan] = {}
         self._last_call: tuple[list[tuple[int, int, int]], int] = ([], 0)  # (what it awaited, its epoch)
         if group.device.type == "cuda":
@@ -146,7 +147,7 @@ class FusedOp:
         check(), whose read would queue behind them) must raise at once, not wait. Not when every
         flag it awaits is raised: it is slow, and will finish. At once when a peer thread
         (LocalGroup) has failed and a flag this call awaits is behind: it never comes."""
-        peer_failed, asked = getattr(self.group, "peer_failed", lambda: None), []
+        peer_failed, asked = self.lane.peer_failed, []
 
         def poll() -> None:
             if self.late is None and not asked and (why := peer_failed()) is not None:
