@@ -106,7 +106,7 @@ def _calls(group, shape: dict, x: torch.Tensor, weight: torch.Tensor, chunks: in
             "gemm_ar": lambda: group.all_reduce(product)}[pattern]  # fmt: skip
     strategies = {"bulk": OverlapConfig(strategy="bulk"), "chunked": OverlapConfig(strategy="chunked", chunks=chunks)}
     if _fused_unavailable(group, pattern) is None:
-        strategies["fused"] = OverlapConfig(strategy="fused", chunks=chunks, check=False)  # as the dispatcher times it
+        strategies["fused"] = OverlapConfig(strategy="fused", chunks=chunks, check=False)  # what a proven deployment runs
     strategies["auto"] = OverlapConfig(strategy="auto")
     calls = {name: (lambda c=c: run(c)) for name, c in strategies.items()}
     return {"gemm": lambda: gemm_input @ weight.T, "comm": comm, **calls, "check": (run, strategies)}
@@ -133,13 +133,14 @@ def measure_rank(group, config: Config) -> list[dict]:
             raise ValueError(f"{shape['name']}: bulk's result holds NaN or inf")
         errors = {name: relative_error(run(strategies[name]), expected) for name in ("chunked", "fused") if name in strategies}
         samples = {kind: timed_samples(group, fn, config.iters) for kind, fn in calls.items()}
-        if "fused" in strategies:  # timed with check=False, as deployed: a wait that gave up must not pass as a fast call
+        if "fused" in strategies:  # timed with check=False: a wait that gave up must not pass as a fast call
             from interlace.engine.overlap.fused import agreed_failure
 
             if failure := agreed_failure(group):  # on every rank: the next shape still runs, on new operators
                 out.append({**shape, "failed": f"a fused wait gave up while timing: {failure}"})
                 continue
-        decision = default_dispatcher().decide(group, cm.dispatch_case(shape["pattern"], group, x, weight.shape[0]))  # made by auto's first call
+        case = cm.dispatch_case(shape["pattern"], group, x, weight.shape[0], checked=strategies["auto"].check)
+        decision = default_dispatcher().decide(group, case)  # made by auto's first call
         out.append({**shape, "max_rel_err": errors, "samples": samples, "auto": decision.label(), "auto_why": decision.why,
                     "auto_measured": decision.measured})  # fmt: skip
         if group.rank == 0:

@@ -50,6 +50,8 @@ def measure(shape: dict, regime: str, world: int, dtype: torch.dtype, iters: int
     if not expected.isfinite().all():
         raise AssertionError(f"{label}: bulk's result holds NaN or inf: the reference read a buffer before its data landed")
     expected_sent = [t.to("cuda", copy=True) for t in sent]  # compared on the GPU: the host regime's are up to GBs
+    if not all(t.isfinite().any() for t in expected_sent):  # relative_error compares where bulk wrote
+        raise AssertionError(f"{label}: bulk sent nothing into a buffer standing in for a peer's")
     for name in ("chunked", "fused"):
         poison()
         with delay.held():  # a consumer that reads before its data has landed reads NaN, whatever the host's pace

@@ -363,7 +363,7 @@ def test_rank_slice_measures_every_variant_on_a_gpu(pattern, regime):
 
     from bench import rank_slice, rank_slice_gpu
 
-    times, chosen = rank_slice_gpu.measure({"pattern": pattern, "M": 256, "N": 512, "K": 512}, regime, 2, torch.bfloat16, 2)
+    times, chosen = rank_slice_gpu.measure({"name": "test", "pattern": pattern, "M": 256, "N": 512, "K": 512}, regime, 2, torch.bfloat16, 2)
     confirmed = {"auto"} if chosen != "bulk" else set()
     assert set(times) == {*rank_slice.TIMED, *confirmed}  # what --resume takes a row of this harness to hold
     assert all(math.isfinite(t) and t > 0 for t in times.values())

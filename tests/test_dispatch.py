@@ -14,6 +14,7 @@ from interlace.engine.overlap.dispatch import MARGIN, Case, Dispatcher, measure_
 from interlace.models import LlamaForCausalLM, init_weights, tiny
 
 CASE = dict(pattern="gemm_ar", m=64, n=32, k=16, dtype=torch.float32)
+MEASURED = 4  # timings per decision here: bulk, chunked x2 and x4, then bulk again
 
 
 class Timings:
@@ -53,6 +54,21 @@ def test_bulk_stays_unless_clearly_faster(tmp_path):
     assert spawn(decide, 2, "local", args=(tmp_path / "e.json", Timings([slower, slower])))[0][0] == "bulk"
 
 
+class WarmingUp(Timings):
+    """Bulk, timed first, on a GPU still clocking up: slower than when timed again last."""
+
+    def __call__(self, group, case, config):
+        first_bulk = config.strategy == "bulk" and self.calls == 0
+        return super().__call__(group, case, config) * (1.3 if first_bulk else 1.0)
+
+
+def test_a_pick_must_beat_bulk_at_its_best(tmp_path):
+    timings = WarmingUp([{"bulk": 1.0, "chunkedx2": 0.99, "chunkedx4": 1.1}])
+    strategy, _, why, text, calls = spawn(decide, 1, "local", args=(tmp_path / "d.json", timings))[0]  # one rank: one count
+    assert strategy == "bulk" and why.startswith(f"nothing beat bulk by {MARGIN:.0%}") and "bulk 1000.000 ms" in text
+    assert calls == MEASURED
+
+
 def partly_cached(group, root):
     """Only rank 0 has the case cached: both must measure, or rank 0 would skip the collective."""
     timings = Timings([{"bulk": 1.0, "chunkedx2": 0.5, "chunkedx4": 0.9}])
@@ -64,7 +80,7 @@ def partly_cached(group, root):
 
 
 def test_a_case_cached_on_some_ranks_only_is_measured_by_all(tmp_path):
-    assert spawn(partly_cached, 2, "local", args=(tmp_path,)) == [("chunked", 3), ("chunked", 3)]
+    assert spawn(partly_cached, 2, "local", args=(tmp_path,)) == [("chunked", MEASURED)] * 2
 
 
 def disagreeing_caches(group, root):
@@ -78,7 +94,7 @@ def disagreeing_caches(group, root):
 
 def test_ranks_holding_different_cached_decisions_measure_again_and_agree(tmp_path):
     (a, calls_a), (b, calls_b) = spawn(disagreeing_caches, 2, "local", args=(tmp_path,))
-    assert a == b and (a.strategy, a.chunks) == ("chunked", 4) and calls_a == calls_b == 3
+    assert a == b and (a.strategy, a.chunks) == ("chunked", 4) and calls_a == calls_b == MEASURED
 
 
 def shots_disagree(group, root):
@@ -92,7 +108,7 @@ def shots_disagree(group, root):
 
 def test_cached_decisions_differing_in_shots_only_are_measured_again(tmp_path):
     (a, calls_a), (b, calls_b) = spawn(shots_disagree, 2, "local", args=(tmp_path,))
-    assert a == b and (a.strategy, a.chunks, a.shots) == ("chunked", 4, 1) and calls_a == calls_b == 3
+    assert a == b and (a.strategy, a.chunks, a.shots) == ("chunked", 4, 1) and calls_a == calls_b == MEASURED
 
 
 def cached_two_shot(group, path):
@@ -121,7 +137,7 @@ def unrunnable_two_shot(group, root):
 
 
 def test_a_cached_decision_that_cannot_run_here_is_measured_again(tmp_path):
-    assert spawn(unrunnable_two_shot, 2, "gloo", args=(tmp_path,)) == [("chunked", 3)] * 2
+    assert spawn(unrunnable_two_shot, 2, "gloo", args=(tmp_path,)) == [("chunked", MEASURED)] * 2
 
 
 def test_cache_entries_this_version_cannot_read_are_left_out(tmp_path):
@@ -132,6 +148,10 @@ def test_cache_entries_this_version_cannot_read_are_left_out(tmp_path):
 
 
 def candidate_labels(group):
+    """The labels timed for a checked case; that fused is timed with the case's check."""
+    checks = {checked: {label: c.check for label, c in dispatch.candidates_for(group, Case.of(group=group, **CASE, checked=checked))[0].items()
+                        if c.strategy == "fused"} for checked in (True, False)}  # fmt: skip
+    assert all(set(timed.values()) == {checked} for checked, timed in checks.items()), checks
     return sorted(dispatch.candidates_for(group, Case.of(group=group, **CASE))[0])
 
 
@@ -140,6 +160,22 @@ def test_two_shot_is_a_candidate_where_it_moves_fewer_bytes():
     one_shot = ["bulk", "chunkedx2", "chunkedx4", "fused"]
     assert spawn(candidate_labels, 2, "local", device="cuda") == [one_shot] * 2  # W = 2: the same bytes either way
     assert spawn(candidate_labels, 3, "local", device="cuda") == [one_shot + ["fused-two-shot"]] * 3
+
+
+def checked_and_unchecked(group, path):
+    timings = Timings([{"bulk": 1.0, "chunkedx2": 0.5, "chunkedx4": 0.9}])
+    d = Dispatcher(path, measure=timings)
+    keys = [Case.of(group=group, **CASE, checked=checked).key() for checked in (True, False)]
+    for checked in (True, False):
+        d.decide(group, Case.of(group=group, **CASE, checked=checked))
+    return keys, timings.calls
+
+
+def test_checked_and_unchecked_calls_are_decided_apart(tmp_path):
+    """A checked fused call blocks the host until it is done: it is timed, and cached, apart."""
+    (checked, unchecked), calls = spawn(checked_and_unchecked, 2, "local", args=(tmp_path / "d.json",))[0]
+    assert checked.endswith("|checked") and unchecked.endswith("|unchecked") and checked[:-8] == unchecked[:-10]
+    assert calls == 2 * MEASURED
 
 
 def decided_then_alone(group, root):
@@ -155,7 +191,7 @@ def decided_then_alone(group, root):
 
 
 def test_a_decided_case_is_served_without_the_peers(tmp_path):
-    assert spawn(decided_then_alone, 2, "local", args=(tmp_path,), timeout=20) == [("chunked", ["chunked"] * 3, 3)] * 2
+    assert spawn(decided_then_alone, 2, "local", args=(tmp_path,), timeout=20) == [("chunked", ["chunked"] * 3, MEASURED)] * 2
 
 
 def real_measurement(group):

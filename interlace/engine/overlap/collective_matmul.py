@@ -103,15 +103,17 @@ def _resolve(config: OverlapConfig, group: Group, pattern: str, x: torch.Tensor,
     resolved = group.__dict__.setdefault("_auto_resolved", {})
     key = (dispatcher, pattern, tuple(x.shape), n, x.dtype, config.check)
     if key not in resolved:
-        resolved[key] = dataclasses.replace(dispatcher.config_for(group, dispatch_case(pattern, group, x, n)), check=config.check)
+        case = dispatch_case(pattern, group, x, n, checked=config.check)
+        resolved[key] = dataclasses.replace(dispatcher.config_for(group, case), check=config.check)
     return resolved[key]
 
 
-def dispatch_case(pattern: str, group: Group, x: torch.Tensor, n: int) -> Case:
+def dispatch_case(pattern: str, group: Group, x: torch.Tensor, n: int, *, checked: bool) -> Case:
     """The dispatcher's ``Case`` of a call with this rank's input ``x`` and ``n`` output features
-    (all weights together, for AG): the per-rank GEMM, its rows gathered for AG."""
+    (all weights together, for AG): the per-rank GEMM, its rows gathered for AG; ``checked``: the
+    call's ``OverlapConfig.check``."""
     m = x.shape[0] * group.world_size if pattern == "ag_gemm" else x.shape[0]
-    return Case.of(pattern, group, m, n, x.shape[1], x.dtype)
+    return Case.of(pattern, group, m, n, x.shape[1], x.dtype, checked)
 
 
 def _fused(group: Group, config: OverlapConfig, pattern: str, *shape):
