@@ -51,7 +51,11 @@ class FusedOp:
             drain_within(group.device, group.timeout, f"rank {self.rank}: {name}: zeroing its flags")
 
     def close(self) -> None:
-        """Collective when the operator has a symmetric buffer."""
+        """Collective when the operator has a symmetric buffer. On a GPU the caller's stream first
+        waits for the lane: memory of this operator's that the lane may still write (flags, status,
+        staging) is then reused on that stream only after it, even after a check=False call."""
+        if self.lane.stream is not None:
+            self.lane.join()
         self.lane.close()
         if self.buffer is not None:
             self.buffer.close()
