@@ -49,6 +49,7 @@ class FusedOp:
             epoch_flags.warm_up(group.device)
             # zeroed on this stream: a first call on another must not overtake the fills
             drain_within(group.device, group.timeout, f"rank {self.rank}: {name}: zeroing its flags")
+            signals.read(self.status, 0)  # a first read makes its pinned slot now, not while a late call blocks streams
 
     def close(self) -> None:
         """Collective when the operator has a symmetric buffer. On a GPU the caller's stream first
