@@ -120,8 +120,11 @@ def cached_two_shot(group, path):
     return d.decide(group, case).config(), d.explain(group, case)
 
 
-def test_a_cached_two_shot_decision_configures_two_shot(tmp_path):
-    for config, text in spawn(cached_two_shot, 2, "local", args=(tmp_path / "d.json",)):
+# fused runs on rank threads under the interpreter or on a GPU (on CPU tensors without the
+# interpreter, the cached decision could not run, and would be measured again)
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.interpreter), pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_cached_two_shot_decision_configures_two_shot(tmp_path, device):
+    for config, text in spawn(cached_two_shot, 2, "local", device=device, args=(tmp_path / "d.json",)):
         assert (config.strategy, config.chunks, config.shots) == ("fused", 4, 2)
         assert ": fused (two-shot) (50% faster than bulk); measured fused-two-shot 500.000 ms, bulk 1000.000 ms" in text
 
