@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..device import keep_alive, new_stream, record_event, shared_queues
+from ..device import drain_within, keep_alive, new_stream, record_event, shared_queues
 from .calls import Call, check_agreement, check_pair, label
 from .errors import CommTimeoutError, PeerFailedError, root_cause
 from .group import Group, ThreadWork, Work
@@ -318,18 +318,14 @@ def _rank_stream(device: torch.device, rank: int, timeout: float) -> Iterator[No
         yield
         return
     torch.cuda.set_device(device)
-    stream = new_stream(device)
-    failed = True
-    try:
-        with torch.cuda.stream(stream):
+    with torch.cuda.stream(new_stream(device)):
+        try:
             yield
-        failed = False
-    finally:
-        # After a failure, briefly: a stream blocked on a peer that failed never finishes, and
-        # waiting out the timeout would only hold back the error.
-        done, end = stream.record_event(), time.monotonic() + (min(timeout, FAILED_DRAIN_S) if failed else timeout)
-        while not done.query() and time.monotonic() < end:
-            time.sleep(1e-3)
-    if not done.query():  # only after a function that returned: an error on the way out stays the error
-        raise TimeoutError(f"rank {rank}: its GPU stream had not finished {timeout} s after its function returned "
-                           "(work queued behind a stream wait on a peer that never raised its flag?)")  # fmt: skip
+        except BaseException:
+            # briefly: a stream blocked on a peer that failed never finishes, and waiting out the
+            # timeout would only hold back the error, which stays the error
+            with contextlib.suppress(TimeoutError):
+                drain_within(device, min(timeout, FAILED_DRAIN_S), f"rank {rank}")
+            raise
+        drain_within(device, timeout, f"rank {rank}: its GPU stream, after its function returned (work queued behind a "
+                     "stream wait on a peer that never raised its flag?)")  # fmt: skip

@@ -48,6 +48,9 @@ def check_workspaces(group: Group) -> None:
         op.check()
 
 
+FUSED_WAIT = "a fused operator's wait"  # what agreed_failure tells the ranks whose own waits did not fail: "... failed on rank(s) [r]"
+
+
 def agreed_failure(group: Group) -> str | None:
     """Collective: what a fused operator of ``group`` recorded on this rank (its waits gave up), a
     note that one on another rank did, or None: every rank learns whether any failed, so that all
@@ -62,9 +65,6 @@ def agreed_failure(group: Group) -> str | None:
     except AgreedFailure as error:
         return mine or str(error)
     return None
-
-
-FUSED_WAIT = "a fused operator's wait"  # what agreed_failure tells the ranks whose own waits did not fail: "... failed on rank(s) [r]"
 
 
 def close_workspaces(group: Group) -> None:
