@@ -318,10 +318,21 @@ def test_a_rank_that_stops_sending_is_named_within_the_deadline(transport):
 
 
 def run_cli(*args):
-    import subprocess
-    import sys
+    """`python -m interlace schedule ...` run in this process (test_env runs the module's entry point
+    itself): its exit code, stdout and stderr."""
+    import contextlib
+    import io
+    import types
 
-    return subprocess.run([sys.executable, "-m", "interlace", "schedule", *args], capture_output=True, text=True, timeout=120)
+    from interlace.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = main(["schedule", *args])
+        except SystemExit as exit_:  # argparse's usage errors
+            code = exit_.code
+    return types.SimpleNamespace(returncode=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())
 
 
 def cli(*args):

@@ -99,8 +99,8 @@ def plans(results: str) -> dict[str, list[Step]]:
         # GPU; 90 s for graph replays): those fail one test naming the wait, pytest's kill the run.
         pytest("test-fused-2", 180, "--timeout=120", "tests/test_fused.py", "-k", "cuda-ipc-2 or local-cuda-2"),
         pytest("test-fused", 300, "--timeout=120", "tests/test_fused.py", "-k", "not (cuda-ipc-2 or local-cuda-2)"),
-        # the other files' GPU tests; then the transports' conformance on the GPU (a process start
-        # per case: slow, so last, where a cut costs least); then the unmarked tests (device-agnostic)
+        # the other files' GPU tests; then the transports' conformance on the GPU (process starts
+        # for each transport and world size: last, where a cut costs least); then the unmarked tests
         pytest("test-rest", 300, "--timeout=120", "-m", "gpu", "tests", *(f"--ignore=tests/{f}" for f in (*FIRST, CONFORMANCE))),
         pytest("test-conformance", 300, "--timeout=120", "-m", "gpu", f"tests/{CONFORMANCE}"),
         pytest("test-unmarked", 420, "--timeout=120", "-m", "not gpu", "tests", *(f"--ignore=tests/{f}" for f in FIRST)),
