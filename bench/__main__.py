@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -32,17 +33,32 @@ def _ints(text: str) -> list[int]:
     return [int(item) for item in _list(text)]
 
 
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that names each option's default, where it has one."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
+def _dtype_iters_out(p, name: str, *, dtype: str, iters: int | None) -> None:
+    """The options every benchmark takes alike."""
+    p.add_argument("--dtype", default=dtype, choices=["float32", "float16", "bfloat16"], help="element type")
+    if iters is not None:
+        p.add_argument("--iters", type=int, default=iters, help="timed calls per measurement")
+    p.add_argument("--out", type=Path, default=None, help=f"JSON path (default: bench/out/{name}-<time>.json)")
+
+
 def _add_collectives(commands) -> None:
     p = commands.add_parser("collectives", help="nccl-tests style bandwidth of every collective and transport")
-    p.add_argument("--backends", default="local,gloo,nccl", help="comma list of local, gloo, nccl (unavailable ones are skipped, with the reason)")
+    p.add_argument("--backends", default=",".join(collectives.BACKENDS),
+                   help=f"comma list of {', '.join(collectives.BACKENDS)} (unavailable ones are skipped, with the reason)")  # fmt: skip
     p.add_argument("--world-sizes", default="2", help="comma list, e.g. 2,4")
-    p.add_argument("--collectives", default=",".join(collectives.COLLECTIVES))
-    p.add_argument("--min-bytes", default="4K")
-    p.add_argument("--max-bytes", default="256M" if GPU else "16M")
+    p.add_argument("--collectives", default=",".join(collectives.COLLECTIVES), help="comma list")
+    p.add_argument("--min-bytes", default="4K", help="smallest size, as nccl-tests counts it: all_gather's output, the others' input (K, M, G suffixes)")
+    p.add_argument("--max-bytes", default="256M" if GPU else "16M", help="largest size (default smaller on CPU)")
     p.add_argument("--step", type=int, default=4, help="size multiplier between points")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--check", action="store_true", help="keep DistGroup's cross-rank signature checks on (measures their cost)")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/out/collectives-<time>.json)")
+    _dtype_iters_out(p, "collectives", dtype="float32", iters=None)
 
 
 def _collectives_config(args) -> collectives.Config:
@@ -55,16 +71,15 @@ def _collectives_config(args) -> collectives.Config:
 
 def _add_layers(commands) -> None:
     p = commands.add_parser("layers", help="tensor-parallel GEMM + collective: bulk vs chunked overlap")
-    p.add_argument("--backends", default="local,gloo,nccl")
-    p.add_argument("--world-sizes", default="2")
+    p.add_argument("--backends", default="local,gloo,nccl",
+                   help=f"comma list of {', '.join(collectives.BACKENDS)} (unavailable ones are skipped, with the reason)")  # fmt: skip
+    p.add_argument("--world-sizes", default="2", help="comma list, e.g. 2,4,8")
     p.add_argument("--models", default="llama3-8b", help=f"comma list of {', '.join(layers.MODELS)}")
-    p.add_argument("--tokens", default="2048,8192" if GPU else "256", help="M values (tokens per step)")
-    p.add_argument("--patterns", default=",".join(layers.PATTERNS))
-    p.add_argument("--chunks", type=int, default=4)
-    p.add_argument("--dtype", default="bfloat16" if GPU else "float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--iters", type=int, default=20 if GPU else 3)
-    p.add_argument("--scale", type=int, default=1 if GPU else 4, help="divide layer widths by this (CPU default 4)")
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--tokens", default="2048,8192" if GPU else "256", help="M values, tokens per step (default smaller on CPU)")
+    p.add_argument("--patterns", default=",".join(layers.PATTERNS), help="comma list")
+    p.add_argument("--chunks", type=int, default=4, help="pieces per chunked GEMM+RS and GEMM+AR call")
+    p.add_argument("--scale", type=int, default=1 if GPU else 4, help="divide layer widths by this (default 4 on CPU, 1 on a GPU)")
+    _dtype_iters_out(p, "layers", dtype="bfloat16" if GPU else "float32", iters=20 if GPU else 3)
 
 
 def _layers_config(args) -> layers.Config:
@@ -77,10 +92,9 @@ def _layers_config(args) -> layers.Config:
 
 def _add_gemm(commands) -> None:
     p = commands.add_parser("gemm", help="interlace Triton GEMM vs cuBLAS, with and without overlap hooks (GPU)")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--shapes", default="all", help=f"comma list of names, or all: {', '.join(list(gemm.shapes())[:3])}, ...")
     p.add_argument("--chunks", type=int, default=8, help="hook chunks per GEMM")
-    p.add_argument("--out", type=Path, default=None)
+    _dtype_iters_out(p, "gemm", dtype="bfloat16", iters=None)
 
 
 def _gemm_config(args) -> gemm.Config:
@@ -93,10 +107,10 @@ def _gemm_config(args) -> gemm.Config:
 
 def _add_pipeline(commands) -> None:
     p = commands.add_parser("pipeline", help="pipeline schedules: measured vs predicted makespan and bubble")
-    p.add_argument("--ranks", type=int, default=4)
-    p.add_argument("--microbatches", type=int, default=8)
+    p.add_argument("--ranks", type=int, default=4, help="pipeline stages, one rank thread each")
+    p.add_argument("--microbatches", type=int, default=8, help="microbatches per step")
     p.add_argument("--rank-time", type=float, default=0.02, help="seconds per rank per microbatch (sleep)")
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default: bench/out/pipeline-<time>.json)")
 
 
 def _pipeline_config(args) -> pipeline.Config:
@@ -105,19 +119,19 @@ def _pipeline_config(args) -> pipeline.Config:
 
 def _add_rank_slice(commands) -> None:
     p = commands.add_parser("rank_slice", help="one rank's GEMM + real communication volume on one GPU (d2d and host regimes)")
-    p.add_argument("--world-size", type=int, default=8)
-    p.add_argument("--models", default="llama3-8b,llama3-70b")
-    p.add_argument("--tokens", default="2048,8192")
-    p.add_argument("--patterns", default=",".join(rank_slice.PATTERNS))
-    p.add_argument("--regimes", default=",".join(rank_slice.REGIMES))
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--world-size", type=int, default=8, help="the tensor-parallel size whose rank is sliced")
+    p.add_argument("--models", default="llama3-8b,llama3-70b", help=f"comma list of {', '.join(layers.MODELS)}")
+    p.add_argument("--tokens", default="2048,8192", help="M values (tokens per step)")
+    p.add_argument("--patterns", default=",".join(rank_slice.PATTERNS), help="comma list")
+    p.add_argument("--regimes", default=",".join(rank_slice.REGIMES), help="comma list: d2d (device memory), host (pinned, PCIe)")
+    _dtype_iters_out(p, "rank_slice", dtype="bfloat16", iters=10)
     p.add_argument("--resume", action="store_true",
                    help="keep the measured rows of the file at --out (a run of the same settings, cut off) and measure the rest")  # fmt: skip
 
 
 def _rank_slice_config(args) -> rank_slice.Config:
+    if args.resume and args.out is None:
+        raise ValueError("--resume needs --out FILE: the result of the run to resume")
     config = rank_slice.Config(
         world_size=args.world_size, models=_list(args.models), tokens=_ints(args.tokens), patterns=_list(args.patterns),
         regimes=_list(args.regimes), dtype=args.dtype, iters=args.iters,
@@ -128,12 +142,10 @@ def _rank_slice_config(args) -> rank_slice.Config:
 
 def _add_decode(commands) -> None:
     p = commands.add_parser("decode", help="decode's all-reduce + residual + RMSNorm: unfused vs one fused kernel (GPU)")
-    p.add_argument("--models", default="llama3-8b,llama3-70b")
-    p.add_argument("--world-sizes", default="2,4,8")
+    p.add_argument("--models", default="llama3-8b,llama3-70b", help=f"comma list of {', '.join(layers.MODELS)}")
+    p.add_argument("--world-sizes", default="2,4,8", help="comma list of tensor-parallel sizes")
     p.add_argument("--tokens", default="1,8,16,64", help="M values (token rows per decode step)")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--out", type=Path, default=None)
+    _dtype_iters_out(p, "decode", dtype="bfloat16", iters=50)
 
 
 def _decode_config(args) -> decode.Config:
@@ -197,13 +209,14 @@ def _earlier(path: Path, config) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    with_defaults = functools.partial(argparse.ArgumentParser, formatter_class=_ShowDefaults)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=with_defaults)
     for _, add, _ in BENCHMARKS.values():
         add(commands)
     commands.add_parser("demo", help="every benchmark this hardware supports, default settings")
     rep = commands.add_parser("report", help="markdown + SVG report of a rank_slice result")
-    rep.add_argument("result", type=Path)
-    rep.add_argument("--out-dir", type=Path, default=Path("bench/results/report"))
+    rep.add_argument("result", type=Path, help="a rank_slice result (JSON)")
+    rep.add_argument("--out-dir", type=Path, default=Path("bench/results/report"), help="where rank_slice.md and its plots go")
     args = parser.parse_args(argv)
     if args.command == "report":
         print(f"wrote {report.main(args.result, args.out_dir)}")

@@ -1,7 +1,8 @@
 """Collective microbenchmark in the style of nccl-tests: time, algorithm and bus bandwidth.
 
 For each available transport (``local``: rank threads of one process; ``gloo``: CPU processes;
-``nccl``: one process per GPU, only with two or more GPUs), each collective and message size,
+``nccl``: one process per GPU, only with two or more GPUs; ``symmetric``: processes over shared
+memory, POSIX on CPUs, CUDA IPC with two or more GPUs), each collective and message size,
 every rank times a loop of back-to-back calls after a barrier; a point's time is the slowest
 rank's mean per call, median over repeats. Sizes follow nccl-tests: all_gather counts its output,
 the others their input. Bus bandwidth scales algorithm bandwidth (size / time) by the fraction of
@@ -23,6 +24,7 @@ from interlace.engine.comm import spawn
 from .common import copy_rate, human_bytes, report_table, slowest_median, timed_samples
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "sendrecv")
+BACKENDS = ("local", "gloo", "nccl", "symmetric")
 
 
 @dataclass
@@ -66,13 +68,15 @@ def available_backends(requested: list[str]) -> tuple[list[tuple[str, str]], lis
             run.append(("local", "cuda" if gpus else "cpu"))
         elif backend == "gloo":
             run.append(("gloo", "cpu"))
-        elif backend == "nccl" and gpus >= 2:
-            run.append(("nccl", "cuda"))
-        elif backend == "nccl":
-            why = "one GPU: NCCL ranks would share it time-sliced, so their timings mean nothing" if gpus == 1 else "no GPU"
-            skipped.append({"backend": "nccl", "why": why})
+        elif backend in ("nccl", "symmetric") and gpus >= 2:
+            run.append((backend, "cuda"))
+        elif backend == "symmetric" and not gpus:
+            run.append(("symmetric", "cpu"))
+        elif backend in ("nccl", "symmetric"):
+            why = "one GPU: its ranks would share it time-sliced, so their timings mean nothing" if gpus == 1 else "no GPU"
+            skipped.append({"backend": backend, "why": why})
         else:
-            raise ValueError(f"unknown backend {backend!r}; choose from local, gloo, nccl")
+            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     return run, skipped
 
 

@@ -10,7 +10,7 @@ Per rank, on shapes named after real model layers at tensor-parallel size W:
 
 Timed on every rank at once (each repeat after a barrier; slowest rank, median over repeats):
 ``gemm`` alone, ``comm`` alone, ``bulk``, ``chunked``, ``fused`` (where it can be timed: a GPU
-whose ranks share memory) and ``auto``, the layers' default: the dispatcher decides on its first
+whose ranks share memory) and ``auto`` (``overlap="auto"``): the dispatcher decides on its first
 call from its own measurements (or its cache: ``auto_measured`` says when), and is then timed
 like the others, so ``auto/bulk`` checks its choice on fresh runs. With ``ideal = max(gemm, comm)``:
 overlap efficiency ``eta = (gemm + comm - chunked) / min(gemm, comm)`` (1 = all hidden, < 0 =

@@ -16,8 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from interlace.engine.comm import spawn
-from interlace.engine.pipeline import Costs, generate, simulate, verify
-from interlace.engine.pipeline.execute import Executor
+from interlace.engine.pipeline import Costs, Executor, generate, simulate, verify
 
 from .common import report_table
 

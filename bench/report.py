@@ -146,6 +146,9 @@ def main(result_path: Path, out_dir: Path) -> Path:
     if not Path(result_path).is_file():
         raise SystemExit(f"{result_path} does not exist: `python -m bench rank_slice --out {result_path}` writes it")
     result = json.loads(Path(result_path).read_text())
+    if result.get("benchmark") != "rank_slice":
+        raise SystemExit(f"{result_path} is a {result.get('benchmark')!r} result; the report is of a rank_slice result "
+                         "(`python -m bench rank_slice` writes one)")  # fmt: skip
     if not result["rows"]:
         raise SystemExit(f"{result_path} holds no rows ({'; '.join(s['why'] for s in result.get('skipped', []))})")
     markdown, svgs = render(result)

@@ -48,23 +48,23 @@ def test_human_bytes():
 
 def test_collectives_cli_writes_a_consistent_result(tmp_path):
     out = tmp_path / "result.json"
-    cmd = [sys.executable, "-m", "bench", "collectives", "--backends", "local,gloo,nccl", "--world-sizes", "2",
+    cmd = [sys.executable, "-m", "bench", "collectives", "--backends", "local,gloo,nccl,symmetric", "--world-sizes", "2",
            "--min-bytes", "4K", "--max-bytes", "16K", "--out", str(out)]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "busbw GB/s" in done.stdout and f"wrote {out}" in done.stdout
     result = json.loads(out.read_text())
     assert result["benchmark"] == "collectives" and "packages" in result["envelope"]
-    rows = result["rows"]
-    # 2 backends x 5 collectives x 2 sizes
-    assert len(rows) == 2 * 5 * 2
+    rows, gpus = result["rows"], torch.cuda.device_count()
+    ran = ["local", "gloo", "nccl", "symmetric"] if gpus >= 2 else ["local", "gloo"] if gpus else ["local", "gloo", "symmetric"]
+    assert [s["backend"] for s in result["skipped"]] == [b for b in ["nccl", "symmetric"] if b not in ran]
+    assert sorted({row["backend"] for row in rows}) == sorted(ran)
+    assert len(rows) == len(ran) * 5 * 2  # backends x 5 collectives x 2 sizes
     for row in rows:
         assert row["time_us"] > 0
         assert row["algbw_GBps"] == pytest.approx(row["bytes"] / (row["time_us"] * 1e-6) / 1e9)
         assert row["busbw_GBps"] == pytest.approx(row["algbw_GBps"] * busbw_factor(row["collective"], row["world_size"]))
         assert row["bytes"] % (row["world_size"] * 4) == 0  # whole float32 rows per rank
-    if torch.cuda.device_count() < 2:
-        assert [s["backend"] for s in result["skipped"]] == ["nccl"]
 
 
 def test_layers_cli_reports_overlap_metrics_consistently(tmp_path):
@@ -328,6 +328,18 @@ def test_printed_tables_list_failed_rows_after_the_measured_ones():
             {"name": "bad2", "failed": "wrong"}]  # fmt: skip
     text = report_table("head", {"rows": rows}, [("name", "name", ""), ("t", "t", ".1f")])
     assert text.splitlines() == ["head", "name    t", "----  ---", "  ok  1.0", "FAILED bad [gemm_rs, host]: fused differs", "FAILED bad2: wrong"]
+
+
+def test_the_report_and_resume_refuse_what_they_cannot_use(tmp_path, capsys):
+    from bench import report
+    from bench.__main__ import main
+
+    layers_result = REPO / "bench" / "results" / "cpu-2core" / "layers.json"
+    with pytest.raises(SystemExit, match=r"layers.json is a 'layers' result; the report is of a rank_slice result"):
+        report.main(layers_result, tmp_path)
+    with pytest.raises(SystemExit):
+        main(["rank_slice", "--resume"])  # without --out it would start a new file, and resume nothing
+    assert "error: --resume needs --out FILE: the result of the run to resume" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip on machines without a GPU")

@@ -229,6 +229,8 @@ def test_whole_run_deadline_names_unfinished_ranks():
         (dict(world_size=0), ValueError, "world_size must be a positive int, got 0"),
         (dict(world_size=2, backend="mpi"), ValueError, "backend must be one of"),
         (dict(world_size=2, backend="gloo", fn=lambda g: 0), TypeError, "use a module-level function"),
+        (dict(world_size=2, backend="gloo", device="cuda"), ValueError, r"backend='gloo' runs its ranks on CPU tensors, got device='cuda'"),
+        (dict(world_size=2, backend="nccl", device="cpu"), ValueError, r"backend='nccl' runs its ranks on CUDA tensors, got device='cpu'"),
     ],
 )
 def test_spawn_rejects_bad_arguments(kwargs, error, message):
@@ -238,9 +240,10 @@ def test_spawn_rejects_bad_arguments(kwargs, error, message):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
-def test_nccl_without_gpu_says_so():
-    with pytest.raises(RuntimeError, match="backend='nccl' with device=None needs a CUDA GPU"):
-        spawn(returns_rank, 2, "nccl", args=(0,))
+@pytest.mark.parametrize("backend,device", [("nccl", None), ("local", "cuda"), ("symmetric", "cuda:0")])
+def test_a_gpu_backend_or_device_without_a_gpu_says_so(backend, device):
+    with pytest.raises(RuntimeError, match=rf"backend='{backend}' with device={device!r} needs a CUDA GPU, and torch.cuda.is_available\(\) is False"):
+        spawn(returns_rank, 2, backend, device=device)
 
 
 

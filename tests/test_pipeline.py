@@ -10,9 +10,9 @@ import torch
 
 from interlace.engine.comm import spawn
 from interlace.engine.pipeline import (
-    Costs, Schedule, ScheduleError, balance, by_count, decode, forward, generate, gpipe, interleaved, one_f_one_b, simulate, verify,
+    Costs, Executor, PipelineCommError, PipelineTimeoutError, Schedule, ScheduleError, balance, by_count, decode, forward, generate,
+    gpipe, interleaved, one_f_one_b, simulate, verify,
 )  # fmt: skip
-from interlace.engine.pipeline.execute import Executor, PipelineCommError, PipelineTimeoutError
 from interlace.engine.pipeline.ir import Action
 from interlace.engine.pipeline.simulate import decode_cycle
 from interlace.models import LlamaConfig, LlamaForCausalLM, init_weights

@@ -19,7 +19,7 @@ def example(marker: str) -> str:
 
 
 def run(source: str) -> dict:
-    namespace = {"__name__": "readme_example"}
+    namespace = {"__name__": "__main__"}  # as a script: the examples start their ranks under that guard
     exec(compile(source, str(README), "exec"), namespace)
     return namespace
 
@@ -41,3 +41,18 @@ def test_communication_example_gathers_and_reduces():
     for rank, (reduced, y) in enumerate(ns["results"]):
         torch.testing.assert_close(reduced, torch.full((2, 4), float(sum(range(world_size)))), rtol=0, atol=0, msg=f"rank {rank}")
         torch.testing.assert_close(y, x @ x.T, rtol=0, atol=0, msg=f"rank {rank}")
+
+
+def test_communication_example_runs_as_a_script_over_processes(tmp_path):
+    """What its comment offers: "gloo" in place of "local", the example saved as a script and run."""
+    import os
+    import subprocess
+    import sys
+
+    source = example("all_reduce_async")
+    assert source.count('backend="local"') == 1
+    script = tmp_path / "step.py"
+    script.write_text(source.replace('backend="local"', 'backend="gloo"') + "    print([float(r[0].sum()) for r in results])\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(README.parent), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout == f"{[8.0 * sum(range(4))] * 4}\n", done.stdout + done.stderr

@@ -81,6 +81,14 @@ def _minor(version: str) -> tuple[int, ...]:
 INTERPRETER_PROBLEM = interpreter_problem()  # this process's, once: gemm() raises it
 
 
+def cannot_launch_on(device: torch.device) -> str | None:
+    """Why this process cannot launch Triton kernels on tensors on ``device``, or None."""
+    if device.type == "cuda" or INTERPRETING:
+        return None
+    return (f"Triton runs kernels on a CUDA GPU, not on {device} "
+            "(TRITON_INTERPRET=1, set before Triton is imported, runs them on CPU, for tests)")  # fmt: skip
+
+
 def patience(seconds: float) -> int:
     """A wait's bound as the kernels take it (see ``interlace.kernels.flags``): microseconds of the
     GPU's timer, or under the interpreter spins; at least 1, at most int32's largest (35 minutes)."""
@@ -348,6 +356,8 @@ def _check_operands(x, w, bias, residual, activation, out) -> tuple[int, int]:
         raise TypeError(f"gemm: x and w must share one of {[str(d) for d in DTYPES]}, got {x.dtype} and {w.dtype}")
     if w.device != x.device:
         raise ValueError(f"gemm: x is on {x.device}, w on {w.device}")
+    if reason := cannot_launch_on(x.device):
+        raise ValueError(f"gemm: x is on {x.device}: {reason}")
     if activation not in kernel.ACTIVATIONS:
         raise ValueError(f"gemm: activation must be one of {list(kernel.ACTIVATIONS)}, got {activation!r}")
     m, n = x.shape[0], w.shape[0]

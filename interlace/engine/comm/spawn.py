@@ -71,11 +71,15 @@ def spawn(
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    on = torch.device(device or ("cuda" if backend == "nccl" else "cpu")).type
+    required = {"gloo": "cpu", "nccl": "cuda"}.get(backend)  # local and symmetric run on either
+    if required is not None and on != required:
+        raise ValueError(f"backend={backend!r} runs its ranks on {'CPU' if backend == 'gloo' else 'CUDA'} tensors, got device={device!r}")
+    if on == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"backend={backend!r} with device={device!r} needs a CUDA GPU, and torch.cuda.is_available() is False here")
     if backend == "local":
         return run_threads(fn, world_size, device=device or "cpu", timeout=timeout, deadline=deadline, args=args)
-    transport = "nccl" if backend == "nccl" or (backend == "symmetric" and str(device or "cpu").startswith("cuda")) else "gloo"
-    if transport == "nccl" and not torch.cuda.is_available():
-        raise RuntimeError(f"backend={backend!r} with device={device!r} needs a CUDA GPU, and torch.cuda.is_available() is False here")
+    transport = "nccl" if on == "cuda" else "gloo"
     _check_picklable(fn, args, backend)
     return _run_processes(fn, world_size, (backend, transport), timeout, deadline, args, check)
 
@@ -197,7 +201,8 @@ def _read_report(rank: int, conn, proc) -> Any:
         proc.join(timeout=1.0)
         code = proc.exitcode
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        return RankFailedError(f"rank {rank} died ({how}) without reporting a result")
+        return RankFailedError(f"rank {rank} died ({how}) without reporting a result; its stderr may say why "
+                               '(a script must start process ranks under `if __name__ == "__main__":`, as they import it)')
     if status == "ok":
         return payload
     blob, summary, text = payload

@@ -81,6 +81,7 @@ class Simulation:
         meta = [{"name": "process_name", "ph": "M", "pid": r, "args": {"name": f"rank {r}"}} for r in self.busy]
         trace = {"traceEvents": meta + events, "displayTimeUnit": "ms"}
         if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(json.dumps(trace))
         return trace
 

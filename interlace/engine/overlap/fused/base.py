@@ -15,7 +15,7 @@ from interlace.engine.device import drain, drain_within, happened, new_stream
 from interlace.kernels.flags import ABORTED, FLAG_WAIT_FAILED
 from interlace.ops import flags as epoch_flags
 from interlace.ops.flags import EpochValue
-from interlace.ops.gemm import GEMM_WAIT_FAILED, Plan, gemm, leave_sms, patience, plan_for
+from interlace.ops.gemm import GEMM_WAIT_FAILED, Plan, cannot_launch_on, gemm, leave_sms, patience, plan_for
 
 from ..lane import SideLane
 from ..watchdog import WATCHDOG, log
@@ -31,6 +31,8 @@ class FusedOp:
 
     def __init__(self, group: Group, nbytes: int | None, flags: int, name: str, *, check: bool, wait_timeout: float | None,
                  graph_safe: bool):  # fmt: skip
+        if reason := cannot_launch_on(group.device):  # before any collective: every rank refuses alike
+            raise ValueError(f"rank {group.rank}: {name}: the group's tensors are on {group.device}: {reason}")
         self.group, self.rank, self.world = group, group.rank, group.world_size
         self.wait_timeout = wait_timeout if wait_timeout is not None else group.timeout / 2
         patience(self.wait_timeout)  # a bad one refused now, before any collective, not inside a call

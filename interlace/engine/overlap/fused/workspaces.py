@@ -9,7 +9,7 @@ import torch
 from interlace.engine.comm import Group
 from interlace.engine.comm.symmetric import AgreedFailure, all_or_none
 from interlace.kernels.reduce import MAX_WORLD
-from interlace.ops.gemm import INTERPRETING
+from interlace.ops.gemm import INTERPRETING, cannot_launch_on
 
 from .base import FusedOp
 from .gather import FusedAllGatherMatmul
@@ -79,9 +79,8 @@ def fused_unavailable(group: Group, pattern: str, *, timing: bool = False, shots
     cannot be timed meaningfully) on ``group``."""
     if not (INTERPRETING or torch.cuda.is_available()):
         return "Triton needs a GPU (TRITON_INTERPRET=1 runs kernels on CPU, for tests)"
-    if group.device.type != "cuda" and not INTERPRETING:
-        return (f"the group's tensors are on {group.device} and Triton runs kernels on the GPU "
-                "(TRITON_INTERPRET=1, set before Triton is imported, runs them on CPU, for tests)")  # fmt: skip
+    if reason := cannot_launch_on(group.device):
+        return f"the group's tensors are on {group.device}: {reason}"
     if timing and INTERPRETING:
         return "under the Triton interpreter a timing measures Python, not a kernel"
     if pattern == "ar_norm" and group.world_size > MAX_WORLD:
