@@ -23,6 +23,7 @@ from . import collectives, decode, gemm, layers, pipeline, rank_slice, report
 from .common import StuckStream, parse_bytes, result_path, write_result
 
 GPU = torch.cuda.is_available()
+BACKENDS_HELP = f"comma list of {', '.join(collectives.BACKENDS)} (unavailable ones are skipped, with the reason)"
 
 
 def _list(text: str) -> list[str]:
@@ -40,22 +41,25 @@ class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
+def _out(p, name: str) -> None:
+    p.add_argument("--out", type=Path, default=None, help=f"JSON path (default: bench/out/{name}-<time>.json)")
+
+
 def _dtype_iters_out(p, name: str, *, dtype: str, iters: int | None) -> None:
-    """The options every benchmark takes alike."""
+    """--dtype, --iters (where timed calls repeat) and --out."""
     p.add_argument("--dtype", default=dtype, choices=["float32", "float16", "bfloat16"], help="element type")
     if iters is not None:
         p.add_argument("--iters", type=int, default=iters, help="timed calls per measurement")
-    p.add_argument("--out", type=Path, default=None, help=f"JSON path (default: bench/out/{name}-<time>.json)")
+    _out(p, name)
 
 
 def _add_collectives(commands) -> None:
     p = commands.add_parser("collectives", help="nccl-tests style bandwidth of every collective and transport")
-    p.add_argument("--backends", default=",".join(collectives.BACKENDS),
-                   help=f"comma list of {', '.join(collectives.BACKENDS)} (unavailable ones are skipped, with the reason)")  # fmt: skip
+    p.add_argument("--backends", default=",".join(collectives.BACKENDS), help=BACKENDS_HELP)
     p.add_argument("--world-sizes", default="2", help="comma list, e.g. 2,4")
     p.add_argument("--collectives", default=",".join(collectives.COLLECTIVES), help="comma list")
     p.add_argument("--min-bytes", default="4K", help="smallest size, as nccl-tests counts it: all_gather's output, the others' input (K, M, G suffixes)")
-    p.add_argument("--max-bytes", default="256M" if GPU else "16M", help="largest size (default smaller on CPU)")
+    p.add_argument("--max-bytes", default="256M" if GPU else "16M", help="largest size (smaller on a CPU machine)")
     p.add_argument("--step", type=int, default=4, help="size multiplier between points")
     p.add_argument("--check", action="store_true", help="keep DistGroup's cross-rank signature checks on (measures their cost)")
     _dtype_iters_out(p, "collectives", dtype="float32", iters=None)
@@ -71,14 +75,13 @@ def _collectives_config(args) -> collectives.Config:
 
 def _add_layers(commands) -> None:
     p = commands.add_parser("layers", help="tensor-parallel GEMM + collective: bulk vs chunked overlap")
-    p.add_argument("--backends", default="local,gloo,nccl",
-                   help=f"comma list of {', '.join(collectives.BACKENDS)} (unavailable ones are skipped, with the reason)")  # fmt: skip
+    p.add_argument("--backends", default="local,gloo,nccl", help=BACKENDS_HELP)
     p.add_argument("--world-sizes", default="2", help="comma list, e.g. 2,4,8")
     p.add_argument("--models", default="llama3-8b", help=f"comma list of {', '.join(layers.MODELS)}")
-    p.add_argument("--tokens", default="2048,8192" if GPU else "256", help="M values, tokens per step (default smaller on CPU)")
+    p.add_argument("--tokens", default="2048,8192" if GPU else "256", help="M values, tokens per step (fewer on a CPU machine)")
     p.add_argument("--patterns", default=",".join(layers.PATTERNS), help="comma list")
     p.add_argument("--chunks", type=int, default=4, help="pieces per chunked GEMM+RS and GEMM+AR call")
-    p.add_argument("--scale", type=int, default=1 if GPU else 4, help="divide layer widths by this (default 4 on CPU, 1 on a GPU)")
+    p.add_argument("--scale", type=int, default=1 if GPU else 4, help="divide layer widths by this (1 on a GPU machine, 4 on a CPU one)")
     _dtype_iters_out(p, "layers", dtype="bfloat16" if GPU else "float32", iters=20 if GPU else 3)
 
 
@@ -110,7 +113,7 @@ def _add_pipeline(commands) -> None:
     p.add_argument("--ranks", type=int, default=4, help="pipeline stages, one rank thread each")
     p.add_argument("--microbatches", type=int, default=8, help="microbatches per step")
     p.add_argument("--rank-time", type=float, default=0.02, help="seconds per rank per microbatch (sleep)")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default: bench/out/pipeline-<time>.json)")
+    _out(p, "pipeline")
 
 
 def _pipeline_config(args) -> pipeline.Config:

@@ -85,8 +85,7 @@ def cannot_launch_on(device: torch.device) -> str | None:
     """Why this process cannot launch Triton kernels on tensors on ``device``, or None."""
     if device.type == "cuda" or INTERPRETING:
         return None
-    return (f"Triton runs kernels on a CUDA GPU, not on {device} "
-            "(TRITON_INTERPRET=1, set before Triton is imported, runs them on CPU, for tests)")  # fmt: skip
+    return "Triton runs kernels on a CUDA GPU (TRITON_INTERPRET=1, set before Triton is imported, runs them on CPU, for tests)"
 
 
 def patience(seconds: float) -> int:

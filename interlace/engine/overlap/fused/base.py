@@ -21,6 +21,12 @@ from ..lane import SideLane
 from ..watchdog import WATCHDOG, log
 
 
+def cannot_launch_for(group: Group) -> str | None:
+    """Why this process cannot launch the fused kernels on ``group``'s tensors, or None."""
+    reason = cannot_launch_on(group.device)
+    return None if reason is None else f"the group's tensors are on {group.device}: {reason}"
+
+
 class FusedOp:
     """Shared machinery: the symmetric buffer (``nbytes`` None: none, only this rank's flags), the
     lane, the epoch, the GEMM plan. ``wait_timeout``: seconds a wait spinning on the GPU (a GEMM
@@ -31,8 +37,8 @@ class FusedOp:
 
     def __init__(self, group: Group, nbytes: int | None, flags: int, name: str, *, check: bool, wait_timeout: float | None,
                  graph_safe: bool):  # fmt: skip
-        if reason := cannot_launch_on(group.device):  # before any collective: every rank refuses alike
-            raise ValueError(f"rank {group.rank}: {name}: the group's tensors are on {group.device}: {reason}")
+        if reason := cannot_launch_for(group):  # before any collective: every rank refuses alike
+            raise RuntimeError(f"rank {group.rank}: {name}: {reason}")
         self.group, self.rank, self.world = group, group.rank, group.world_size
         self.wait_timeout = wait_timeout if wait_timeout is not None else group.timeout / 2
         patience(self.wait_timeout)  # a bad one refused now, before any collective, not inside a call

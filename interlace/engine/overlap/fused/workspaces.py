@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from interlace.engine.comm import Group
 from interlace.engine.comm.symmetric import AgreedFailure, all_or_none
 from interlace.kernels.reduce import MAX_WORLD
-from interlace.ops.gemm import INTERPRETING, cannot_launch_on
+from interlace.ops.gemm import INTERPRETING
 
-from .base import FusedOp
+from .base import FusedOp, cannot_launch_for
 from .gather import FusedAllGatherMatmul
 from .group_all_reduce import FusedMatmulGroupAllReduce
 from .norm import FusedAllReduceResidualNorm
@@ -77,10 +75,8 @@ def close_workspaces(group: Group) -> None:
 def fused_unavailable(group: Group, pattern: str, *, timing: bool = False, shots: int = 1) -> str | None:
     """Why fused ``pattern`` (two-shot GEMM+AR with ``shots=2``) cannot run (or, with ``timing``,
     cannot be timed meaningfully) on ``group``."""
-    if not (INTERPRETING or torch.cuda.is_available()):
-        return "Triton needs a GPU (TRITON_INTERPRET=1 runs kernels on CPU, for tests)"
-    if reason := cannot_launch_on(group.device):
-        return f"the group's tensors are on {group.device}: {reason}"
+    if reason := cannot_launch_for(group):
+        return reason
     if timing and INTERPRETING:
         return "under the Triton interpreter a timing measures Python, not a kernel"
     if pattern == "ar_norm" and group.world_size > MAX_WORLD:
