@@ -45,12 +45,12 @@ def _out(p, name: str) -> None:
     p.add_argument("--out", type=Path, default=None, help=f"JSON path (default: bench/out/{name}-<time>.json)")
 
 
-def _dtype_iters_out(p, name: str, *, dtype: str, iters: int | None) -> None:
-    """--dtype, --iters (where timed calls repeat) and --out."""
-    p.add_argument("--dtype", default=dtype, choices=["float32", "float16", "bfloat16"], help="element type")
-    if iters is not None:
-        p.add_argument("--iters", type=int, default=iters, help="timed calls per measurement")
-    _out(p, name)
+def _dtype(p, default: str) -> None:
+    p.add_argument("--dtype", default=default, choices=["float32", "float16", "bfloat16"], help="element type")
+
+
+def _iters(p, default: int) -> None:
+    p.add_argument("--iters", type=int, default=default, help="timed calls per measurement")
 
 
 def _add_collectives(commands) -> None:
@@ -62,7 +62,8 @@ def _add_collectives(commands) -> None:
     p.add_argument("--max-bytes", default="256M" if GPU else "16M", help="largest size (smaller on a CPU machine)")
     p.add_argument("--step", type=int, default=4, help="size multiplier between points")
     p.add_argument("--check", action="store_true", help="keep DistGroup's cross-rank signature checks on (measures their cost)")
-    _dtype_iters_out(p, "collectives", dtype="float32", iters=None)
+    _dtype(p, "float32")
+    _out(p, "collectives")
 
 
 def _collectives_config(args) -> collectives.Config:
@@ -82,7 +83,9 @@ def _add_layers(commands) -> None:
     p.add_argument("--patterns", default=",".join(layers.PATTERNS), help="comma list")
     p.add_argument("--chunks", type=int, default=4, help="pieces per chunked GEMM+RS and GEMM+AR call")
     p.add_argument("--scale", type=int, default=1 if GPU else 4, help="divide layer widths by this (1 on a GPU machine, 4 on a CPU one)")
-    _dtype_iters_out(p, "layers", dtype="bfloat16" if GPU else "float32", iters=20 if GPU else 3)
+    _dtype(p, "bfloat16" if GPU else "float32")
+    _iters(p, 20 if GPU else 3)
+    _out(p, "layers")
 
 
 def _layers_config(args) -> layers.Config:
@@ -97,7 +100,8 @@ def _add_gemm(commands) -> None:
     p = commands.add_parser("gemm", help="interlace Triton GEMM vs cuBLAS, with and without overlap hooks (GPU)")
     p.add_argument("--shapes", default="all", help=f"comma list of names, or all: {', '.join(list(gemm.shapes())[:3])}, ...")
     p.add_argument("--chunks", type=int, default=8, help="hook chunks per GEMM")
-    _dtype_iters_out(p, "gemm", dtype="bfloat16", iters=None)
+    _dtype(p, "bfloat16")
+    _out(p, "gemm")
 
 
 def _gemm_config(args) -> gemm.Config:
@@ -127,7 +131,9 @@ def _add_rank_slice(commands) -> None:
     p.add_argument("--tokens", default="2048,8192", help="M values (tokens per step)")
     p.add_argument("--patterns", default=",".join(rank_slice.PATTERNS), help="comma list")
     p.add_argument("--regimes", default=",".join(rank_slice.REGIMES), help="comma list: d2d (device memory), host (pinned, PCIe)")
-    _dtype_iters_out(p, "rank_slice", dtype="bfloat16", iters=10)
+    _dtype(p, "bfloat16")
+    _iters(p, 10)
+    _out(p, "rank_slice")
     p.add_argument("--resume", action="store_true",
                    help="keep the measured rows of the file at --out (a run of the same settings, cut off) and measure the rest")  # fmt: skip
 
@@ -148,7 +154,9 @@ def _add_decode(commands) -> None:
     p.add_argument("--models", default="llama3-8b,llama3-70b", help=f"comma list of {', '.join(layers.MODELS)}")
     p.add_argument("--world-sizes", default="2,4,8", help="comma list of tensor-parallel sizes")
     p.add_argument("--tokens", default="1,8,16,64", help="M values (token rows per decode step)")
-    _dtype_iters_out(p, "decode", dtype="bfloat16", iters=50)
+    _dtype(p, "bfloat16")
+    _iters(p, 50)
+    _out(p, "decode")
 
 
 def _decode_config(args) -> decode.Config:

@@ -347,11 +347,13 @@ def test_rank_slice_says_why_it_skips_without_a_gpu(tmp_path):
     out = tmp_path / "rs.json"
     done = subprocess.run([sys.executable, "-m", "bench", "rank_slice", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "skipped rank_slice: needs a GPU" in done.stdout
-    failed = subprocess.run([sys.executable, "-m", "bench", "report", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert failed.returncode != 0 and "holds no rows (needs a GPU" in failed.stderr
+    from bench import report  # `bench report` exits with what report.main raises
+
+    with pytest.raises(SystemExit, match=r"rs.json holds no rows \(needs a GPU"):
+        report.main(out, tmp_path / "report")
     missing = tmp_path / "never-written.json"  # a run killed before its first row
-    failed = subprocess.run([sys.executable, "-m", "bench", "report", str(missing)], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert failed.returncode != 0 and f"{missing} does not exist: `python -m bench rank_slice --out {missing}` writes it" in failed.stderr
+    with pytest.raises(SystemExit, match=re.escape(f"{missing} does not exist: `python -m bench rank_slice --out {missing}` writes it")):
+        report.main(missing, tmp_path / "report")
 
 
 @pytest.mark.parametrize("chunks", [1, 3, 4, 8])

@@ -3,9 +3,9 @@
 Each rank regenerates all ranks' inputs (reference.py), so its check is independent of the
 transport. Several iterations run through the same group with fresh inputs; outputs passed as
 `out=` are poisoned first, and one all_reduce iteration runs in place. One group per transport and
-world size runs every collective in turn: a group per collective cost 118 s for the 154 CPU cases
-on the 2-core CPU machine, 20 s this way. A failure names the rank, collective, dtype and
-iteration, and stops that group's later collectives.
+world size runs every collective in turn (a group per collective spent most of its time starting
+processes). A failure names the rank, collective, dtype and iteration, and stops that group's
+later collectives.
 """
 
 import pytest

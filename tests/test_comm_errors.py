@@ -161,6 +161,7 @@ def test_local_ranks_learn_which_peer_failed_not_which_returned():
         deadline = time.monotonic() + 10
         while 2 not in group._hub.gone and time.monotonic() < deadline:  # marked gone just after its function returns
             time.sleep(0.01)
+        assert 2 in group._hub.gone, "rank 2 returned but was never marked gone"
         seen.append(group.peer_failed())  # a peer that returned has not failed
         checked.set()
         while (why := group.peer_failed()) is None and time.monotonic() < deadline:

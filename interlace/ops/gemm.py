@@ -303,7 +303,7 @@ def _autotune(m: int, n: int, k: int, dtype: torch.dtype, configs: list, device:
 
 
 def _quick_tuning() -> bool:
-    """``INTERLACE_TUNE=quick``: two candidate configs instead of all (the GPU tests set it)."""
+    """``INTERLACE_TUNE=quick``: a few candidate configs instead of all (``kernel.configs``; the GPU tests set it)."""
     mode = os.environ.get("INTERLACE_TUNE", "full")
     if mode not in ("full", "quick"):
         raise ValueError(f"INTERLACE_TUNE must be 'full' or 'quick', got {mode!r}")

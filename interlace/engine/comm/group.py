@@ -47,6 +47,11 @@ class Group(ABC):
     device: torch.device
     timeout: float
 
+    def peer_failed(self) -> str | None:
+        """Which peer failed, and how, where the transport learns of it before any deadline
+        (LocalGroup: a rank thread that raised); else None."""
+        return None
+
     def all_gather(self, x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """Concatenate every rank's ``x`` [n, ...] along dim 0 in rank order: [W*n, ...]."""
         return self.all_gather_async(x, out=out).wait()

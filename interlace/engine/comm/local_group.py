@@ -186,6 +186,8 @@ class LocalGroup(Group):
     def peer_failed(self) -> str | None:
         """Which peer raised, and what, if one did: flags it was to raise on a GPU never come, so
         a rank waiting on them can give up at once instead of at its deadline."""
+        if not self._hub.failed:  # entries are only added: no lock for the usual answer (polled often)
+            return None
         with self._hub.lock:
             return next((f"rank {r} {why}" for r, why in self._hub.failed.items() if r != self.rank), None)
 

@@ -74,7 +74,7 @@ def spawn(
     on = torch.device(device or ("cuda" if backend == "nccl" else "cpu")).type
     required = {"gloo": "cpu", "nccl": "cuda"}.get(backend)  # local and symmetric run on either
     if required is not None and on != required:
-        raise ValueError(f"backend={backend!r} runs its ranks on {'CPU' if backend == 'gloo' else 'CUDA'} tensors, got device={device!r}")
+        raise ValueError(f"backend={backend!r} runs its ranks on {required.upper()} tensors, got device={device!r}")
     if on == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"backend={backend!r} with device={device!r} needs a CUDA GPU, and torch.cuda.is_available() is False here")
     if backend == "local":

@@ -191,7 +191,7 @@ def measure_collectively(group: Group, case: Case, config: OverlapConfig, iters:
     group.barrier()
     stream = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
     first = stream.record_event(torch.cuda.Event(enable_timing=True)) if stream else None
-    start = time.perf_counter()
+    start = None if stream else time.perf_counter()
     for _ in range(iters):
         fn()
     last = stream.record_event(torch.cuda.Event(enable_timing=True)) if stream else None

@@ -27,6 +27,13 @@ def cannot_launch_for(group: Group) -> str | None:
     return None if reason is None else f"the group's tensors are on {group.device}: {reason}"
 
 
+@functools.lru_cache(maxsize=None)
+def _warm_reader(device: torch.device) -> None:
+    """A first flag read on ``device`` makes the reader's pinned slot and stream (one per device and
+    process): now, not while a late call blocks streams."""
+    signals.read(torch.zeros(1, dtype=torch.int32, device=device), 0)
+
+
 class FusedOp:
     """Shared machinery: the symmetric buffer (``nbytes`` None: none, only this rank's flags), the
     lane, the epoch, the GEMM plan. ``wait_timeout``: seconds a wait spinning on the GPU (a GEMM
@@ -50,14 +57,14 @@ class FusedOp:
         self.epoch_now = torch.zeros(1, dtype=torch.int32, device=group.device)
         self.status = torch.zeros(4, dtype=torch.int32, device=group.device)  # a wait that gave up: see check()
         self.lane = SideLane(group.device, group.timeout, f"{name} r{group.rank}", self.status, self.wait_timeout, _lane_stream(group),
-                             getattr(group, "peer_failed", lambda: None))  # fmt: skip
+                             group.peer_failed)  # fmt: skip
         self._plans: dict[tuple, Plan] = {}
         self._last_call: tuple[list[tuple[int, int, int]], int] = ([], 0)  # (what it awaited, its epoch)
         if group.device.type == "cuda":
             epoch_flags.warm_up(group.device)
             # zeroed on this stream: a first call on another must not overtake the fills
             drain_within(group.device, group.timeout, f"rank {self.rank}: {name}: zeroing its flags")
-            signals.read(self.status, 0)  # a first read makes its pinned slot now, not while a late call blocks streams
+            _warm_reader(group.device)
 
     def close(self) -> None:
         """Collective when the operator has a symmetric buffer. On a GPU the caller's stream first
@@ -160,11 +167,12 @@ class FusedOp:
         check(), whose read would queue behind them) must raise at once, not wait. Not when every
         flag it awaits is raised: it is slow, and will finish. At once when a peer thread
         (LocalGroup) has failed and a flag this call awaits is behind: it never comes."""
-        peer_failed, asked = self.lane.peer_failed, []
+        peer_failed, asked = self.lane.peer_failed, False
 
         def poll() -> None:
+            nonlocal asked
             if self.late is None and not asked and (why := peer_failed()) is not None:
-                asked.append(why)  # the flags read once
+                asked = True  # the flags read once
                 text, blocked = self._behind(*self._last_call)
                 if blocked:
                     self._record_late(f"rank {self.rank}: {self.name} epoch {self._last_call[1]} gave up waiting: {why} "
