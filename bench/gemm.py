@@ -90,8 +90,12 @@ def _measure(name, m, n, k, dtype, chunks, peak, copy_bps, plan_for) -> dict:
 
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     ws = [torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5 for _ in range(_copies(n * k * x.element_size()))]
-    ref = torch.matmul(x, ws[0].T)
-    err = ((gemm(x, ws[0]).float() - ref.float()).norm() / ref.float().norm()).item()
+    ref = torch.matmul(x, ws[0].T).float()
+
+    def error(y: torch.Tensor) -> float:
+        return ((y.float() - ref).norm() / ref.norm()).item()
+
+    err = error(gemm(x, ws[0]))
     if not err <= MAX_REL_ERR[str(dtype).removeprefix("torch.")]:
         raise AssertionError(f"{name}: interlace GEMM relative error {err:.2e} against cuBLAS; not timing a wrong kernel")
     plan = plan_for(x, ws[0])
@@ -107,6 +111,10 @@ def _measure(name, m, n, k, dtype, chunks, peak, copy_bps, plan_for) -> dict:
         return do_bench(lambda: fn(ws[next(turn) % len(ws)]), warmup=25, rep=100, return_mode="median") * 1e-3
 
     status = torch.zeros(4, dtype=torch.int32, device="cuda")  # given, or a wait allocates and zeroes one per call
+    for kind, kw in hooks.items():  # the hooked variants too: one whose hooks broke the result is not timed
+        hooked_err = error(gemm(x, ws[0], plan=plan, check=False, status=status, **kw))
+        if not hooked_err <= MAX_REL_ERR[str(dtype).removeprefix("torch.")]:
+            raise AssertionError(f"{name}: interlace GEMM with hooks {kind!r} has relative error {hooked_err:.2e} against cuBLAS")
     t = {kind: timed(lambda w, kw=kw: gemm(x, w, plan=plan, check=False, status=status, **kw)) for kind, kw in hooks.items()}
     if status.any():
         raise AssertionError(f"{name}: a timed wait gave up: status {status.tolist()}")

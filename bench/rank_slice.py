@@ -15,12 +15,18 @@ memory: PCIe speed). Measured with CUDA events, median of ``iters`` after warm-u
 Outbound and inbound copies run on two streams, as a link carries both directions at once; ranks
 run in lockstep, so a peer's chunk is there when this rank has finished the same step.
 
+Communication is also held against its floor: the bytes this rank moves each way
+(``link_bytes``) at the rates the links reach in the same run (``rank_slice_gpu.link_rates``),
+``comm_sol = floor / comm`` (1: the copies run at the link's limit).
+
 Strategies: ``bulk`` (communication, then GEMM, or the reverse), ``chunked`` (per-chunk copies
 and cuBLAS GEMMs joined by events), ``fused`` (copy-engine chunks raising flags + ONE Triton GEMM
 with the wait hook, or the GEMM's signal hook and stream waits). Metrics per shape:
 ``ideal = max(gemm, comm)``, ``eta = (gemm + comm - t) / min(gemm, comm)``, ``sol = ideal / t``,
-GEMM slowdown under overlap, speedup over bulk (``common.overlap_metrics``). Every number is
-labelled with its regime.
+GEMM slowdown under overlap (for AG: the GEMM beside the copies, not waiting for them), speedup
+over bulk (``common.overlap_metrics``). Fused runs as a ``check=False`` call: the library's default
+check, a host synchronisation after each call, is not in these times. Every number is labelled
+with its regime.
 """
 
 from __future__ import annotations
@@ -85,6 +91,22 @@ def _check_split(name: str, pattern: str, world: int, m: int, n: int, k: int) ->
         raise ValueError(f"rank slice {name}: {'; '.join(problems)}")
 
 
+def link_bytes(shape: dict, world: int, itemsize: int) -> int:
+    """Bytes one rank moves over its links in each direction (in and out alike): W-1 shards [M/W, K]
+    (AG), W-1 blocks [M/W, N] (RS), W-1 partials [M, N] (one-shot AR), 2(W-1)/W of [M, N] (two-shot)."""
+    m, n, k, w = shape["M"], shape["N"], shape["K"], world
+    elements = {"ag_gemm": (w - 1) * (m // w) * k, "gemm_rs": (w - 1) * (m // w) * n, "gemm_ar": (w - 1) * m * n,
+                "gemm_ar_two_shot": 2 * (w - 1) * m * n // w}[shape["pattern"]]  # fmt: skip
+    return elements * itemsize
+
+
+def comm_floor(regime: str, each_way: int, rates: dict[str, float]) -> float:
+    """Seconds ``each_way`` bytes in and as many out take at ``rates`` (``link_rates``): in device
+    memory every byte is read and written, both directions sharing it; over PCIe the two directions
+    run side by side."""
+    return 4 * each_way / rates["d2d"] if regime == "d2d" else max(each_way / rates["h2d"], each_way / rates["d2h"])
+
+
 def run(config: Config, checkpoint: Callable[[list[dict]], None] | None = None, earlier: dict | None = None) -> dict:
     """Every shape in every regime, d2d (the targets') first; ``checkpoint(rows)`` after each. A
     shape whose overlapped result differs from bulk's, whose fused wait gave up, or that raised,
@@ -101,6 +123,7 @@ def run(config: Config, checkpoint: Callable[[list[dict]], None] | None = None, 
     from . import rank_slice_gpu
 
     rows, cases = [], [(shape, regime) for regime in config.regimes for shape in shapes(config)]
+    rates, itemsize = rank_slice_gpu.link_rates(), torch.empty(0, dtype=getattr(torch, config.dtype)).element_size()
     for i, (shape, regime) in enumerate(cases):
         if (shape["name"], shape["pattern"], regime) in kept:
             rows.append(kept[shape["name"], shape["pattern"], regime])
@@ -120,10 +143,12 @@ def run(config: Config, checkpoint: Callable[[list[dict]], None] | None = None, 
         else:
             derived = overlap_metrics(times)
             derived["ideal_us"] = derived.pop("ideal") * 1e6
+            floor = comm_floor(regime, link_bytes(shape, config.world_size, itemsize), rates)
+            derived |= {"comm_floor_us": floor * 1e6, "comm_sol": floor / times["comm"]}
             rows.append({**row, **{f"{k}_us": v * 1e6 for k, v in times.items()}, **derived, "auto": chosen})
         if checkpoint is not None:
             checkpoint(rows)
-    return {"rows": rows, "skipped": [], "config": asdict(config)}
+    return {"rows": rows, "skipped": [], "config": asdict(config), "link_GBps": {k: v / 1e9 for k, v in rates.items()}}
 
 
 def _measured(earlier: dict) -> dict[tuple[str, str, str], dict]:
@@ -138,7 +163,7 @@ def _measured(earlier: dict) -> dict[tuple[str, str, str], dict]:
 COLUMNS = [
     ("name", "layer", ""), ("pattern", "pattern", ""), ("regime", "regime", ""), ("gemm_us", "gemm us", ".0f"), ("comm_us", "comm us", ".0f"),
     ("bulk_us", "bulk us", ".0f"), ("chunked_us", "chunked us", ".0f"), ("fused_us", "fused us", ".0f"),
-    ("ideal_us", "ideal us", ".0f"), ("fused_eta", "fused eta", ".2f"), ("fused_sol", "fused SOL", ".2f"),
+    ("ideal_us", "ideal us", ".0f"), ("comm_sol", "comm SOL", ".2f"), ("fused_eta", "fused eta", ".2f"), ("fused_sol", "fused SOL", ".2f"),
     ("fused_gemm_slowdown", "GEMM slowdown", ".2f"), ("hook_cost", "hook cost", ".2f"), ("fused_speedup", "vs bulk", ".2f"),
 ]  # fmt: skip
 

@@ -15,7 +15,7 @@ from interlace.engine.overlap.fused import REDUCE_SMS
 from interlace.engine.overlap.fused.base import chunk_rows_for
 from interlace.ops.gemm import SignalHook, WaitHook, chunk_outputs, gemm, leave_sms, plan_for
 
-from .common import around, event_median, relative_error, settle
+from .common import around, copy_rate, event_median, median_time, relative_error, settle
 from .rank_slice import ROW_CHUNKS, STRATEGIES
 
 WARMUP = 3
@@ -70,13 +70,23 @@ def measure(shape: dict, regime: str, world: int, dtype: torch.dtype, iters: int
 
     times = {name: median(name, around(fn)) for name, fn in variants.items() if name != "fused_gemm"}
     times["fused_gemm"] = median("fused_gemm", variants["fused_gemm"])  # records its events around the GEMM inside
-    chosen = pick({name: times[name] for name in STRATEGIES})[0]
+    chosen = pick({name: [times[name]] for name in STRATEGIES})[0]  # one round: each variant's median
     if chosen != "bulk":  # the dispatcher's rule decides on the runs above; fresh runs check it against bulk
         times["auto"] = median(f"auto ({chosen})", around(variants[chosen]))
     times["bulk_again"] = median("bulk again", around(variants["bulk"]))
     if status.any():
         raise AssertionError(f"{label}: a fused wait gave up: status {status.tolist()}")
     return times, chosen
+
+
+def link_rates(nbytes: int = 1 << 30) -> dict[str, float]:
+    """Bytes per second the regimes' links reach here, measured once per run: a device-local copy
+    (bytes read plus written: ``d2d``), pinned host to device (``h2d``), device to pinned host (``d2h``)."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    on_device, pinned = torch.empty(nbytes, dtype=torch.uint8, device=device), torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    h2d = nbytes / median_time(lambda: on_device.copy_(pinned, non_blocking=True), device, iters=3)
+    d2h = nbytes / median_time(lambda: pinned.copy_(on_device, non_blocking=True), device, iters=3)
+    return {"d2d": copy_rate(device, nbytes), "h2d": h2d, "d2h": d2h}
 
 
 class Delay:
@@ -123,16 +133,19 @@ def _join(cur, *streams) -> None:
         cur.wait_stream(stream)
 
 
-def _variants(reference, triton_gemm, hooked, comm, bulk, chunked, fused, landing: list[torch.Tensor], sent: list[torch.Tensor]) -> dict:
+def _variants(reference, triton_gemm, hooked, comm, bulk, chunked, fused, landing: list[torch.Tensor], sent: list[torch.Tensor],
+              fused_gemm=None) -> dict:  # fmt: skip
     """The timed variants (``hooked``: fused's GEMM alone, with its plan and hooks, nothing to wait
-    for and nobody waiting); ``poison``: NaN into the ``landing`` buffers (where data arrives, this
-    rank's or its peers'); ``sent``: the buffers standing in for the peers' (what this rank sent)."""
+    for and nobody waiting; ``fused_gemm(start, end)``: a run recording its events around the GEMM
+    under overlap, by default ``fused``'s); ``poison``: NaN into the ``landing`` buffers (where data
+    arrives, this rank's or its peers'); ``sent``: the buffers standing in for the peers' (what this
+    rank sent)."""
     def poison():
         for t in landing + sent:
             t.fill_(float("nan"))
 
     return {"gemm": reference, "gemm_triton": triton_gemm, "gemm_hooked": hooked, "comm": comm, "bulk": bulk, "chunked": chunked,
-            "fused": fused, "fused_gemm": fused, "poison": poison, "sent": sent}  # fmt: skip
+            "fused": fused, "fused_gemm": fused_gemm or fused, "poison": poison, "sent": sent}  # fmt: skip
 
 
 def _peers(count: int, rows: int, cols: int, dtype: torch.dtype, regime: str) -> list[torch.Tensor]:
@@ -146,7 +159,8 @@ def _peers(count: int, rows: int, cols: int, dtype: torch.dtype, regime: str) ->
 
 
 def _all_gather(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor, delay: Delay) -> dict:
-    """Peers' shards come in on one stream while this rank's goes out to each peer on another."""
+    """Peers' shards come in on one stream, after this rank's own rows are copied into the gathered
+    buffer as the operator publishes them, while this rank's shard goes out to each peer on another."""
     m, n_out, k, cur = shape["M"], shape["N"] // world, shape["K"], torch.cuda.current_stream()
     n = m // world
     gathered, own = torch.empty(m, k, device="cuda", dtype=dtype), torch.randn(n, k, device="cuda", dtype=dtype)
@@ -155,7 +169,7 @@ def _all_gather(shape: dict, regime: str, world: int, dtype: torch.dtype, status
     peers, outgoing = _peers(world - 1, n, k, dtype, regime), _peers(world - 1, n, k, dtype, regime)
     copy, send = new_stream(cur.device), new_stream(cur.device)
     rows = [gathered[q * n : (q + 1) * n] for q in range(world)]
-    chunks = [(rows[q + 1], peers[q]) for q in range(world - 1)]
+    chunks = [(rows[0], own)] + [(rows[q + 1], peers[q]) for q in range(world - 1)]  # own rows first: the GEMM starts there
     flags, epochs = torch.zeros(world, dtype=torch.int32, device="cuda"), itertools.count(1)
     epoch = torch.zeros(1, dtype=torch.int32, device="cuda")  # a tensor: an int would be filled into one inside the timing
     plan = plan_for(gathered, w)
@@ -173,7 +187,6 @@ def _all_gather(shape: dict, regime: str, world: int, dtype: torch.dtype, status
         _join(cur, copy, send)
 
     def bulk():
-        rows[0].copy_(own)
         comm()
         return gathered @ w.T
 
@@ -183,7 +196,7 @@ def _all_gather(shape: dict, regime: str, world: int, dtype: torch.dtype, status
         delay.hold(copy)
         events = []
         with torch.cuda.stream(copy):
-            for dst, src in chunks:
+            for dst, src in chunks[1:]:  # the peers' rows: its own it reads where they are
                 dst.copy_(src, non_blocking=True)
                 events.append(torch.cuda.Event())
                 events[-1].record(copy)
@@ -197,12 +210,10 @@ def _all_gather(shape: dict, regime: str, world: int, dtype: torch.dtype, status
     def fused(start=None, end=None):
         e = next(epochs)
         epoch.fill_(e)
-        rows[0].copy_(own)
-        signals.write(flags, 0, e)
         send_own()
         copy.wait_stream(cur)
         delay.hold(copy)  # checking: the GEMM's waits must hold it until the rows land
-        signals.copy_chunks(chunks, flags, list(range(1, world)), e, stream=copy)
+        signals.copy_chunks(chunks, flags, list(range(world)), e, stream=copy)
         _between(start, end, lambda: gemm(gathered, w, out=y, wait=WaitHook(flags, epoch, n), start_chunk=0, plan=waiting_plan,
                                           check=False, status=status, wait_timeout=WAIT_TIMEOUT_S))  # fmt: skip
         _join(cur, copy, send)
@@ -211,8 +222,15 @@ def _all_gather(shape: dict, regime: str, world: int, dtype: torch.dtype, status
     def hooked():  # every flag raised already (>= epoch 1)
         return gemm(gathered, w, out=y, wait=WaitHook(raised, raised[:1], n), start_chunk=0, plan=waiting_plan, check=False, status=quiet)
 
+    def beside_copies(start, end):  # the GEMM slowed by the copies beside it, not waiting for them (timed only)
+        send_own()
+        copy.wait_stream(cur)
+        signals.copy_chunks(chunks, stream=copy)
+        _between(start, end, hooked)
+        _join(cur, copy, send)
+
     return _variants(lambda: gathered @ w.T, lambda: gemm(gathered, w, plan=plan), hooked, comm, bulk, chunked, fused, [gathered, y],
-                     outgoing)  # fmt: skip
+                     outgoing, fused_gemm=beside_copies)  # fmt: skip
 
 
 def _reduce_scatter(shape: dict, regime: str, world: int, dtype: torch.dtype, status: torch.Tensor, delay: Delay) -> dict:

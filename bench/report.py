@@ -100,16 +100,18 @@ def render(result: dict) -> tuple[str, dict[str, str]]:
              "in for peers: d2d = device memory (HBM, faster than NVLink), host = pinned host memory (PCIe). CUDA events, "
              f"median of {c['iters']}. gemm = cuBLAS; eta and SOL are fused's, against it; \"own\" ones against fused's "
              "GEMM alone (its plan and hooks, nothing to wait for). GEMM slowdown: the GEMM inside fused over that GEMM "
-             "alone (for AG it includes its waits for data). Hook cost: that GEMM alone over the Triton GEMM on every SM "
-             "without hooks (the SMs fused leaves free: 1 for AG, 8 for two-shot; and the hooks).",
+             "alone (for AG: beside the copies, not waiting for them). Hook cost: that GEMM alone over the Triton GEMM on "
+             "every SM without hooks (the SMs fused leaves free: 1 for AG, 8 for two-shot; and the hooks). Fused runs "
+             "as a check=False call (no host synchronisation per call). comm SOL: the communication's floor (the bytes "
+             f"each way at the link rates measured in this run: {_rates(result)}) over its time.",
              *_incomplete(result, failed), "", "## Targets", "", *targets(rows)]  # fmt: skip
     svgs = {}
     for pattern in sorted({r["pattern"] for r in rows}):
         mine = [r for r in rows if r["pattern"] == pattern]
-        lines += ["", f"## {pattern}", "", "| layer | regime | gemm us | comm us | bulk us | chunked us | fused us | ideal us | eta | SOL | own eta | own SOL "
-                  "| GEMM slowdown | hook cost | auto |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", f"## {pattern}", "", "| layer | regime | gemm us | comm us | comm SOL | bulk us | chunked us | fused us | ideal us | eta | SOL | own eta "
+                  "| own SOL | GEMM slowdown | hook cost | auto |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in mine:
-            lines.append(f"| {r['name']} | {r['regime']} | {r['gemm_us']:.0f} | {r['comm_us']:.0f} | {r['bulk_us']:.0f} | {r['chunked_us']:.0f} | "
+            lines.append(f"| {r['name']} | {r['regime']} | {r['gemm_us']:.0f} | {r['comm_us']:.0f} | {r['comm_sol']:.2f} | {r['bulk_us']:.0f} | {r['chunked_us']:.0f} | "
                          f"{r['fused_us']:.0f} | {r['ideal_us']:.0f} | {r['fused_eta']:.2f} | {r['fused_sol']:.2f} | "
                          f"{r['fused_eta_own']:.2f} | {r['fused_sol_own']:.2f} | {r['fused_gemm_slowdown']:.2f} | {r['hook_cost']:.2f} | "
                          f"{r['auto']} |")  # fmt: skip
@@ -120,6 +122,13 @@ def render(result: dict) -> tuple[str, dict[str, str]]:
             svgs[name] = svg_plot(f"{pattern} ({regime}): time per layer", [r["name"] for r in subset], series)
             lines += ["", f"![{pattern} {regime}]({name})"]
     return "\n".join(lines) + "\n", svgs
+
+
+def _rates(result: dict) -> str:
+    rates = result.get("link_GBps")  # written when the run ends: a run cut off has its rows' floors only
+    if rates is None:
+        return "not recorded, the run was cut off"
+    return f"device copy {rates['d2d']:.0f} GB/s read plus written, host to device {rates['h2d']:.1f}, device to host {rates['d2h']:.1f}"
 
 
 def _incomplete(result: dict, failed: list[dict]) -> list[str]:

@@ -173,6 +173,19 @@ def test_rank_slice_shape_table_is_the_layers_of_each_pattern():
         assert table["gemm_ar_two_shot", name] == table["gemm_ar", name] == (2048, 8192, 8192 if layer == "attn-o" else 28672)
 
 
+def test_rank_slice_holds_communication_against_the_bytes_at_the_link_rates():
+    from bench.rank_slice import comm_floor, link_bytes
+
+    rs = {"pattern": "gemm_rs", "M": 2048, "N": 8192, "K": 8192}  # Llama-3-70B attn-o, TP 8, bf16
+    assert link_bytes(rs, 8, 2) == 7 * 256 * 8192 * 2  # seven blocks of 256 rows out, seven in
+    assert link_bytes({**rs, "pattern": "ag_gemm", "N": 10240}, 8, 2) == 7 * 256 * 8192 * 2  # shards of x: K wide
+    assert link_bytes({**rs, "pattern": "gemm_ar"}, 8, 2) == 7 * 2048 * 8192 * 2
+    assert link_bytes({**rs, "pattern": "gemm_ar_two_shot"}, 8, 2) == 2 * 7 * 256 * 8192 * 2  # 2(W-1)/W of the output
+    rates = {"d2d": 4e12, "h2d": 5e10, "d2h": 4e10}
+    assert comm_floor("d2d", 10**9, rates) == pytest.approx(1e-3)  # 1 GB in and 1 GB out, each read and written: 4 GB at 4 TB/s
+    assert comm_floor("host", 10**9, rates) == pytest.approx(1 / 40)  # both directions at once: the slower one
+
+
 def synthetic_rank_slice():
     """A rank-slice result as the GPU run writes it, with made-up times (bookkeeping only)."""
     import dataclasses
@@ -191,10 +204,11 @@ def synthetic_rank_slice():
     ]:  # fmt: skip
         m = metrics({k: v * 1e-3 for k, v in t.items()})
         m["ideal_us"] = m.pop("ideal") * 1e6
+        m |= {"comm_floor_us": 0.8 * t["comm"] * 1e3, "comm_sol": 0.8}
         rows.append({"name": name, "pattern": pattern, "regime": regime, "M": 2048, "N": 1, "K": 1, "world_size": 8,
-                     **{f"{k}_us": v * 1e3 for k, v in t.items()}, **m, "auto": pick({s: t[s] for s in ("bulk", "chunked", "fused")})[0]})  # fmt: skip
+                     **{f"{k}_us": v * 1e3 for k, v in t.items()}, **m, "auto": pick({s: [t[s]] for s in ("bulk", "chunked", "fused")})[0]})  # fmt: skip
     config = dataclasses.asdict(rank_slice.Config(world_size=8, models=["llama3-8b"], tokens=[2048]))
-    return {"benchmark": "rank_slice", "envelope": envelope(), "config": config, "rows": rows}
+    return {"benchmark": "rank_slice", "envelope": envelope(), "config": config, "rows": rows, "link_GBps": {"d2d": 3000.0, "h2d": 50.0, "d2h": 51.5}}
 
 
 def test_rank_slice_checks_what_bulk_wrote_and_fails_on_poison_left_there():
@@ -243,7 +257,8 @@ def test_report_checks_the_targets_and_draws_one_plot_per_pattern_and_regime(tmp
     # bulk twice: 1.5/1.49 (0.67%), 2.6/2.61 (0.38%), 4.0/4.1 (2.5%), 1.4/1.43 (2.14%), relative to the faster
     assert ("noise: bulk, timed first and again last on each row, differs from itself by 1.4% at the median, 2.5% at most "
             "(a/tp8/attn-o/m2048 [gemm_rs, host])") in text  # fmt: skip
-    assert "| a/tp8/qkv/m2048 | d2d | 1000 | 400 | 1400 | 1500 | 1450 | 1000 |" in text and text.count("| bulk |") == 1
+    assert "| a/tp8/qkv/m2048 | d2d | 1000 | 400 | 0.80 | 1400 | 1500 | 1450 | 1000 |" in text and text.count("| bulk |") == 1
+    assert "link rates measured in this run: device copy 3000 GB/s read plus written, host to device 50.0, device to host 51.5)" in text
     svgs = sorted(p.name for p in (tmp_path / "out").glob("*.svg"))
     assert svgs == ["rank_slice_ag_gemm_d2d.svg", "rank_slice_gemm_rs_d2d.svg", "rank_slice_gemm_rs_host.svg"]
     root = ET.parse(tmp_path / "out" / "rank_slice_gemm_rs_d2d.svg").getroot()
@@ -393,6 +408,7 @@ def test_rank_slice_writes_its_rows_as_it_goes():
     names = [r["name"] for r in result["rows"]]
     assert len(names) == 2 and seen == [names[:1], names]
     assert not any("failed" in r for r in result["rows"])
+    assert all(0 < r["comm_sol"] < float("inf") for r in result["rows"]) and set(result["link_GBps"]) == {"d2d", "h2d", "d2h"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip on machines without a GPU")

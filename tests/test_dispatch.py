@@ -2,8 +2,12 @@
 ranks. Synthetic timings test the decision logic; real timings test that every rank sees one value."""
 
 import copy
+import dataclasses
 import json
+import os
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +18,8 @@ from interlace.engine.overlap.dispatch import MARGIN, Case, Dispatcher, measure_
 from interlace.models import LlamaForCausalLM, init_weights, tiny
 
 CASE = dict(pattern="gemm_ar", m=64, n=32, k=16, dtype=torch.float32)
-MEASURED = 4  # timings per decision here: bulk, chunked x2 and x4, then bulk again
+LABELS = ("bulk", "chunkedx2", "chunkedx4")  # the candidates here (fused is not timed on CPU)
+MEASURED = dispatch.ROUNDS * len(LABELS)  # timings per decision
 
 
 class Timings:
@@ -23,10 +28,19 @@ class Timings:
     def __init__(self, per_rank):
         self.per_rank, self.calls = per_rank, 0
 
-    def __call__(self, group, case, config):
+    def __call__(self, group, case):
+        return self.time
+
+    def time(self, config):
         self.calls += 1
         label = config.strategy if config.strategy != "chunked" else f"chunkedx{config.chunks}"
-        return max(t[label] for t in self.per_rank)  # what measure_collectively returns: the slowest rank
+        return max(t[label] for t in self.per_rank)  # what measure_collectively's timer returns: the slowest rank
+
+
+def cached(strategy, chunks, why="cached", shots=1, times=None):
+    """A decision this version would serve (it weighed every candidate there is here)."""
+    times = times or dict.fromkeys(LABELS, 1.0)
+    return dispatch.Decision(strategy, chunks, times, why, shots=shots, versions=dispatch.versions())
 
 
 def decide(group, path, timings):
@@ -39,7 +53,7 @@ def test_fastest_wins_and_is_persisted(tmp_path):
     timings = Timings([{"bulk": 1.0, "chunkedx2": 0.7, "chunkedx4": 0.8}, {"bulk": 1.0, "chunkedx2": 0.75, "chunkedx4": 0.6}])
     strategy, chunks, why, text, calls = spawn(decide, 2, "local", args=(tmp_path / "d.json", timings))[0]
     assert (strategy, chunks) == ("chunked", 2)  # slowest-rank times: x2 0.75, x4 0.8
-    assert why.startswith("25% faster than bulk") and "fused not considered: " in why
+    assert why.startswith(f"25% faster than bulk (median of {dispatch.ROUNDS} rounds, faster in each)") and "fused not considered: " in why
     assert "gemm_ar|64x32x16|float32|W2|LocalGroup|cpu" in text and "chunked x2" in text and "chunkedx2 750.000 ms" in text
     fresh = Timings(timings.per_rank)
     again = spawn(decide, 2, "local", args=(tmp_path / "d.json", fresh))
@@ -55,14 +69,14 @@ def test_bulk_stays_unless_clearly_faster(tmp_path):
 
 
 class WarmingUp(Timings):
-    """Bulk, timed first, on a GPU still clocking up: slower than when timed again last."""
+    """Bulk, timed first, on a GPU still clocking up: slower than when timed again."""
 
-    def __call__(self, group, case, config):
+    def time(self, config):
         first_bulk = config.strategy == "bulk" and self.calls == 0
-        return super().__call__(group, case, config) * (1.3 if first_bulk else 1.0)
+        return super().time(config) * (1.3 if first_bulk else 1.0)
 
 
-def test_a_pick_must_beat_bulk_at_its_best(tmp_path):
+def test_a_slow_first_round_does_not_make_a_pick(tmp_path):
     timings = WarmingUp([{"bulk": 1.0, "chunkedx2": 0.99, "chunkedx4": 1.1}])
     strategy, _, why, text, calls = spawn(decide, 1, "local", args=(tmp_path / "d.json", timings))[0]  # one rank: one count
     assert strategy == "bulk" and why.startswith(f"nothing beat bulk by {MARGIN:.0%}") and "bulk 1000.000 ms" in text
@@ -75,7 +89,7 @@ def partly_cached(group, root):
     d = Dispatcher(root / f"r{group.rank}.json", measure=timings)
     case = Case.of(group=group, **CASE)
     if group.rank == 0:
-        d.decisions[case.key()] = dispatch.Decision("bulk", 4, {"bulk": 1.0}, "stale")
+        d.decisions[case.key()] = cached("bulk", 4)
     return d.decide(group, case).strategy, timings.calls
 
 
@@ -88,7 +102,7 @@ def disagreeing_caches(group, root):
     timings = Timings([{"bulk": 1.0, "chunkedx2": 0.9, "chunkedx4": 0.5}])
     d = Dispatcher(root / f"r{group.rank}.json", measure=timings)
     case = Case.of(group=group, **CASE)
-    d.decisions[case.key()] = dispatch.Decision(["bulk", "chunked"][group.rank], 2, {"bulk": 1.0}, "stale")
+    d.decisions[case.key()] = cached(["bulk", "chunked"][group.rank], 2)
     return d.decide(group, case).config(), timings.calls
 
 
@@ -102,7 +116,7 @@ def shots_disagree(group, root):
     timings = Timings([{"bulk": 1.0, "chunkedx2": 0.9, "chunkedx4": 0.5}])
     d = Dispatcher(root / f"r{group.rank}.json", measure=timings)
     case = Case.of(group=group, **CASE)
-    d.decisions[case.key()] = dispatch.Decision("fused", 4, {"bulk": 1.0}, "stale", shots=1 + group.rank)
+    d.decisions[case.key()] = cached("fused", 4, shots=1 + group.rank)
     return d.decide(group, case).config(), timings.calls
 
 
@@ -114,7 +128,8 @@ def test_cached_decisions_differing_in_shots_only_are_measured_again(tmp_path):
 def cached_two_shot(group, path):
     case = Case.of(group=group, **CASE)
     if group.rank == 0:
-        dispatch._store(path, case.key(), dispatch.Decision("fused", 4, {"bulk": 1.0, "fused-two-shot": 0.5}, "50% faster than bulk", shots=2))
+        times = {"bulk": 1.0, "chunkedx2": 0.9, "chunkedx4": 0.8, "fused": 0.6, "fused-two-shot": 0.5}
+        dispatch._store(path, case.key(), cached("fused", 4, "50% faster than bulk", shots=2, times=times))
     group.barrier()
     d = Dispatcher(path, measure=Timings([{}]))  # a measurement would raise: the cached decision must serve
     return d.decide(group, case).config(), d.explain(group, case)
@@ -126,7 +141,8 @@ def cached_two_shot(group, path):
 def test_a_cached_two_shot_decision_configures_two_shot(tmp_path, device):
     for config, text in spawn(cached_two_shot, 2, "local", device=device, args=(tmp_path / "d.json",)):
         assert (config.strategy, config.chunks, config.shots) == ("fused", 4, 2)
-        assert ": fused (two-shot) (50% faster than bulk); measured fused-two-shot 500.000 ms, bulk 1000.000 ms" in text
+        assert (": fused (two-shot) (50% faster than bulk); measured fused-two-shot 500.000 ms, fused 600.000 ms, chunkedx4 800.000 ms, "
+                "chunkedx2 900.000 ms, bulk 1000.000 ms") in text  # fmt: skip
 
 
 def unrunnable_two_shot(group, root):
@@ -135,7 +151,7 @@ def unrunnable_two_shot(group, root):
     timings = Timings([{"bulk": 1.0, "chunkedx2": 0.9, "chunkedx4": 0.5}])
     d = Dispatcher(root / f"r{group.rank}.json", measure=timings)
     case = Case.of(group=group, **CASE)
-    d.decisions[case.key()] = dispatch.Decision("fused", 4, {"bulk": 1.0}, "measured on one node", shots=2)
+    d.decisions[case.key()] = cached("fused", 4, "measured on one node", shots=2)
     return d.decide(group, case).config().strategy, timings.calls
 
 
@@ -144,9 +160,13 @@ def test_a_cached_decision_that_cannot_run_here_is_measured_again(tmp_path):
 
 
 def test_cache_entries_this_version_cannot_read_are_left_out(tmp_path):
+    """Refused at load, not when a call asks: an entry that cannot configure a call would raise on
+    every call, or (held by one node only) on some ranks, leaving the others waiting."""
     path = tmp_path / "d.json"
     newer = {"strategy": "fused", "chunks": 4, "times": {"bulk": 1.0}, "why": "w", "measured": "m", "shots": 2, "added_later": 1}
-    path.write_text(json.dumps({"newer": newer, "older": {"strategy": "bulk"}, "garbled": [1, 2]}))
+    unusable = {"auto": {**newer, "strategy": "auto"}, "no chunks": {**newer, "chunks": 0}, "text chunks": {**newer, "chunks": "2"},
+                "three shots": {**newer, "shots": 3}, "no times": {**newer, "times": None}}  # fmt: skip
+    path.write_text(json.dumps({"newer": newer, "older": {"strategy": "bulk"}, "garbled": [1, 2], **unusable}))
     assert {k: d.config() for k, d in Dispatcher(path).decisions.items()} == {"newer": OverlapConfig(strategy="fused", shots=2)}
 
 
@@ -198,7 +218,7 @@ def test_a_decided_case_is_served_without_the_peers(tmp_path):
 
 
 def real_measurement(group):
-    return measure_collectively(group, Case.of(group=group, **CASE), dispatch.OverlapConfig(strategy="chunked", chunks=2))
+    return measure_collectively(group, Case.of(group=group, **CASE))(dispatch.OverlapConfig(strategy="chunked", chunks=2))
 
 
 @pytest.mark.parametrize("transport", ["local", "gloo"])
@@ -245,3 +265,110 @@ def test_rank_threads_share_one_default_dispatcher(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert len(made) == 8 and len({id(d) for d in made}) == 1
+
+
+def noisy_samples(rng, medians: dict[str, float], noise: float, rounds: int = dispatch.ROUNDS) -> dict[str, list[float]]:
+    """Interleaved rounds: each round drifts all labels alike (``round_drift``), each sample has its own noise."""
+    drift = rng.normal(0, noise, rounds)
+    return {label: list(m * np.exp(drift + rng.normal(0, noise, rounds))) for label, m in medians.items()}
+
+
+def test_noise_alone_hardly_ever_picks_a_strategy_and_a_real_gain_is_picked(seed):
+    """Three candidates exactly as fast as bulk, 5% noise per sample: the fastest of one sample
+    each is one of them three times in four; the rule, which a candidate no faster than bulk
+    passes with odds of at most 1 in 128, picks one in well under 5% of decisions."""
+    rng, trials = np.random.default_rng(seed), 2000
+    same = dict.fromkeys(["bulk", "chunkedx2", "chunkedx4", "fused"], 1.0)
+    picks = [dispatch.pick(noisy_samples(rng, same, 0.05))[0] for _ in range(trials)]
+    assert sum(p != "bulk" for p in picks) < 0.05 * trials
+    single = [min(s, key=s.get) for s in ({k: v[0] for k, v in noisy_samples(rng, same, 0.05).items()} for _ in range(200))]
+    assert sum(p != "bulk" for p in single) > 100, "the noise here would fool a rule on one sample"
+    slower = {"bulk": 1.0, "chunkedx2": 1.03, "chunkedx4": 1.05}
+    assert sum(dispatch.pick(noisy_samples(rng, slower, 0.05))[0] != "bulk" for _ in range(trials)) < 0.005 * trials
+    faster = {"bulk": 1.0, "chunkedx2": 0.85, "chunkedx4": 0.9}
+    picks = [dispatch.pick(noisy_samples(rng, faster, 0.02))[0] for _ in range(trials)]
+    assert sum(p == "chunkedx2" for p in picks) > 0.99 * trials
+
+
+def test_picks_say_why_they_stayed_with_bulk():
+    rounds = dispatch.ROUNDS
+    mostly = {"bulk": [1.0] * rounds, "chunkedx2": [0.5] * (rounds - 1) + [1.5]}
+    assert dispatch.pick(mostly) == ("bulk", f"chunkedx2 was 50% faster at the median but faster in only {rounds - 1} of {rounds} rounds")
+    assert dispatch.pick({"bulk": [1.0] * rounds, "chunkedx2": [0.99] * rounds}) == ("bulk", f"nothing beat bulk by {MARGIN:.0%}")
+    assert dispatch.pick({"bulk": [1.0] * rounds, "chunkedx2": [1.2] * rounds}) == ("bulk", "bulk was fastest")
+    with pytest.raises(ValueError, match=r"bulk must take a positive time to compare against, got 0.0 s"):
+        dispatch.pick({"bulk": [0.0] * rounds, "chunkedx2": [0.0] * rounds})
+
+
+def measured_again(group, path, stale):
+    timings = Timings([{"bulk": 1.0, "chunkedx2": 0.5, "chunkedx4": 0.9}])
+    d = Dispatcher(path, measure=timings)
+    case = Case.of(group=group, **CASE)
+    d.decisions[case.key()] = stale
+    return d.decide(group, case).strategy, timings.calls
+
+
+@pytest.mark.parametrize("stale", ["other versions", "fewer candidates", "current"])
+def test_a_decision_of_other_code_or_fewer_candidates_is_measured_again(tmp_path, stale):
+    decision = {"other versions": dataclasses.replace(cached("bulk", 4), versions="interlace 0.0.1, torch 2.0.0"),
+                "fewer candidates": cached("bulk", 4, times={"bulk": 1.0, "chunkedx2": 1.1}),  # chunked x4 is new
+                "current": cached("bulk", 4)}[stale]  # fmt: skip
+    expected = ("bulk", 0) if stale == "current" else ("chunked", MEASURED)
+    assert spawn(measured_again, 2, "local", args=(tmp_path / "d.json", decision)) == [expected] * 2
+
+
+def one_rank_lacks_a_candidate(group, path):
+    """A process whose settings rule out a candidate (here: rank 1 cannot run chunked x4)."""
+    if group.rank == 1:
+        here = dispatch._candidates_here
+        def without_x4(g, c):
+            configs, why_not = here(g, c)
+            return {k: v for k, v in configs.items() if k != "chunkedx4"}, why_not
+
+        dispatch._candidates_here = without_x4
+    timings = Timings([{"bulk": 1.0, "chunkedx2": 0.8, "chunkedx4": 0.5}])
+    decision = Dispatcher(path, measure=timings).decide(group, Case.of(group=group, **CASE))
+    return decision.label(), decision.why, sorted(decision.times), timings.calls
+
+
+def test_ranks_time_only_the_candidates_every_rank_can_run(tmp_path):
+    results = spawn(one_rank_lacks_a_candidate, 2, "gloo", args=(tmp_path / "d.json",), timeout=60)
+    why = f"20% faster than bulk (median of {dispatch.ROUNDS} rounds, faster in each); fused not considered: "
+    assert [(label, times, calls) for label, _, times, calls in results] == [("chunked x2", ["bulk", "chunkedx2"], 2 * dispatch.ROUNDS)] * 2
+    assert results[0][1] == results[1][1] and results[0][1].startswith(why)
+    assert results[0][1].endswith("; chunkedx4 left out: rank(s) [1] cannot time it")
+
+
+def unwritable_on_rank_1(group, root):
+    (root / "file").write_text("")
+    path = root / ("file/d.json" if group.rank == 1 else f"r{group.rank}.json")  # under a file: cannot be written
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decision = Dispatcher(path, measure=Timings([{"bulk": 1.0, "chunkedx2": 0.5, "chunkedx4": 0.9}])).decide(group, Case.of(group=group, **CASE))
+    group.barrier()  # both ranks are still in step
+    return decision.strategy, [str(w.message) for w in caught]
+
+
+def test_a_cache_that_cannot_be_written_is_said_and_the_ranks_go_on_together(tmp_path):
+    (a, said_a), (b, said_b) = spawn(unwritable_on_rank_1, 2, "gloo", args=(tmp_path,), timeout=60)
+    assert a == b == "chunked" and said_a == []
+    assert len(said_b) == 1 and said_b[0].startswith(f"interlace: the dispatch cache {tmp_path}/file/d.json could not be written (")
+    assert said_b[0].endswith("gemm_ar|64x32x16|float32|W2|DistGroup/gloo|cpu" + str(os.cpu_count()) + "|checked is decided for this process only")
+
+
+def inputs_fail_on_rank_1(group):
+    if group.rank == 1:
+        def out_of_memory(g, c):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+        dispatch._call_of = out_of_memory
+    try:
+        measure_collectively(group, Case.of(group=group, **CASE))
+    except RuntimeError as error:
+        return str(error)
+
+
+def test_a_rank_that_cannot_make_the_inputs_fails_every_rank_at_once():
+    what = "making the inputs to time gemm_ar|64x32x16|float32|W2|DistGroup/gloo|cpu" + str(os.cpu_count()) + "|checked failed on rank(s) [1]"
+    assert spawn(inputs_fail_on_rank_1, 2, "gloo", timeout=30) == [
+        f"rank 0: {what}", f"rank 1: {what}: OutOfMemoryError: CUDA out of memory. Tried to allocate 4.00 GiB"]

@@ -116,6 +116,18 @@ class StandInNVML:
     def nvmlDeviceGetP2PStatus(self, a, b, index):
         return 0 if 2 not in (a, b) else 2
 
+    def nvmlDeviceGetClockInfo(self, h, clock): return {1: 345, 2: 2619}[clock]  # NVML_CLOCK_SM, NVML_CLOCK_MEM; idle
+    def nvmlDeviceGetMaxClockInfo(self, h, clock): return {1: 1980, 2: 2619}[clock]
+    def nvmlDeviceGetPowerManagementLimit(self, h): return 700_000  # mW
+    def nvmlDeviceGetTemperature(self, h, sensor): return 31 + h
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h):
+        if h == 2:  # an older driver: the name the bindings had before
+            raise AttributeError("nvmlDeviceGetCurrentClocksEventReasons")
+        return 1  # GPU idle
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, h): return 4  # the SW power cap
+
 
 def test_topology_counts_nvlinks_per_peer_and_labels_paths():
     topo = probe(StandInNVML())
@@ -127,6 +139,22 @@ def test_topology_counts_nvlinks_per_peer_and_labels_paths():
     assert topo.matrix() == [["X", "NV18", "SYS"], ["NV18", "X", "SYS"], ["SYS", "SYS", "X"]]
     link = next(l for l in topo.links if (l.a, l.b) == (0, 2))
     assert not link.p2p_read and not link.p2p_nvlink
+    assert topo.gpus[0].state == {"sm_clock_mhz": 345, "sm_clock_max_mhz": 1980, "mem_clock_mhz": 2619, "mem_clock_max_mhz": 2619,
+                                  "power_limit_w": 700, "temperature_c": 31, "clock_event_reasons": 1}  # fmt: skip
+    assert topo.gpus[2].state["clock_event_reasons"] == 4 and topo.gpus[2].state["temperature_c"] == 33
+
+
+def test_what_the_driver_does_not_say_about_a_card_is_none():
+    class Older(StandInNVML):
+        def nvmlDeviceGetPowerManagementLimit(self, h):
+            raise self.NVMLError("Not Supported")
+
+        def nvmlDeviceGetClockInfo(self, h, clock):
+            raise self.NVMLError("Not Supported")
+
+    state = probe(Older()).gpus[0].state
+    assert state["power_limit_w"] is None and state["sm_clock_mhz"] is None and state["mem_clock_mhz"] is None
+    assert state["sm_clock_max_mhz"] == 1980 and state["temperature_c"] == 31
 
 
 def test_topology_without_driver_reports_instead_of_raising():

@@ -3,6 +3,7 @@ and processes sharing memory (SymmetricGroup), under the Triton interpreter. Sev
 the same workspace with fresh rank-dependent inputs, against float64; the flags exactly."""
 
 import dataclasses
+import os
 import re
 import time
 
@@ -537,6 +538,9 @@ def test_fused_says_why_it_cannot_run_or_be_timed():
     class FakeDist:  # what fused_unavailable reads off a DistGroup, on the device Triton runs on here
         world_size, rank, device = 4, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+        def memory_not_shared(self):
+            return "the ranks run on 2 hosts"
+
     class CpuDist(FakeDist):
         device = torch.device("cpu")
 
@@ -546,9 +550,38 @@ def test_fused_says_why_it_cannot_run_or_be_timed():
         assert fused_unavailable(FakeDist(), "gemm_ar", timing=True) is None
         assert "the group's tensors are on cpu: Triton runs kernels on a CUDA GPU (TRITON_INTERPRET=1" in fused_unavailable(CpuDist(), "gemm_ar")
     for pattern in ("ag_gemm", "gemm_rs"):
-        expected = f"fused {pattern} needs memory shared by every rank: FakeDist ranks may span nodes (LOCAL_WORLD_SIZE=unset, world 4)"
+        expected = f"fused {pattern} needs memory shared by every rank: the ranks run on 2 hosts"
         assert fused_unavailable(FakeDist(), pattern) == expected
     assert fused_unavailable(FakeDist(), "gemm_ar") is None  # the group's own all-reduce per chunk
+
+
+def sharing(group, local_world_sizes, host_names):
+    """A DistGroup made with these ``LOCAL_WORLD_SIZE`` values and host identities, one per rank."""
+    from interlace.engine.comm import dist_group
+    from interlace.engine.overlap.dispatch import topology
+
+    os.environ.pop("LOCAL_WORLD_SIZE", None)
+    if local_world_sizes[group.rank] is not None:
+        os.environ["LOCAL_WORLD_SIZE"] = str(local_world_sizes[group.rank])
+    if host_names is not None:
+        dist_group.host_identity = lambda: host_names[group.rank]
+    made = dist_group.DistGroup(group.pg)
+    try:
+        return made.memory_not_shared(), made.hosts, topology(made)
+    finally:
+        made.close()
+
+
+@pytest.mark.parametrize("local,hosts,expected", [
+    ((None, None), None, "LOCAL_WORLD_SIZE is unset on rank(s) [0, 1] (torchrun sets it): ranks may span hosts"),
+    ((2, None), None, "LOCAL_WORLD_SIZE is unset on rank(s) [1] (torchrun sets it): ranks may span hosts"),  # agreed, not rank 0's alone
+    ((2, 2), ("a", "b"), "the ranks run on 2 hosts"),
+    ((4, 4), None, None),  # a group of 2 of a host's 4 processes
+])  # fmt: skip
+def test_a_dist_group_agrees_whether_its_ranks_share_memory(local, hosts, expected):
+    results = spawn(sharing, 2, "gloo", args=(local, hosts), timeout=60)
+    suffix = "/2hosts" if hosts else ""
+    assert results == [(expected, 2 if hosts else 1, f"cpu{os.cpu_count()}{suffix}")] * 2
 
 
 NOT_INTERPRETED = """
@@ -628,7 +661,7 @@ def fused_across_nodes(group, seed):
     with pytest.raises(RuntimeError, match=r"rank \d: overlap='fused' cannot run here: fused ag_gemm needs memory shared"):
         all_gather_matmul(x[group.rank], weight, group, fused)
     with pytest.raises(RuntimeError, match=r"rank \d: overlap='fused' cannot run here: two-shot fused gemm_ar needs memory shared "
-                       r"by every rank: DistGroup ranks may span nodes .*whose algorithm the transport picks \(use shots=1\)"):
+                       r"by every rank: LOCAL_WORLD_SIZE is unset on rank\(s\) \[0, 1\] .*whose algorithm the transport picks \(use shots=1\)"):
         matmul_all_reduce(x[group.rank], weight[group.rank], group, dataclasses.replace(fused, shots=2))
     close_workspaces(group)
     return True

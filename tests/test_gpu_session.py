@@ -274,3 +274,28 @@ def test_a_failure_is_reported_before_a_later_crash_ends_pytest(tmp_path, eager)
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 9, done.stdout[-2000:] + done.stderr[-2000:]
     assert ("===== FAILED test_x.py::test_fails (call)" in done.stdout and "the cause" in done.stdout) == eager
+
+
+def test_a_step_printing_bytes_that_are_not_utf8_and_the_next_step_run(tmp_path):
+    odd = "import sys; sys.stdout.buffer.write(bytes([99, 97, 102, 0xe9, 32, 0xff, 10]))"
+    steps = [Step("odd", [PY, "-c", odd], limit=30), Step("after", [PY, "-c", "print('after ran')"], limit=30)]
+    odd_out, after = gpu_session.run_plan(steps, tmp_path, budget=60, reserve=0)
+    assert odd_out.rc == 0 and odd_out.tail == ["caf\ufffd \ufffd"] and after.tail == ["after ran"]
+
+
+def test_a_failed_test_step_names_the_last_test_it_started(tmp_path):
+    hung = "print('tests/test_a.py::test_one PASSED'); print('tests/test_a.py::test_two ', flush=True); [print('frame', i) for i in range(20)]; raise SystemExit(1)"
+    (done,) = gpu_session.run_plan([Step("test-a", [PY, "-c", hung], limit=30)], tmp_path, budget=60, reserve=0)
+    assert done.rc == 1 and done.tail[-1] == "last test started: tests/test_a.py::test_two "
+
+
+def test_compiled_kernels_that_would_not_come_back_are_packed_fewer(tmp_path):
+    cache, archive = tmp_path / "cache", tmp_path / "c.tar.gz"
+    for age in range(4):  # random bytes: incompressible, 40 kB an entry
+        (cache / f"e{age}").mkdir(parents=True)
+        (cache / f"e{age}" / "k.cubin").write_bytes(os.urandom(40_000))
+        os.utime(cache / f"e{age}" / "k.cubin", (1e9 - age, 1e9 - age))
+    said = gpu_session.pack_cache(cache, archive, fetch_limit=100_000)
+    assert said.startswith("compiled kernels packed: 2 of 4 new cache entries") and archive.stat().st_size <= 100_000
+    with tarfile.open(archive) as tar:  # the newest
+        assert sorted(m.name for m in tar.getmembers()) == ["e0/k.cubin", "e1/k.cubin"]

@@ -49,7 +49,8 @@ REPO = Path(__file__).resolve().parents[1]
 PY = ".venv/bin/python"
 # -v: each test named as it starts (a killed run's log ends at the one that hung); a stuck test dumps
 # every thread's stack; failures reported as they happen (tests/conftest.py), not only at the end
-PYTEST = [PY, "-m", "pytest", "-v", "-o", "timeout_method=thread"]
+# --tb=short: session.log comes back whole only under 16 MiB, even when hundreds of tests fail
+PYTEST = [PY, "-m", "pytest", "-v", "--tb=short", "-o", "timeout_method=thread"]
 LEAST = 30.0  # seconds a step needs at least to be worth starting
 FIRST = ("test_symmetric.py", "test_gemm.py", "test_reduce.py", "test_fused.py")  # run alone, in this order, before the rest
 CONFORMANCE = "test_comm_conformance.py"
@@ -83,7 +84,7 @@ def plans(results: str) -> dict[str, list[Step]]:
     # INTERLACE_CUDA=ON: a build that finds no nvcc fails here, instead of a CPU-only extension failing
     # every test later. No network: pip gives up at once instead of retrying for minutes.
     offline = {"PIP_RETRIES": "0", "PIP_TIMEOUT": "5", "PIP_NO_INPUT": "1"}
-    setup = [Step("setup", ["env", "INTERLACE_CUDA=ON", "python3", "tools/bootstrap.py", "--venv", ".venv"], 300,
+    setup = [Step("setup", ["env", "INTERLACE_CUDA=ON", sys.executable, "tools/bootstrap.py", "--venv", ".venv"], 300,
                   required=True, defaults=offline),  # what `make` runs (the box may have no make)
              # Without a usable GPU every GPU test skips and every benchmark writes "skipped": stop instead.
              Step("env", [PY, "-m", "interlace", "env", "--require-gpu", "--out", f"{out}/env.json"], 60, required=True)]  # fmt: skip
@@ -197,16 +198,20 @@ def run_step(step: Step, limit: float, log_path: Path) -> Outcome:
         except subprocess.TimeoutExpired:
             outcome.timed_out = True
             _kill_group(proc)
-        except BaseException:  # this script is being stopped (Stopped, KeyboardInterrupt): the step goes too
-            _kill_group(proc)
+        except BaseException:  # this script is being stopped (Stopped, KeyboardInterrupt): the step goes too,
+            _kill_group(proc, (1.0, 5.0))  # soon, so that what was done is packed before a SIGKILL may follow
             raise
         outcome.rc, outcome.seconds = proc.returncode, round(time.monotonic() - start, 1)
         _kill_group(proc, (0.0,))  # what it left running (a rank process, say) goes with it; no second wait
         if outcome.timed_out:
             log.write(f"\n===== {step.name}: killed after {limit:.0f} s\n")
-    with open(log_path) as log:
+    with open(log_path, encoding="utf-8", errors="replace") as log:  # a compiler's or driver's stray byte must not end the session
         log.seek(begin)
-        outcome.tail = log.read().splitlines()[-8:]
+        lines = log.read().splitlines()
+    outcome.tail = lines[-8:]
+    started = [line for line in lines if STARTED_TEST.match(line)]  # pytest -v names each test as it starts
+    if (outcome.rc != 0 or outcome.timed_out) and started and started[-1] not in outcome.tail:
+        outcome.tail.append(f"last test started: {started[-1]}")
     if junit is not None and not junit.exists():
         outcome.tail.append("no JUnit XML: pytest did not finish (a test's --timeout or the step's limit killed it, or it "
                             "could not start); see session.log")  # fmt: skip
@@ -214,6 +219,7 @@ def run_step(step: Step, limit: float, log_path: Path) -> Outcome:
 
 
 KILL_GRACE = (5, 30)  # seconds after SIGTERM, then after SIGKILL
+STARTED_TEST = re.compile(r"^tests/\S+::")
 
 
 class Stopped(Exception):
@@ -260,6 +266,8 @@ def run_plan(steps: list[Step], out: Path, budget: float, reserve: float = sum(K
                 stop = f"the session was {error or 'interrupted'}"
                 _write_summary(out, outcomes)
                 continue
+            except Exception as error:  # this script's own failure around the step: said, and the next step still runs
+                outcomes.append(Outcome(step.name, " ".join(step.argv), rc=1, tail=[f"the session failed around this step: {error!r}"]))
             print(f"{step.name:>18}: {_verdict(outcomes[-1])} in {outcomes[-1].seconds:.0f} s", file=sys.stderr, flush=True)
             if step.required and outcomes[-1].rc != 0:
                 stop = f"{step.name} failed"
@@ -290,30 +298,37 @@ def pack(results: Path, archive: Path, root: Path = REPO) -> None:
 
 
 CACHE_LIMIT = 48 << 20  # bytes of compiled kernels worth bringing back: a call's carry takes 64 MiB in all
+FETCH_LIMIT = 15 << 20  # bytes of one file back from $OUT: one over 16 MiB does not come back
 # What a Triton cache hit reads (3.6: the metadata and group index, the binary; the launchers): the
 # IRs and PTX, most of an entry's bytes, are left behind. A hit skips the files an index names but lacks.
 HIT_SUFFIXES = (".json", ".cubin", ".so")
 
 
-def pack_cache(cache: Path, archive: Path, since: float = 0.0, limit: int = CACHE_LIMIT) -> str:
+def pack_cache(cache: Path, archive: Path, since: float = 0.0, limit: int = CACHE_LIMIT, fetch_limit: int = FETCH_LIMIT) -> str:
     """The kernels compiled into ``cache`` since ``since`` (a time.time()), as a gzipped tar to
     unpack into ``.triton-cache`` here, beside those carried before: the files a cache hit reads,
-    whole cache entries (folders), newest first while they fit in ``limit`` bytes. What was done,
+    whole cache entries (folders), newest first while they fit in ``limit`` bytes, and fewer while
+    the archive exceeds ``fetch_limit`` (a larger file would not come back at all). What was done,
     in words."""
     entries: dict[Path, list[Path]] = {}
     for f in cache.rglob("*") if cache.is_dir() else []:
         if f.is_file() and f.suffix in HIT_SUFFIXES and f.stat().st_mtime >= since:
             entries.setdefault(f.parent, []).append(f)
-    packed, size = [], 0
-    for files in sorted(entries.values(), key=lambda fs: max(f.stat().st_mtime for f in fs), reverse=True):
-        if size + (more := sum(f.stat().st_size for f in files)) <= limit:
-            packed, size = packed + files, size + more
-    if not packed:
-        return f"compiled kernels not packed: {len(entries)} new cache entries, none within {limit >> 20} MiB"
+    newest = sorted(entries.values(), key=lambda fs: max(f.stat().st_mtime for f in fs), reverse=True)
     partial = archive.with_name(archive.name + ".partial")
-    with tarfile.open(partial, "w:gz") as tar:
-        for f in packed:
-            tar.add(f, arcname=str(f.relative_to(cache)))
+    while True:
+        packed, size = [], 0
+        for files in newest:
+            if size + (more := sum(f.stat().st_size for f in files)) <= limit:
+                packed, size = packed + files, size + more
+        if not packed:
+            return f"compiled kernels not packed: {len(entries)} new cache entries, none within {limit >> 20} MiB"
+        with tarfile.open(partial, "w:gz", compresslevel=6) as tar:  # 9, tarfile's default, takes 4x as long for 2% less
+            for f in packed:
+                tar.add(f, arcname=str(f.relative_to(cache)))
+        if (packed_bytes := partial.stat().st_size) <= fetch_limit:
+            break
+        limit = int(size * fetch_limit / packed_bytes * 0.9)
     os.replace(partial, archive)
     count = len({f.parent for f in packed})
     return f"compiled kernels packed: {count} of {len(entries)} new cache entries, {size >> 20} MiB, in {archive.name}"

@@ -2,7 +2,9 @@
 
 Works under ``torchrun`` on one node or many (``DistGroup.init()``), or around an existing
 process group. Construction is collective: it creates a small gloo *control* group used for
-host barriers and for the checks below.
+host barriers and for the checks below, and agrees on whether the ranks share memory (all on one
+host, each started as one of that host's processes, with ``LOCAL_WORLD_SIZE`` set as torchrun
+sets it): every rank then makes the same fused operators.
 
 ``check=True`` (the default) makes every call safe to get wrong. Before the data moves, ranks
 exchange a 12-integer signature on the control group; a mismatch raises
@@ -23,9 +25,11 @@ process group's timeout; the host-side signature exchange catches a missing rank
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections import Counter
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -63,6 +67,7 @@ class DistGroup(Group):
             self._global, backend="gloo", timeout=timedelta(seconds=timeout), use_local_synchronization=True
         )
         self._host_waits = not on_gpu
+        self.hosts, self._unshared = _agree_on_hosts(self._ctl, self.world_size)
         prefix = f"interlace/{self._ctl.group_name}/"
         self._store = dist.PrefixStore(prefix, store) if store is not None else None
         self._seq = 0
@@ -80,6 +85,9 @@ class DistGroup(Group):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
         return cls(store=_default_store(), timeout=timeout, check=check)
+
+    def memory_not_shared(self) -> str | None:
+        return self._unshared
 
     def close(self) -> None:
         """Destroy the control group (collective). The data process group stays the caller's."""
@@ -195,6 +203,27 @@ class DistGroup(Group):
             if r != self.rank and (not self._store.check([key]) or int(self._store.get(key)) < self._seq):
                 behind.append(r)
         return behind
+
+
+def host_identity() -> str:
+    """This machine: its host name and the boot of its kernel (one per machine, or VM, and boot)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = "unknown boot"
+    return f"{socket.gethostname()}/{boot}"
+
+
+def _agree_on_hosts(ctl: dist.ProcessGroup, world_size: int) -> tuple[int, str | None]:
+    """Collective on ``ctl``: how many hosts the ranks run on, and why they may not share memory
+    (None when they do: one host, every rank started with ``LOCAL_WORLD_SIZE`` set)."""
+    everyone: list = [None] * world_size
+    dist.all_gather_object(everyone, (os.environ.get("LOCAL_WORLD_SIZE"), host_identity()), group=ctl)
+    hosts = len({host for _, host in everyone})
+    unset = [r for r, (local, _) in enumerate(everyone) if not local]
+    if unset:
+        return hosts, f"LOCAL_WORLD_SIZE is unset on rank(s) {unset} (torchrun sets it): ranks may span hosts"
+    return hosts, None if hosts == 1 else f"the ranks run on {hosts} hosts"
 
 
 class _DistWork(Work):

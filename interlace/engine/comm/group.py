@@ -52,6 +52,11 @@ class Group(ABC):
         (LocalGroup: a rank thread that raised); else None."""
         return None
 
+    def memory_not_shared(self) -> str | None:
+        """Why this group's ranks may not share memory (fused AG+GEMM, GEMM+RS and two-shot GEMM+AR
+        need it), or None where they do. The same answer on every rank."""
+        return f"a {type(self).__name__} does not say whether its ranks share memory"
+
     def all_gather(self, x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """Concatenate every rank's ``x`` [n, ...] along dim 0 in rank order: [W*n, ...]."""
         return self.all_gather_async(x, out=out).wait()

@@ -191,6 +191,9 @@ class LocalGroup(Group):
         with self._hub.lock:
             return next((f"rank {r} {why}" for r, why in self._hub.failed.items() if r != self.rank), None)
 
+    def memory_not_shared(self) -> None:
+        return None  # one process
+
     def share(self, obj: Any) -> list[Any]:
         """Collective, in-process: every rank's ``obj`` (the same Python objects), in rank order.
         Ranks of one LocalGroup share an address space: this is how they share memory."""

@@ -65,6 +65,9 @@ class SymmetricGroup(Group):
         self._lanes: dict[tuple, tuple[queue.SimpleQueue, threading.Thread]] = {}
         self._lock = threading.Lock()
 
+    def memory_not_shared(self) -> None:
+        return None  # its buffers are mapped by every rank
+
     def close(self) -> None:
         """Collective: drain the lanes (their queued calls finish), then release the buffers."""
         with self._lock:

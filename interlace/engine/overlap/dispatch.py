@@ -2,23 +2,31 @@
 
 Per case (pattern, per-rank GEMM shape, dtype, world size, transport, topology, and whether
 fused calls are checked: a checked call blocks the host until it is done) every rank times
-every available candidate in lockstep and the slowest rank's time counts, so all ranks decide the
-same. The fastest wins, but bulk stays unless another is at least ``MARGIN`` faster: the choice is
-never slower than bulk as measured. Decisions are cached in memory and on disk
-(``$INTERLACE_DISPATCH_CACHE``, default ``~/.cache/interlace/dispatch.json``); a cached decision
-is used only when every rank holds the same one (else all measure again), so ranks never diverge;
-that agreement is collective once per group and case, then remembered: later calls cost nothing,
-and may be captured in a CUDA graph. ``explain()`` says what a call will use and why, including
-why fused was left out.
+every candidate the ranks agree can run, in lockstep, and the slowest rank's time counts, so all
+ranks decide the same. Candidates are timed in ``ROUNDS`` interleaved rounds (a drift of the
+clocks or of other work touches them all alike): one replaces bulk only when its median beats
+bulk's by ``MARGIN`` and it was faster than bulk in every round, so noise alone hardly ever
+picks a strategy that is not faster (``pick``). Decisions are cached in memory and on disk
+(``$INTERLACE_DISPATCH_CACHE``, default ``~/.cache/interlace/dispatch.json``). A cached decision
+serves when it was made by these versions, weighed every candidate there is now, can run here,
+and every rank holds the same one (else all measure again), so ranks never diverge; that
+agreement is collective once per group and case, then remembered: later calls cost nothing, and
+may be captured in a CUDA graph. ``decide()`` and ``explain()`` are collective on a case's first
+use in a group. ``explain()`` says what a call will use and why, including why fused was left out.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
+import importlib.metadata
 import json
 import os
+import statistics
+import tempfile
 import threading
 import time
+import warnings
 import weakref
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -27,12 +35,16 @@ from typing import Callable
 import torch
 
 from interlace.engine.comm import Group
+from interlace.engine.comm.symmetric import all_or_none
 from interlace.engine.device import drain_within
 
 from .config import OverlapConfig
 
 MARGIN = 0.02
+# A candidate no faster than bulk is faster in all of 7 interleaved rounds with odds of 1 in 128
+ROUNDS = 7
 PATTERNS = ("ag_gemm", "gemm_rs", "gemm_ar")
+LABELS = ("bulk", "chunked", "chunkedx2", "chunkedx4", "fused", "fused-two-shot")  # every candidate, in one order
 
 
 @dataclass(frozen=True)
@@ -58,7 +70,7 @@ class Case:
     @classmethod
     def of(cls, pattern: str, group: Group, m: int, n: int, k: int, dtype: torch.dtype, checked: bool = True) -> Case:
         transport = type(group).__name__ + (f"/{group.backend}" if hasattr(group, "backend") else "")
-        return cls(pattern, m, n, k, str(dtype).removeprefix("torch."), group.world_size, transport, topology(group.device), checked)
+        return cls(pattern, m, n, k, str(dtype).removeprefix("torch."), group.world_size, transport, topology(group), checked)
 
 
 @dataclass
@@ -69,6 +81,12 @@ class Decision:
     why: str
     measured: str = field(default_factory=lambda: datetime.datetime.now().isoformat(timespec="seconds"))
     shots: int = 1  # fused GEMM+AR: one-shot or two-shot (decisions cached before it existed are one-shot)
+    versions: str = ""  # what measured it (``versions()``): a decision of other code is measured again
+
+    def __post_init__(self):  # a cache entry is checked here: one that cannot configure a call is refused at load
+        chunks_ok = isinstance(self.chunks, int) and not isinstance(self.chunks, bool) and self.chunks >= 1
+        if self.strategy not in ("bulk", "chunked", "fused") or not chunks_ok or self.shots not in (1, 2) or not isinstance(self.times, dict):
+            raise ValueError(f"not a decision: strategy {self.strategy!r}, chunks {self.chunks!r}, shots {self.shots!r}, times {self.times!r}")
 
     def config(self) -> OverlapConfig:
         return OverlapConfig(strategy=self.strategy, chunks=self.chunks, shots=self.shots)
@@ -77,14 +95,16 @@ class Decision:
         return self.strategy + {"chunked": f" x{self.chunks}", "fused": " (two-shot)" if self.shots == 2 else ""}.get(self.strategy, "")
 
 
-Measure = Callable[[Group, Case, OverlapConfig], float]
+# A timer for a case: made once per decision (its inputs allocated), then called for every
+# candidate in every round, returning seconds per call (the slowest rank's, the same on every rank).
+Measure = Callable[[Group, "Case"], Callable[[OverlapConfig], float]]
 
 
 class Dispatcher:
-    def __init__(self, path: str | Path | None = None, measure: Measure | None = None):
+    def __init__(self, path: str | Path | None = None, measure: Measure | None = None, rounds: int = ROUNDS):
         default = os.environ.get("INTERLACE_DISPATCH_CACHE", str(Path.home() / ".cache" / "interlace" / "dispatch.json"))
         self.path = Path(path if path is not None else default)
-        self.measure = measure or measure_collectively
+        self.measure, self.rounds = measure or measure_collectively, rounds
         self.decisions: dict[str, Decision] = _load(self.path)
         self._agreed: weakref.WeakKeyDictionary[Group, dict[str, Decision]] = weakref.WeakKeyDictionary()
 
@@ -99,47 +119,81 @@ class Dispatcher:
         if group.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"rank {group.rank}: overlap='auto' decides {case.key()} collectively on its first call "
                                "(it may measure): make that call once before capturing a CUDA graph")  # fmt: skip
-        cached = _runnable(group, case, self.decisions.get(case.key()))
+        candidates, left_out = candidates_for(group, case)
+        cached = _usable(group, case, self.decisions.get(case.key()), candidates)
         if not _agreed(group, cached):
-            cached = self._measure(group, case)
+            cached = self._measure(group, case, candidates, left_out)
             self.decisions[case.key()] = cached
             _store(self.path, case.key(), cached)
         agreed[case.key()] = cached
         return cached
 
     def explain(self, group: Group, case: Case) -> str:
+        """What calls of ``case`` use, and why. Collective while the case is undecided in ``group``."""
         d = self.decide(group, case)
         times = ", ".join(f"{label} {t * 1e3:.3f} ms" for label, t in sorted(d.times.items(), key=lambda kv: kv[1]))
         return f"{case.key()}: {d.label()} ({d.why}); measured {times} on {d.measured}; cache {self.path}"
 
-    def _measure(self, group: Group, case: Case) -> Decision:
-        candidates, excluded = candidates_for(group, case)
-        times = {label: self.measure(group, case, config) for label, config in candidates.items()}
-        # bulk again, last: the first run may meet a GPU still clocking up; the faster counts, so that
-        # a pick must beat bulk at its best
-        times["bulk"] = min(times["bulk"], self.measure(group, case, candidates["bulk"]))
-        label, why = pick(times)
-        if excluded:
-            why += f"; fused not considered: {excluded}"
-        chosen = candidates[label]
-        return Decision(chosen.strategy, chosen.chunks, times, why, shots=chosen.shots)
+    def _measure(self, group: Group, case: Case, candidates: dict[str, OverlapConfig], left_out: str | None) -> Decision:
+        timer = self.measure(group, case)
+        samples: dict[str, list[float]] = {label: [] for label in candidates}
+        for _ in range(self.rounds):
+            for label, config in candidates.items():
+                samples[label].append(timer(config))
+        label, why = pick(samples)
+        if left_out:
+            why += f"; {left_out}"
+        chosen, times = candidates[label], {label: statistics.median(s) for label, s in samples.items()}
+        return Decision(chosen.strategy, chosen.chunks, times, why, shots=chosen.shots, versions=versions())
 
 
-def pick(times: dict[str, float]) -> tuple[str, str]:
-    """The label to use among measured ``times`` (seconds; ``bulk`` among them), and why: the
-    fastest, unless it beats bulk by less than ``MARGIN`` (then bulk)."""
-    bulk = times["bulk"]
-    label = min(times, key=times.get)
-    if times[label] > bulk * (1 - MARGIN):
-        return "bulk", f"nothing beat bulk by {MARGIN:.0%}" if label != "bulk" else "bulk was fastest"
-    return label, f"{(1 - times[label] / bulk):.0%} faster than bulk"
+def pick(samples: dict[str, list[float]]) -> tuple[str, str]:
+    """The label to use among timed ``samples`` (seconds per call, one per interleaved round;
+    ``bulk`` among them), and why: of the candidates faster than bulk in every round and by at
+    least ``MARGIN`` at the median, the fastest at the median; else bulk."""
+    bulk, rounds = samples["bulk"], len(samples["bulk"])
+    median = {label: statistics.median(s) for label, s in samples.items()}
+    if not median["bulk"] > 0:
+        raise ValueError(f"bulk must take a positive time to compare against, got {median['bulk']} s")
+
+    def gain(label: str) -> float:
+        return 1 - median[label] / median["bulk"]
+
+    def faster_in(label: str) -> int:
+        return sum(t < b for t, b in zip(samples[label], bulk))
+
+    winners = [label for label in samples if label != "bulk" and gain(label) >= MARGIN and faster_in(label) == rounds]
+    if winners:
+        label = min(winners, key=median.get)
+        return label, f"{gain(label):.0%} faster than bulk (median of {rounds} rounds, faster in each)"
+    best = min(samples, key=median.get)
+    if best == "bulk":
+        return "bulk", "bulk was fastest"
+    if gain(best) < MARGIN:
+        return "bulk", f"nothing beat bulk by {MARGIN:.0%}"
+    return "bulk", f"{best} was {gain(best):.0%} faster at the median but faster in only {faster_in(best)} of {rounds} rounds"
 
 
-def _runnable(group: Group, case: Case, decision: Decision | None) -> Decision | None:
-    """``decision``, or None when it is fused and cannot run on ``group`` (a cache shared between
-    machines, or a key that does not say whether ranks share memory): it is measured again. Alike
-    on every rank: it depends on the group only."""
-    if decision is None or decision.strategy != "fused":
+@functools.lru_cache(maxsize=None)
+def versions() -> str:
+    """What a decision depends on besides its case: the code that was timed."""
+    from interlace import __version__
+
+    parts = [f"interlace {__version__}", f"torch {torch.__version__}"]
+    try:
+        parts.append(f"triton {importlib.metadata.version('triton')}")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return ", ".join(parts)
+
+
+def _usable(group: Group, case: Case, decision: Decision | None, candidates: dict[str, OverlapConfig]) -> Decision | None:
+    """``decision`` if it holds here, else None (it is measured again): made by these versions,
+    having weighed every candidate there is now (one that became available is timed), and able to
+    run on ``group`` (fused, from a cache shared between machines, may not)."""
+    if decision is None or decision.versions != versions() or not set(candidates) <= set(decision.times):
+        return None
+    if decision.strategy != "fused":
         return decision
     from .fused import fused_unavailable
 
@@ -155,7 +209,22 @@ def _agreed(group: Group, decision: Decision | None) -> bool:
 
 
 def candidates_for(group: Group, case: Case) -> tuple[dict[str, OverlapConfig], str | None]:
-    """Strategies to time (label -> config), and why fused is not among them (or None)."""
+    """Strategies to time (label -> config), and what was left out and why (or None). Collective:
+    only what every rank can run (that may hang on a process's own settings, such as the Triton
+    interpreter): ranks timing different candidates would pair different collectives."""
+    configs, why_not = _candidates_here(group, case)
+    notes = [f"fused not considered: {why_not}"] if why_not else []
+    mine = torch.tensor([[label in configs for label in LABELS]], dtype=torch.uint8, device=group.device)
+    everyone = group.all_gather(mine).tolist()
+    for i, label in enumerate(LABELS):
+        lacking = [r for r, row in enumerate(everyone) if not row[i]]
+        if 0 < len(lacking) < group.world_size:  # said alike on every rank, whether it lacks it or not
+            configs.pop(label, None)
+            notes.append(f"{label} left out: rank(s) {lacking} cannot time it")
+    return configs, "; ".join(notes) or None
+
+
+def _candidates_here(group: Group, case: Case) -> tuple[dict[str, OverlapConfig], str | None]:
     configs = {"bulk": OverlapConfig(strategy="bulk")}
     chunk_counts = [0] if case.pattern == "ag_gemm" else [2, 4]  # AG's chunked is a ring: one chunk per rank
     for c in chunk_counts:
@@ -172,8 +241,44 @@ def candidates_for(group: Group, case: Case) -> tuple[dict[str, OverlapConfig], 
     return configs, why_not
 
 
-def measure_collectively(group: Group, case: Case, config: OverlapConfig, iters: int = 5) -> float:
-    """Seconds per call of ``case`` under ``config``: every rank times it, the slowest counts."""
+def measure_collectively(group: Group, case: Case, iters: int = 5) -> Callable[[OverlapConfig], float]:
+    """A timer for ``case``: its inputs made once (a rank that cannot make them, out of memory
+    say, fails every rank at once instead of leaving its peers waiting), then seconds per call
+    under a config: every rank times ``iters`` calls after one untimed call, the slowest counts."""
+    failure = None
+    try:
+        call = _call_of(group, case)
+    except (RuntimeError, MemoryError) as error:
+        failure = f"{type(error).__name__}: {error}"
+    all_or_none(group, failure, f"making the inputs to time {case.key()}")
+    dev = group.device
+
+    def timer(config: OverlapConfig) -> float:
+        call(config)
+        drain_within(dev, group.timeout, f"rank {group.rank}: warming up {config.strategy} for {case.key()}")
+        group.barrier()
+        stream = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
+        first = stream.record_event(torch.cuda.Event(enable_timing=True)) if stream else None
+        start = None if stream else time.perf_counter()
+        for _ in range(iters):
+            call(config)
+        last = stream.record_event(torch.cuda.Event(enable_timing=True)) if stream else None
+        drain_within(dev, group.timeout, f"rank {group.rank}: timing {config.strategy} for {case.key()}")
+        # on a GPU, its own clock: the host notices the end by polling, late by up to a sleep of ~0.1 ms,
+        # which would be much of a decode call's time; a host waiting inside a call still counts
+        elapsed = (first.elapsed_time(last) / 1e3 if stream else time.perf_counter() - start) / iters
+        if config.strategy == "fused":  # every rank raises together: a timed call whose wait gave up must not count as a fast one
+            from .fused import agreed_failure
+
+            if failure := agreed_failure(group):
+                raise RuntimeError(f"rank {group.rank}: timing fused for {case.key()} failed: {failure}")
+        return group.all_reduce(torch.tensor([elapsed], dtype=torch.float64, device=dev), "max").item()
+
+    return timer
+
+
+def _call_of(group: Group, case: Case) -> Callable[[OverlapConfig], object]:
+    """One call of ``case`` under a config, on inputs made here (rank-dependent, off the global RNG)."""
     from . import collective_matmul as cm
 
     dtype, dev, w = getattr(torch, case.dtype), group.device, case.world_size
@@ -181,44 +286,27 @@ def measure_collectively(group: Group, case: Case, config: OverlapConfig, iters:
     weight = (torch.randn(case.n, case.k, generator=g) / case.k**0.5).to(dev, dtype)
     if case.pattern == "ag_gemm":
         x = torch.randn(case.m // w, case.k, generator=g).to(dev, dtype)
-        fn = lambda: cm.all_gather_matmul(x, [weight], group, config)  # noqa: E731
-    else:
-        x = torch.randn(case.m, case.k, generator=g).to(dev, dtype)
-        run = cm.matmul_reduce_scatter if case.pattern == "gemm_rs" else cm.matmul_all_reduce
-        fn = lambda: run(x, weight, group, config)  # noqa: E731
-    fn()
-    drain_within(group.device, group.timeout, f"rank {group.rank}: warming up {config.strategy} for {case.key()}")
-    group.barrier()
-    stream = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
-    first = stream.record_event(torch.cuda.Event(enable_timing=True)) if stream else None
-    start = None if stream else time.perf_counter()
-    for _ in range(iters):
-        fn()
-    last = stream.record_event(torch.cuda.Event(enable_timing=True)) if stream else None
-    drain_within(group.device, group.timeout, f"rank {group.rank}: timing {config.strategy} for {case.key()}")
-    # on a GPU, its own clock: the host notices the end by polling, late by up to a sleep of ~0.1 ms,
-    # which would be much of a decode call's time; a host waiting inside a call still counts
-    elapsed = (first.elapsed_time(last) / 1e3 if stream else time.perf_counter() - start) / iters
-    if config.strategy == "fused":  # every rank raises together: a timed call whose wait gave up must not count as a fast one
-        from .fused import agreed_failure
-
-        if failure := agreed_failure(group):
-            raise RuntimeError(f"rank {group.rank}: timing fused for {case.key()} failed: {failure}")
-    return group.all_reduce(torch.tensor([elapsed], dtype=torch.float64, device=dev), "max").item()
+        return lambda config: cm.all_gather_matmul(x, [weight], group, config)
+    x = torch.randn(case.m, case.k, generator=g).to(dev, dtype)
+    run = cm.matmul_reduce_scatter if case.pattern == "gemm_rs" else cm.matmul_all_reduce
+    return lambda config: run(x, weight, group, config)
 
 
 _TOPOLOGY: dict[str, str] = {}
 
 
-def topology(device: torch.device) -> str:
-    """What the costs depend on beyond the call: the device model and count."""
-    if device.type != "cuda":
-        return f"cpu{os.cpu_count()}"
+def topology(group: Group) -> str:
+    """What the costs depend on beyond the call: the device model and count, and the hosts the
+    group spans (where more than one)."""
+    device, hosts = group.device, getattr(group, "hosts", 1)
     key = str(device)
     if key not in _TOPOLOGY:
-        props = torch.cuda.get_device_properties(device)
-        _TOPOLOGY[key] = f"{props.name.replace(' ', '_')}x{torch.cuda.device_count()}"
-    return _TOPOLOGY[key]
+        if device.type != "cuda":
+            _TOPOLOGY[key] = f"cpu{os.cpu_count()}"
+        else:
+            props = torch.cuda.get_device_properties(device)
+            _TOPOLOGY[key] = f"{props.name.replace(' ', '_')}x{torch.cuda.device_count()}"
+    return _TOPOLOGY[key] + (f"/{hosts}hosts" if hosts != 1 else "")
 
 
 _DEFAULT: Dispatcher | None = None
@@ -245,16 +333,26 @@ def _load(path: Path) -> dict[str, Decision]:
     for key, entry in raw.items() if isinstance(raw, dict) else ():
         try:
             decisions[key] = Decision(**{name: value for name, value in entry.items() if name in known})
-        except (AttributeError, TypeError):  # not a decision this version can read: measured again
+        except (AttributeError, TypeError, ValueError):  # not a decision this version can read: measured again
             continue
     return decisions
 
 
 def _store(path: Path, key: str, decision: Decision) -> None:
-    """Merge into the file atomically (concurrent ranks write the same decision)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    merged = {k: asdict(v) for k, v in _load(path).items()}
-    merged[key] = asdict(decision)
-    tmp = path.with_suffix(f".{os.getpid()}.{time.monotonic_ns()}.tmp")
-    tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    """Merge into the file atomically (concurrent ranks write the same decision). A file that
+    cannot be written is warned about, and the decision holds for this process only: raising
+    here, on the ranks whose disk refuses, would leave the others waiting in their next collective."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged = {k: asdict(v) for k, v in _load(path).items()}
+        merged[key] = asdict(decision)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as file:
+            file.write(json.dumps(merged, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        warnings.warn(f"interlace: the dispatch cache {path} could not be written ({error}): {key} is decided for this "
+                      "process only", RuntimeWarning, stacklevel=2)  # fmt: skip

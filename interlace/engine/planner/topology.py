@@ -23,6 +23,9 @@ class GPU:
     bus_id: str
     compute_capability: str
     nvlinks_active: int
+    # The card as found when probed (a benchmark's envelope: before it runs): what caps its clocks.
+    # None where the driver does not say.
+    state: dict[str, int | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -92,6 +95,7 @@ def _read(nvml: Any) -> Topology:
             bus_id=bus_ids[i],
             compute_capability="%d.%d" % tuple(nvml.nvmlDeviceGetCudaComputeCapability(h)),
             nvlinks_active=len(peers[i]),
+            state=_state(nvml, h),
         )
         for i, h in enumerate(handles)
     ]
@@ -108,6 +112,24 @@ def _read(nvml: Any) -> Topology:
         gpus=gpus,
         links=links,
     )
+
+
+def _state(nvml: Any, handle: Any) -> dict[str, int | None]:
+    """Clocks (MHz, now and at most), power limit (W), temperature (C), and the driver's reasons
+    for holding clocks down now (a bit mask: ``nvmlClocksEventReason*``; 0 or idle are fine)."""
+    def ask(name: str, *args: Any) -> int | None:
+        try:
+            return int(getattr(nvml, name)(handle, *args))
+        except (AttributeError, nvml.NVMLError):  # older bindings, or not on this GPU
+            return None
+
+    sm, mem = getattr(nvml, "NVML_CLOCK_SM", 1), getattr(nvml, "NVML_CLOCK_MEM", 2)
+    power = ask("nvmlDeviceGetPowerManagementLimit")
+    reasons = ask("nvmlDeviceGetCurrentClocksEventReasons")
+    return {"sm_clock_mhz": ask("nvmlDeviceGetClockInfo", sm), "sm_clock_max_mhz": ask("nvmlDeviceGetMaxClockInfo", sm),
+            "mem_clock_mhz": ask("nvmlDeviceGetClockInfo", mem), "mem_clock_max_mhz": ask("nvmlDeviceGetMaxClockInfo", mem),
+            "power_limit_w": None if power is None else power // 1000, "temperature_c": ask("nvmlDeviceGetTemperature", 0),
+            "clock_event_reasons": reasons if reasons is not None else ask("nvmlDeviceGetCurrentClocksThrottleReasons")}  # fmt: skip
 
 
 def _nvlink_peers(nvml: Any, handle: Any) -> list[str]:

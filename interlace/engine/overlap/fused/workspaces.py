@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from interlace.engine.comm import Group
 from interlace.engine.comm.symmetric import AgreedFailure, all_or_none
 from interlace.kernels.reduce import MAX_WORLD
@@ -33,7 +31,7 @@ def workspace(group: Group, pattern: str, *shape, check: bool = True, shots: int
         reason = fused_unavailable(group, pattern, shots=shots)
         if reason is not None:
             raise RuntimeError(f"rank {group.rank}: overlap='fused' cannot run here: {reason}")
-        kind = _SHARED[pattern] if _no_shared_memory(group) is None else _UNSHARED[pattern]
+        kind = _SHARED[pattern] if group.memory_not_shared() is None else _UNSHARED[pattern]
         table[key] = (FusedMatmulAllReduceTwoShot if shots == 2 else kind)(group, *shape, check=check)
     table[key].check_calls = check
     return table[key]
@@ -81,18 +79,8 @@ def fused_unavailable(group: Group, pattern: str, *, timing: bool = False, shots
         return "under the Triton interpreter a timing measures Python, not a kernel"
     if pattern == "ar_norm" and group.world_size > MAX_WORLD:
         return f"the fused all-reduce + RMSNorm reads at most {MAX_WORLD} ranks, the group has {group.world_size}"
-    reason = _no_shared_memory(group)
+    reason = group.memory_not_shared()
     if reason is not None and shots == 2:
         return (f"two-shot fused gemm_ar needs memory shared by every rank: {reason}; across nodes fused gemm_ar runs "
                 "over the group's all-reduce, whose algorithm the transport picks (use shots=1)")  # fmt: skip
     return None if reason is None or pattern in _UNSHARED else f"fused {pattern} needs memory shared by every rank: {reason}"
-
-
-def _no_shared_memory(group: Group) -> str | None:
-    """Why ``group``'s ranks may not share memory, or None when they do."""
-    if hasattr(group, "share") or type(group).__name__ == "SymmetricGroup":
-        return None
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
-    if local == group.world_size:
-        return None
-    return f"{type(group).__name__} ranks may span nodes (LOCAL_WORLD_SIZE={local or 'unset'}, world {group.world_size})"
