@@ -95,8 +95,8 @@ def _measure(name, m, n, k, dtype, chunks, peak, copy_bps, plan_for) -> dict:
     def error(y: torch.Tensor) -> float:
         return ((y.float() - ref).norm() / ref.norm()).item()
 
-    err = error(gemm(x, ws[0]))
-    if not err <= MAX_REL_ERR[str(dtype).removeprefix("torch.")]:
+    err, bound = error(gemm(x, ws[0])), MAX_REL_ERR[str(dtype).removeprefix("torch.")]
+    if not err <= bound:
         raise AssertionError(f"{name}: interlace GEMM relative error {err:.2e} against cuBLAS; not timing a wrong kernel")
     plan = plan_for(x, ws[0])
     chunk_rows = max(1, -(-m // chunks))
@@ -113,7 +113,7 @@ def _measure(name, m, n, k, dtype, chunks, peak, copy_bps, plan_for) -> dict:
     status = torch.zeros(4, dtype=torch.int32, device="cuda")  # given, or a wait allocates and zeroes one per call
     for kind, kw in hooks.items():  # the hooked variants too: one whose hooks broke the result is not timed
         hooked_err = error(gemm(x, ws[0], plan=plan, check=False, status=status, **kw))
-        if not hooked_err <= MAX_REL_ERR[str(dtype).removeprefix("torch.")]:
+        if not hooked_err <= bound:
             raise AssertionError(f"{name}: interlace GEMM with hooks {kind!r} has relative error {hooked_err:.2e} against cuBLAS")
     t = {kind: timed(lambda w, kw=kw: gemm(x, w, plan=plan, check=False, status=status, **kw)) for kind, kw in hooks.items()}
     if status.any():

@@ -15,8 +15,8 @@ memory: PCIe speed). Measured with CUDA events, median of ``iters`` after warm-u
 Outbound and inbound copies run on two streams, as a link carries both directions at once; ranks
 run in lockstep, so a peer's chunk is there when this rank has finished the same step.
 
-Communication is also held against its floor: the bytes this rank moves each way
-(``link_bytes``) at the rates the links reach in the same run (``rank_slice_gpu.link_rates``),
+Communication is also held against its floor: the bytes this rank moves each way, after
+what it copies within its own memory first (``link_bytes``), at the rates the links reach in the same run (``rank_slice_gpu.link_rates``),
 ``comm_sol = floor / comm`` (1: the copies run at the link's limit).
 
 Strategies: ``bulk`` (communication, then GEMM, or the reverse), ``chunked`` (per-chunk copies
@@ -91,20 +91,26 @@ def _check_split(name: str, pattern: str, world: int, m: int, n: int, k: int) ->
         raise ValueError(f"rank slice {name}: {'; '.join(problems)}")
 
 
-def link_bytes(shape: dict, world: int, itemsize: int) -> int:
-    """Bytes one rank moves over its links in each direction (in and out alike): W-1 shards [M/W, K]
-    (AG), W-1 blocks [M/W, N] (RS), W-1 partials [M, N] (one-shot AR), 2(W-1)/W of [M, N] (two-shot)."""
+def link_bytes(shape: dict, world: int, itemsize: int) -> tuple[int, int]:
+    """(bytes one rank moves over its links in each direction, in and out alike; bytes it copies
+    within its own memory first). Over the links: W-1 shards [M/W, K] (AG), W-1 blocks [M/W, N]
+    (RS), W-1 partials [M, N] (one-shot AR), 2(W-1)/W of [M, N] (two-shot). Within: AG's own
+    shard, into the gathered rows."""
     m, n, k, w = shape["M"], shape["N"], shape["K"], world
     elements = {"ag_gemm": (w - 1) * (m // w) * k, "gemm_rs": (w - 1) * (m // w) * n, "gemm_ar": (w - 1) * m * n,
                 "gemm_ar_two_shot": 2 * (w - 1) * m * n // w}[shape["pattern"]]  # fmt: skip
-    return elements * itemsize
+    local = (m // w) * k if shape["pattern"] == "ag_gemm" else 0
+    return elements * itemsize, local * itemsize
 
 
-def comm_floor(regime: str, each_way: int, rates: dict[str, float]) -> float:
-    """Seconds ``each_way`` bytes in and as many out take at ``rates`` (``link_rates``): in device
-    memory every byte is read and written, both directions sharing it; over PCIe the two directions
-    run side by side."""
-    return 4 * each_way / rates["d2d"] if regime == "d2d" else max(each_way / rates["h2d"], each_way / rates["d2h"])
+def comm_floor(regime: str, each_way: int, local: int, rates: dict[str, float]) -> float:
+    """Seconds ``each_way`` bytes in and as many out, after ``local`` bytes copied in device memory
+    on the inbound stream, take at ``rates`` (``link_rates``): in device memory every byte is read
+    and written, both directions sharing it; over PCIe the two directions run side by side."""
+    first = 2 * local / rates["d2d"]
+    if regime == "d2d":
+        return first + 4 * each_way / rates["d2d"]
+    return max(first + each_way / rates["h2d"], each_way / rates["d2h"])
 
 
 def run(config: Config, checkpoint: Callable[[list[dict]], None] | None = None, earlier: dict | None = None) -> dict:
@@ -143,7 +149,7 @@ def run(config: Config, checkpoint: Callable[[list[dict]], None] | None = None, 
         else:
             derived = overlap_metrics(times)
             derived["ideal_us"] = derived.pop("ideal") * 1e6
-            floor = comm_floor(regime, link_bytes(shape, config.world_size, itemsize), rates)
+            floor = comm_floor(regime, *link_bytes(shape, config.world_size, itemsize), rates)
             derived |= {"comm_floor_us": floor * 1e6, "comm_sol": floor / times["comm"]}
             rows.append({**row, **{f"{k}_us": v * 1e6 for k, v in times.items()}, **derived, "auto": chosen})
         if checkpoint is not None:
@@ -156,14 +162,14 @@ def _measured(earlier: dict) -> dict[tuple[str, str, str], dict]:
     measured it; not a row that lacks a time this harness takes (an older harness measured it)."""
     env = earlier["envelope"]
     origin = {"commit": env["interlace"]["commit"], "timestamp": env["timestamp"], "tuning": env["interlace"].get("tuning")}
-    current = [r for r in earlier["rows"] if r.get("stuck") or ("failed" not in r and all(f"{t}_us" in r for t in TIMED))]
+    current = [r for r in earlier["rows"] if r.get("stuck") or ("failed" not in r and "comm_sol" in r and all(f"{t}_us" in r for t in TIMED))]
     return {(r["name"], r["pattern"], r["regime"]): {**r, "earlier_run": r.get("earlier_run", origin)} for r in current}
 
 
 COLUMNS = [
-    ("name", "layer", ""), ("pattern", "pattern", ""), ("regime", "regime", ""), ("gemm_us", "gemm us", ".0f"), ("comm_us", "comm us", ".0f"),
+    ("name", "layer", ""), ("pattern", "pattern", ""), ("regime", "regime", ""), ("gemm_us", "gemm us", ".0f"), ("comm_us", "comm us", ".0f"), ("comm_sol", "comm SOL", ".2f"),
     ("bulk_us", "bulk us", ".0f"), ("chunked_us", "chunked us", ".0f"), ("fused_us", "fused us", ".0f"),
-    ("ideal_us", "ideal us", ".0f"), ("comm_sol", "comm SOL", ".2f"), ("fused_eta", "fused eta", ".2f"), ("fused_sol", "fused SOL", ".2f"),
+    ("ideal_us", "ideal us", ".0f"), ("fused_eta", "fused eta", ".2f"), ("fused_sol", "fused SOL", ".2f"),
     ("fused_gemm_slowdown", "GEMM slowdown", ".2f"), ("hook_cost", "hook cost", ".2f"), ("fused_speedup", "vs bulk", ".2f"),
 ]  # fmt: skip
 

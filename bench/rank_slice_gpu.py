@@ -29,8 +29,8 @@ WAIT_TIMEOUT_S = 10.0
 
 def measure(shape: dict, regime: str, world: int, dtype: torch.dtype, iters: int) -> tuple[dict[str, float], str]:
     """``(times, pick)``: median seconds of gemm (cuBLAS), gemm_triton (the Triton GEMM on every SM,
-    no hooks), gemm_hooked (fused's GEMM alone), comm, bulk, chunked, fused and the GEMM inside
-    fused; where the dispatcher's rule (``dispatch.pick``) picks other than bulk on those, of a
+    no hooks), gemm_hooked (fused's GEMM alone), comm, bulk, chunked, fused and the GEMM under
+    overlap (``fused_gemm``: inside fused; for AG beside the copies, its flags raised); where the dispatcher's rule (``dispatch.pick``) picks other than bulk on those, of a
     fresh run of its pick (``auto``); last, of bulk again (``bulk_again``): the same code timed
     twice, whose difference is the noise, and the fresh bulk the pick is judged against. First
     chunked and fused are checked against bulk, result and what was sent, from NaN in every buffer

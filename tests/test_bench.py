@@ -177,13 +177,16 @@ def test_rank_slice_holds_communication_against_the_bytes_at_the_link_rates():
     from bench.rank_slice import comm_floor, link_bytes
 
     rs = {"pattern": "gemm_rs", "M": 2048, "N": 8192, "K": 8192}  # Llama-3-70B attn-o, TP 8, bf16
-    assert link_bytes(rs, 8, 2) == 7 * 256 * 8192 * 2  # seven blocks of 256 rows out, seven in
-    assert link_bytes({**rs, "pattern": "ag_gemm", "N": 10240}, 8, 2) == 7 * 256 * 8192 * 2  # shards of x: K wide
-    assert link_bytes({**rs, "pattern": "gemm_ar"}, 8, 2) == 7 * 2048 * 8192 * 2
-    assert link_bytes({**rs, "pattern": "gemm_ar_two_shot"}, 8, 2) == 2 * 7 * 256 * 8192 * 2  # 2(W-1)/W of the output
+    assert link_bytes(rs, 8, 2) == (7 * 256 * 8192 * 2, 0)  # seven blocks of 256 rows out, seven in
+    # shards of x, K wide; and this rank's own shard into the gathered rows first
+    assert link_bytes({**rs, "pattern": "ag_gemm", "N": 10240}, 8, 2) == (7 * 256 * 8192 * 2, 256 * 8192 * 2)
+    assert link_bytes({**rs, "pattern": "gemm_ar"}, 8, 2) == (7 * 2048 * 8192 * 2, 0)
+    assert link_bytes({**rs, "pattern": "gemm_ar_two_shot"}, 8, 2) == (2 * 7 * 256 * 8192 * 2, 0)  # 2(W-1)/W of the output
     rates = {"d2d": 4e12, "h2d": 5e10, "d2h": 4e10}
-    assert comm_floor("d2d", 10**9, rates) == pytest.approx(1e-3)  # 1 GB in and 1 GB out, each read and written: 4 GB at 4 TB/s
-    assert comm_floor("host", 10**9, rates) == pytest.approx(1 / 40)  # both directions at once: the slower one
+    assert comm_floor("d2d", 10**9, 0, rates) == pytest.approx(1e-3)  # 1 GB in and 1 GB out, each read and written: 4 GB at 4 TB/s
+    assert comm_floor("host", 10**9, 0, rates) == pytest.approx(1 / 40)  # both directions at once: the slower one
+    assert comm_floor("d2d", 10**9, 10**9, rates) == pytest.approx(1.5e-3)  # 1 GB more, read and written, before
+    assert comm_floor("host", 10**9, 4 * 10**10, rates) == pytest.approx(0.02 + 0.02)  # before the inbound copies, not the outbound
 
 
 def synthetic_rank_slice():

@@ -268,7 +268,7 @@ def test_rank_threads_share_one_default_dispatcher(tmp_path, monkeypatch):
 
 
 def noisy_samples(rng, medians: dict[str, float], noise: float, rounds: int = dispatch.ROUNDS) -> dict[str, list[float]]:
-    """Interleaved rounds: each round drifts all labels alike (``round_drift``), each sample has its own noise."""
+    """Interleaved rounds: each round drifts all labels alike (``drift``), each sample has its own noise."""
     drift = rng.normal(0, noise, rounds)
     return {label: list(m * np.exp(drift + rng.normal(0, noise, rounds))) for label, m in medians.items()}
 

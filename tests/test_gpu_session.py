@@ -299,3 +299,6 @@ def test_compiled_kernels_that_would_not_come_back_are_packed_fewer(tmp_path):
     assert said.startswith("compiled kernels packed: 2 of 4 new cache entries") and archive.stat().st_size <= 100_000
     with tarfile.open(archive) as tar:  # the newest
         assert sorted(m.name for m in tar.getmembers()) == ["e0/k.cubin", "e1/k.cubin"]
+    said = gpu_session.pack_cache(cache, tmp_path / "d.tar.gz", fetch_limit=30_000)  # not even one entry
+    assert said == "compiled kernels not packed: 4 new cache entries, none within 48 MiB and an archive of 0 MiB"
+    assert not (tmp_path / "d.tar.gz").exists() and not (tmp_path / "d.tar.gz.partial").exists()

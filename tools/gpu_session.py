@@ -315,14 +315,16 @@ def pack_cache(cache: Path, archive: Path, since: float = 0.0, limit: int = CACH
         if f.is_file() and f.suffix in HIT_SUFFIXES and f.stat().st_mtime >= since:
             entries.setdefault(f.parent, []).append(f)
     newest = sorted(entries.values(), key=lambda fs: max(f.stat().st_mtime for f in fs), reverse=True)
-    partial = archive.with_name(archive.name + ".partial")
+    partial, asked = archive.with_name(archive.name + ".partial"), limit
     while True:
         packed, size = [], 0
         for files in newest:
             if size + (more := sum(f.stat().st_size for f in files)) <= limit:
                 packed, size = packed + files, size + more
         if not packed:
-            return f"compiled kernels not packed: {len(entries)} new cache entries, none within {limit >> 20} MiB"
+            partial.unlink(missing_ok=True)  # one over fetch_limit would not come back
+            within = f"{asked >> 20} MiB" + (f" and an archive of {fetch_limit >> 20} MiB" if limit < asked else "")
+            return f"compiled kernels not packed: {len(entries)} new cache entries, none within {within}"
         with tarfile.open(partial, "w:gz", compresslevel=6) as tar:  # 9, tarfile's default, takes 4x as long for 2% less
             for f in packed:
                 tar.add(f, arcname=str(f.relative_to(cache)))

@@ -46,6 +46,7 @@ class Group(ABC):
     world_size: int
     device: torch.device
     timeout: float
+    hosts: int = 1  # the machines the ranks run on (DistGroup counts them; the other transports run on one)
 
     def peer_failed(self) -> str | None:
         """Which peer failed, and how, where the transport learns of it before any deadline

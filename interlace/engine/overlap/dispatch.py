@@ -44,6 +44,7 @@ MARGIN = 0.02
 # A candidate no faster than bulk is faster in all of 7 interleaved rounds with odds of 1 in 128
 ROUNDS = 7
 PATTERNS = ("ag_gemm", "gemm_rs", "gemm_ar")
+STRATEGIES = ("bulk", "chunked", "fused")  # what a decision configures
 LABELS = ("bulk", "chunked", "chunkedx2", "chunkedx4", "fused", "fused-two-shot")  # every candidate, in one order
 
 
@@ -85,7 +86,8 @@ class Decision:
 
     def __post_init__(self):  # a cache entry is checked here: one that cannot configure a call is refused at load
         chunks_ok = isinstance(self.chunks, int) and not isinstance(self.chunks, bool) and self.chunks >= 1
-        if self.strategy not in ("bulk", "chunked", "fused") or not chunks_ok or self.shots not in (1, 2) or not isinstance(self.times, dict):
+        times_ok = isinstance(self.times, dict) and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in self.times.values())
+        if self.strategy not in STRATEGIES or not chunks_ok or type(self.shots) is not int or self.shots not in (1, 2) or not times_ok:
             raise ValueError(f"not a decision: strategy {self.strategy!r}, chunks {self.chunks!r}, shots {self.shots!r}, times {self.times!r}")
 
     def config(self) -> OverlapConfig:
@@ -97,13 +99,15 @@ class Decision:
 
 # A timer for a case: made once per decision (its inputs allocated), then called for every
 # candidate in every round, returning seconds per call (the slowest rank's, the same on every rank).
-Measure = Callable[[Group, "Case"], Callable[[OverlapConfig], float]]
+Measure = Callable[[Group, Case], Callable[[OverlapConfig], float]]
 
 
 class Dispatcher:
     def __init__(self, path: str | Path | None = None, measure: Measure | None = None, rounds: int = ROUNDS):
         default = os.environ.get("INTERLACE_DISPATCH_CACHE", str(Path.home() / ".cache" / "interlace" / "dispatch.json"))
         self.path = Path(path if path is not None else default)
+        if not (isinstance(rounds, int) and rounds >= 1):
+            raise ValueError(f"Dispatcher: rounds must be a positive int, got {rounds!r}")
         self.measure, self.rounds = measure or measure_collectively, rounds
         self.decisions: dict[str, Decision] = _load(self.path)
         self._agreed: weakref.WeakKeyDictionary[Group, dict[str, Decision]] = weakref.WeakKeyDictionary()
@@ -202,7 +206,7 @@ def _usable(group: Group, case: Case, decision: Decision | None, candidates: dic
 
 def _agreed(group: Group, decision: Decision | None) -> bool:
     """True when every rank holds the same cached decision (caches are per machine: they can differ)."""
-    code = -1.0 if decision is None else float((["bulk", "chunked", "fused"].index(decision.strategy) * 10 + decision.shots) * 1000 + decision.chunks)
+    code = -1.0 if decision is None else float((STRATEGIES.index(decision.strategy) * 10 + decision.shots) * 1000 + decision.chunks)
     low = group.all_reduce(torch.tensor([code], dtype=torch.float64, device=group.device), "max")
     high = group.all_reduce(torch.tensor([-code], dtype=torch.float64, device=group.device), "max")
     return code >= 0 and low.item() == -high.item() == code
@@ -213,6 +217,7 @@ def candidates_for(group: Group, case: Case) -> tuple[dict[str, OverlapConfig], 
     only what every rank can run (that may hang on a process's own settings, such as the Triton
     interpreter): ranks timing different candidates would pair different collectives."""
     configs, why_not = _candidates_here(group, case)
+    assert set(configs) <= set(LABELS), f"a candidate outside LABELS would skip the agreement: {sorted(configs)}"
     notes = [f"fused not considered: {why_not}"] if why_not else []
     mine = torch.tensor([[label in configs for label in LABELS]], dtype=torch.uint8, device=group.device)
     everyone = group.all_gather(mine).tolist()
@@ -270,8 +275,8 @@ def measure_collectively(group: Group, case: Case, iters: int = 5) -> Callable[[
         if config.strategy == "fused":  # every rank raises together: a timed call whose wait gave up must not count as a fast one
             from .fused import agreed_failure
 
-            if failure := agreed_failure(group):
-                raise RuntimeError(f"rank {group.rank}: timing fused for {case.key()} failed: {failure}")
+            if gave_up := agreed_failure(group):
+                raise RuntimeError(f"rank {group.rank}: timing fused for {case.key()} failed: {gave_up}")
         return group.all_reduce(torch.tensor([elapsed], dtype=torch.float64, device=dev), "max").item()
 
     return timer
@@ -298,7 +303,7 @@ _TOPOLOGY: dict[str, str] = {}
 def topology(group: Group) -> str:
     """What the costs depend on beyond the call: the device model and count, and the hosts the
     group spans (where more than one)."""
-    device, hosts = group.device, getattr(group, "hosts", 1)
+    device, hosts = group.device, group.hosts
     key = str(device)
     if key not in _TOPOLOGY:
         if device.type != "cuda":
@@ -348,6 +353,7 @@ def _store(path: Path, key: str, decision: Decision) -> None:
         merged = {k: asdict(v) for k, v in _load(path).items()}
         merged[key] = asdict(decision)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.chmod(tmp, 0o644)  # as a plain write makes it (mkstemp's 0600 would hide a shared cache from its other users)
         with os.fdopen(fd, "w") as file:
             file.write(json.dumps(merged, indent=1, sort_keys=True))
         os.replace(tmp, path)

@@ -128,7 +128,7 @@ def _state(nvml: Any, handle: Any) -> dict[str, int | None]:
     reasons = ask("nvmlDeviceGetCurrentClocksEventReasons")
     return {"sm_clock_mhz": ask("nvmlDeviceGetClockInfo", sm), "sm_clock_max_mhz": ask("nvmlDeviceGetMaxClockInfo", sm),
             "mem_clock_mhz": ask("nvmlDeviceGetClockInfo", mem), "mem_clock_max_mhz": ask("nvmlDeviceGetMaxClockInfo", mem),
-            "power_limit_w": None if power is None else power // 1000, "temperature_c": ask("nvmlDeviceGetTemperature", 0),
+            "power_limit_w": None if power is None else power // 1000, "temperature_c": ask("nvmlDeviceGetTemperature", getattr(nvml, "NVML_TEMPERATURE_GPU", 0)),
             "clock_event_reasons": reasons if reasons is not None else ask("nvmlDeviceGetCurrentClocksThrottleReasons")}  # fmt: skip
 
 

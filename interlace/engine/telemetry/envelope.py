@@ -68,8 +68,9 @@ def format_envelope(env: dict[str, Any]) -> str:
         gib = gpu["memory_bytes"] / 2**30
         state = gpu.get("state", {})  # envelopes written before it was recorded lack it
         lines.append(f"  [{gpu['index']}] {gpu['name']}, {gib:.0f} GiB, sm_{gpu['compute_capability'].replace('.', '')}, "
-                     f"bus {gpu['bus_id']}, {gpu['nvlinks_active']} NVLinks active; power limit {state.get('power_limit_w')} W, "
-                     f"SM clock {state.get('sm_clock_mhz')} of {state.get('sm_clock_max_mhz')} MHz, {state.get('temperature_c')} C")  # fmt: skip
+                     f"bus {gpu['bus_id']}, {gpu['nvlinks_active']} NVLinks active; power limit {state.get('power_limit_w', '?')} W, "
+                     f"SM clock {state.get('sm_clock_mhz', '?')} of {state.get('sm_clock_max_mhz', '?')} MHz, {state.get('temperature_c', '?')} C, "
+                     f"clock event reasons {state.get('clock_event_reasons', '?')}")  # fmt: skip
     matrix = env["topology"]["matrix"]
     if len(matrix) > 1:
         lines.append("topology  " + " ".join(f"{'GPU' + str(j):>6}" for j in range(len(matrix))))
