@@ -85,10 +85,10 @@ class Decision:
     versions: str = ""  # what measured it (``versions()``): a decision of other code is measured again
 
     def __post_init__(self):  # a cache entry is checked here: one that cannot configure a call is refused at load
-        chunks_ok = isinstance(self.chunks, int) and not isinstance(self.chunks, bool) and self.chunks >= 1
+        self.config()  # OverlapConfig refuses chunks and shots it cannot run (ValueError)
         times_ok = isinstance(self.times, dict) and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in self.times.values())
-        if self.strategy not in STRATEGIES or not chunks_ok or type(self.shots) is not int or self.shots not in (1, 2) or not times_ok:
-            raise ValueError(f"not a decision: strategy {self.strategy!r}, chunks {self.chunks!r}, shots {self.shots!r}, times {self.times!r}")
+        if self.strategy not in STRATEGIES or not times_ok:  # "auto" configures a call, but is no decision
+            raise ValueError(f"not a decision: strategy {self.strategy!r}, times {self.times!r}")
 
     def config(self) -> OverlapConfig:
         return OverlapConfig(strategy=self.strategy, chunks=self.chunks, shots=self.shots)
